@@ -1,0 +1,1 @@
+"""Data: phantom cohorts, real-dataset adapters, the manifest, image I/O, transforms, Datasets."""

@@ -1,0 +1,184 @@
+"""Run the numbered notebooks in order with papermill.
+
+Profiles are the one table of run sizes in the project: ``quick`` is the CI smoke size,
+``default`` the CPU demo, ``full`` paper scale for a GPU, and ``real-cpu`` the real-data
+run on a CPU. Each profile maps a notebook stem to the parameters it receives on top of
+the common ones (``DATASET``, ``PROFILE``, ``SEED``, ``RUN_DIR``, ``DEVICE``). A notebook
+reads the value for its own stage from ``cxrlib.pipeline.PROFILES`` too, so running a
+notebook by hand in JupyterLab with ``PROFILE = "quick"`` gives the same sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrlib import config
+
+#: Run sizes per profile and notebook stage. Budgets (CPU, 2 cores): quick <= 5 min for all
+#: notebooks together; default <= 35 min (data 1, segmentation 5, CycleGAN 15, classifiers 10,
+#: analysis 3).
+PROFILES: dict[str, dict[str, dict]] = {
+    "quick": {
+        "01_data_assembly": {"N_PATIENTS": 24, "IMAGE_SIZE": 128, "UPDATE_FIGURES": False},
+    },
+    "default": {
+        "01_data_assembly": {"N_PATIENTS": 400, "IMAGE_SIZE": 256},
+    },
+    "full": {
+        "01_data_assembly": {"N_PATIENTS": 4000, "IMAGE_SIZE": 256},
+    },
+    "real-cpu": {
+        "01_data_assembly": {"IMAGE_SIZE": 256, "UPDATE_FIGURES": False},
+    },
+}
+
+
+def stage_params(profile: str, stage: str) -> dict:
+    """Parameters of one notebook stage for a profile (a copy; raises on an unknown profile)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    return dict(PROFILES[profile].get(stage, {}))
+
+
+def list_notebooks(directory: Path | None = None) -> list[Path]:
+    """The numbered notebooks (``NN_name.ipynb``) in run order."""
+    directory = Path(directory) if directory is not None else config.notebooks_dir()
+    return sorted(p for p in directory.glob("*.ipynb") if re.match(r"^\d\d_", p.name))
+
+
+class PipelineError(RuntimeError):
+    """A notebook failed; the message names the notebook and the failing cell."""
+
+
+@dataclass
+class StageResult:
+    notebook: str
+    output: str
+    seconds: float
+    ok: bool
+    error: str = ""
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.stages)
+
+
+def _describe_failure(exc: BaseException, notebook: Path) -> str:
+    """Name the notebook and the failing cell of a papermill error (or any other error)."""
+    cell_index = getattr(exc, "cell_index", None)  # set by papermill's PapermillExecutionError
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    if cell_index is not None:
+        first = (str(getattr(exc, "source", "")).strip().splitlines() or [""])[0][:80]
+        return f"{notebook.name}: cell {cell_index} ({first!r}) raised {ename}: {evalue}"
+    return f"{notebook.name}: {ename}: {evalue}"
+
+
+def run_pipeline(
+    *,
+    dataset: str = "phantom",
+    profile: str = "default",
+    run_dir: str | Path | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    notebooks: Sequence[str] | None = None,
+    notebooks_dir: Path | None = None,
+    extra_params: dict | None = None,
+    kernel_name: str | None = None,
+    progress: bool = True,
+) -> PipelineResult:
+    """Execute the numbered notebooks in order; stop at the first failure.
+
+    ``notebooks`` filters by prefix or stem (e.g. ``["01", "02_lung_segmentation"]``).
+    Executed copies go to ``run_dir/notebooks/``; each stage writes its own artifacts under
+    ``run_dir/<stage>/``. A summary ``run_dir/pipeline.json`` records parameters and timings.
+    Raises :class:`PipelineError` naming the notebook and failing cell.
+    """
+    import papermill as pm
+
+    stage_params(profile, "")  # validate the profile name early
+    run_dir = Path(run_dir) if run_dir is not None else config.runs_dir() / f"{dataset}-{profile}"
+    run_dir = run_dir.resolve()
+    out_dir = run_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selected = list_notebooks(notebooks_dir)
+    if notebooks:
+        selected = [p for p in selected if any(p.stem == n or p.stem.startswith(n) for n in notebooks)]
+        if not selected:
+            raise PipelineError(f"no notebook matches {list(notebooks)}")
+    result = PipelineResult(run_dir=run_dir)
+    summary_path = run_dir / "pipeline.json"
+    for nb_path in selected:
+        params = {
+            "DATASET": dataset,
+            "PROFILE": profile,
+            "SEED": int(seed),
+            "RUN_DIR": str(run_dir),
+            "DEVICE": device,
+        }
+        params.update(stage_params(profile, nb_path.stem))
+        params.update(extra_params or {})
+        output = out_dir / nb_path.name
+        start = time.perf_counter()
+        print(f"[pipeline] {nb_path.name} ({profile}) ...", flush=True)
+        try:
+            pm.execute_notebook(
+                str(nb_path),
+                str(output),
+                parameters=params,
+                cwd=str(nb_path.parent),
+                kernel_name=kernel_name,
+                progress_bar=progress,
+                log_output=False,
+            )
+        except Exception as exc:  # papermill raises PapermillExecutionError for cell errors
+            seconds = time.perf_counter() - start
+            message = _describe_failure(exc, nb_path)
+            result.stages.append(StageResult(nb_path.name, str(output), seconds, False, message))
+            _write_summary(summary_path, result, dataset, profile, seed)
+            raise PipelineError(f"{message}\n  executed copy with the traceback: {output}") from exc
+        seconds = time.perf_counter() - start
+        result.stages.append(StageResult(nb_path.name, str(output), seconds, True))
+        print(f"[pipeline] {nb_path.name} done in {seconds:.0f} s", flush=True)
+        _write_summary(summary_path, result, dataset, profile, seed)
+    return result
+
+
+def _write_summary(path: Path, result: PipelineResult, dataset: str, profile: str, seed: int) -> None:
+    payload = {
+        "dataset": dataset,
+        "profile": profile,
+        "seed": seed,
+        "python": sys.version.split()[0],
+        "stages": [s.__dict__ for s in result.stages],
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def print_outputs(result: PipelineResult) -> None:
+    """Tell the user where the executed notebooks, figures and metrics are."""
+    run_dir = result.run_dir
+    print(f"\nRun finished: {run_dir}")
+    print(f"  executed notebooks: {run_dir / 'notebooks'}")
+    for stage in result.stages:
+        print(f"    {stage.notebook:35s} {stage.seconds:7.1f} s")
+    metrics = sorted(run_dir.glob("*/metrics.json"))
+    figures = sorted(run_dir.glob("*/*.png"))
+    print("  metrics:")
+    for m in metrics:
+        print(f"    {m}")
+    print(f"  figures: {len(figures)} under {run_dir}/<stage>/ ; README figures in {config.figures_dir()}")

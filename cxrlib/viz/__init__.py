@@ -1,0 +1,1 @@
+"""Figures and ipywidgets explorers (drawing only: no logic that tests would need)."""

@@ -1,0 +1,74 @@
+"""Notebooks are stored clean and run end to end (quick profile) through the real pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from cxrlib import config
+from cxrlib.pipeline import PipelineError, list_notebooks, run_pipeline
+
+NOTEBOOKS = list_notebooks()
+COMMON_PARAMETERS = {"DATASET", "PROFILE", "SEED", "RUN_DIR", "DEVICE"}
+
+
+def test_there_are_numbered_notebooks():
+    assert NOTEBOOKS, "notebooks/ holds no NN_name.ipynb notebook"
+    assert NOTEBOOKS[0].name.startswith("01_")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stored_clean_with_parameters(path):
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert not cell.get("outputs"), f"{path.name} cell {i} has stored outputs"
+            assert cell.get("execution_count") is None, f"{path.name} cell {i} has an execution count"
+            assert "sys.path" not in cell.source, f"{path.name} cell {i} edits sys.path"
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    names = {line.split("=")[0].strip() for line in tagged[0].source.splitlines()
+             if "=" in line and not line.lstrip().startswith("#")}
+    assert COMMON_PARAMETERS <= names, f"{path.name} parameters lack {COMMON_PARAMETERS - names}"
+    assert "seed_everything(SEED)" in "".join(c.source for c in nb.cells), f"{path.name} does not seed"
+    assert nb.cells[-1].cell_type == "markdown" and "Exercises" in nb.cells[-1].source
+
+
+@pytest.mark.slow
+def test_quick_pipeline_runs_every_notebook(tmp_path, monkeypatch):
+    """The CI smoke run: every numbered notebook, quick profile, phantom data, fresh folders."""
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "data"))
+    run_dir = tmp_path / "run"
+    gallery = config.figures_dir() / "phantom_gallery.png"
+    before = gallery.stat().st_mtime_ns if gallery.exists() else None
+    result = run_pipeline(dataset="phantom", profile="quick", run_dir=run_dir, device="cpu",
+                          progress=False)
+    assert result.ok and [s.notebook for s in result.stages] == [p.name for p in NOTEBOOKS]
+    for stage in result.stages:
+        executed = nbformat.read(stage.output, as_version=4)
+        errors = [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors
+    data_metrics = json.loads((run_dir / "01_data" / "metrics.json").read_text())
+    assert data_metrics["leakage_ok"] is True
+    assert data_metrics["n_images"] > 0 and data_metrics["n_unreadable"] == 0
+    assert (run_dir / "01_data" / "gallery.png").exists()
+    # the quick run must not overwrite the README figures
+    assert (gallery.stat().st_mtime_ns if gallery.exists() else None) == before
+
+
+def test_pipeline_failure_names_notebook_and_cell(tmp_path):
+    bad = tmp_path / "nbs"
+    bad.mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("DATASET = 'x'")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, bad / "01_broken.ipynb")
+    with pytest.raises(PipelineError) as info:
+        run_pipeline(profile="quick", run_dir=tmp_path / "run", notebooks_dir=bad, progress=False)
+    message = str(info.value)
+    assert "01_broken.ipynb" in message and "broken on purpose" in message and "cell" in message
+    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"][0]["ok"] is False
