@@ -1,0 +1,208 @@
+"""Paired image + label-map transforms: resizing to a common grid and training augmentation.
+
+Images and their masks come at different sizes (the COVID-19 Radiography Database ships
+299x299 images with 256x256 lung masks), so every pair is first brought to one square grid:
+bilinear with antialiasing for images, nearest neighbour for masks so that no new label
+value is ever invented. :class:`PairedAugment` then applies the same random geometry to
+both, and intensity changes to the image only.
+
+All functions take and return NumPy arrays; the work is done by
+``torchvision.transforms.v2.functional`` on tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
+
+Size = int | tuple[int, int]
+MaskLike = TypeVar("MaskLike", np.ndarray, Mapping[str, np.ndarray])
+
+
+def _as_hw(size: Size) -> list[int]:
+    """``256`` -> ``[256, 256]``; ``(h, w)`` -> ``[h, w]``."""
+    if isinstance(size, int | np.integer):
+        return [int(size), int(size)]
+    height, width = size
+    return [int(height), int(width)]
+
+
+def _check_2d(array: np.ndarray, name: str) -> None:
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (H, W) array, got shape {array.shape}")
+
+
+def resize_image(image: np.ndarray, size: Size) -> np.ndarray:
+    """Resize a grey-level image with antialiased bilinear interpolation.
+
+    ``image``: ``(H, W)`` uint8 (0..255) or float. ``size``: ``s`` for a square ``s x s``
+    (the aspect ratio is not kept, as is usual for CXR datasets) or ``(height, width)``.
+    Returns ``(height, width)`` of the input dtype; values stay within the input range.
+    """
+    _check_2d(image, "image")
+    target = _as_hw(size)
+    if list(image.shape) == target:
+        return image.copy()
+    if image.dtype == np.uint8:
+        tensor = torch.from_numpy(np.ascontiguousarray(image))[None]
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    resized = TF.resize(tensor, target, interpolation=InterpolationMode.BILINEAR, antialias=True)[0]
+    if image.dtype != np.uint8:
+        # Float rounding in the filter can overshoot by ~1e-7, e.g. past 1.0.
+        resized = resized.clamp_(float(image.min()), float(image.max()))
+    return resized.numpy().astype(image.dtype, copy=False)
+
+
+def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
+    """Resize a boolean mask or an integer label map by nearest neighbour.
+
+    ``mask``: ``(H, W)`` bool, or integer label map (e.g. uint8 0..3, or 0/255).
+    Returns ``(height, width)`` of the same dtype holding only values present in the input.
+    Uses the exact (pixel-centre aligned) nearest neighbour, so a mask is not shifted by
+    half a pixel relative to the bilinearly resized image.
+    """
+    _check_2d(mask, "mask")
+    target = _as_hw(size)
+    if list(mask.shape) == target:
+        return mask.copy()
+    if mask.dtype == np.bool_:
+        values = mask.astype(np.uint8)
+    elif np.issubdtype(mask.dtype, np.integer):
+        values = mask
+    else:
+        raise TypeError(f"mask must be bool or integer (labels), got dtype {mask.dtype}")
+    tensor = torch.from_numpy(np.ascontiguousarray(values))[None]
+    resized = TF.resize(
+        tensor, target, interpolation=InterpolationMode.NEAREST_EXACT, antialias=False
+    )
+    return resized[0].numpy().astype(mask.dtype, copy=False)
+
+
+def to_common_grid(
+    image: np.ndarray, masks_or_labels: MaskLike, size: Size
+) -> tuple[np.ndarray, MaskLike]:
+    """Resize an image (bilinear) and its mask(s) (nearest) to one grid.
+
+    ``masks_or_labels`` is a single ``(h, w)`` mask / label map or a mapping of name ->
+    mask (e.g. ``{"lung_left": ..., "heart": ...}``); each may have its own size, since all
+    are assumed to cover the same field of view as the image. Returns ``(image, masks)``
+    with masks in the same structure as given.
+    """
+    resized_image = resize_image(image, size)
+    if isinstance(masks_or_labels, Mapping):
+        return resized_image, {name: resize_mask(m, size) for name, m in masks_or_labels.items()}
+    return resized_image, resize_mask(masks_or_labels, size)
+
+
+def swap_labels(labels: np.ndarray, pair: tuple[int, int]) -> np.ndarray:
+    """Return a copy of ``labels`` with the two values of ``pair`` exchanged."""
+    first, second = pair
+    swapped = labels.copy()
+    swapped[labels == first] = second
+    swapped[labels == second] = first
+    return swapped
+
+
+@dataclass
+class PairedAugment:
+    """Random flip, affine and intensity augmentation of an image and its label map.
+
+    Geometry (same draw for both): horizontal flip with probability ``hflip_p``; rotation
+    uniform in ``+-rotate_deg`` degrees; isotropic scale uniform in ``scale``; translation
+    uniform in ``+-translate`` times the image width / height. The image is interpolated
+    bilinearly, the labels by nearest neighbour; uncovered borders become 0 (black image,
+    background label). Intensity (image only): brightness and contrast factors uniform in
+    ``1 +- brightness`` / ``1 +- contrast``, gamma log-uniform in ``gamma``.
+
+    A horizontal flip moves the patient's left lung to the image left, where the right lung
+    normally is; the label values in ``swap_lr_labels`` are exchanged on a flip so that
+    "label 1 = lung on the image right" keeps holding. ``None`` keeps labels as they are.
+
+    All random numbers are drawn from the given ``rng`` in a fixed order whatever the
+    magnitudes, so the output is a function of the rng state; with every magnitude zero
+    (:meth:`identity`) the call only converts the image to float.
+    """
+
+    hflip_p: float = 0.5
+    rotate_deg: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.05
+    brightness: float = 0.15
+    contrast: float = 0.15
+    gamma: tuple[float, float] = (0.8, 1.25)
+    swap_lr_labels: tuple[int, int] | None = (1, 2)
+
+    @classmethod
+    def identity(cls) -> PairedAugment:
+        """An augmentation with every magnitude zero (returns its input unchanged)."""
+        return cls(
+            hflip_p=0.0,
+            rotate_deg=0.0,
+            scale=(1.0, 1.0),
+            translate=0.0,
+            brightness=0.0,
+            contrast=0.0,
+            gamma=(1.0, 1.0),
+        )
+
+    def __call__(
+        self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``image`` ``(H, W)`` uint8 (or float in [0, 1]), ``labels`` ``(H, W)`` uint8.
+
+        Returns ``(image float32 (H, W) in [0, 1], labels uint8 (H, W))``.
+        """
+        _check_2d(image, "image")
+        _check_2d(labels, "labels")
+        if image.shape != labels.shape:
+            raise ValueError(f"image {image.shape} and labels {labels.shape} differ in shape")
+        height, width = image.shape
+
+        flip = rng.random() < self.hflip_p
+        angle = float(rng.uniform(-self.rotate_deg, self.rotate_deg))
+        zoom = float(rng.uniform(*self.scale))
+        shift = [
+            float(rng.uniform(-self.translate, self.translate) * width),
+            float(rng.uniform(-self.translate, self.translate) * height),
+        ]
+        brightness = float(rng.uniform(1 - self.brightness, 1 + self.brightness))
+        contrast = float(rng.uniform(1 - self.contrast, 1 + self.contrast))
+        gamma = float(np.exp(rng.uniform(np.log(self.gamma[0]), np.log(self.gamma[1]))))
+
+        if image.dtype == np.uint8:
+            image_t = torch.from_numpy(image.astype(np.float32) / 255.0)[None]
+        else:
+            image_t = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())[None]
+        labels_out = np.asarray(labels, dtype=np.uint8)
+        labels_t = torch.from_numpy(labels_out.copy())[None]
+
+        if flip:
+            image_t, labels_t = TF.horizontal_flip(image_t), TF.horizontal_flip(labels_t)
+        # Resampling at the identity transform is not exact, so it is skipped.
+        if angle != 0.0 or zoom != 1.0 or shift != [0.0, 0.0]:
+            geometry = {"angle": angle, "translate": shift, "scale": zoom, "shear": [0.0, 0.0]}
+            image_t = TF.affine(
+                image_t, **geometry, interpolation=InterpolationMode.BILINEAR, fill=0.0
+            )
+            labels_t = TF.affine(
+                labels_t, **geometry, interpolation=InterpolationMode.NEAREST, fill=0
+            )
+        if gamma != 1.0:
+            image_t = TF.adjust_gamma(image_t, gamma)
+        if contrast != 1.0:
+            image_t = TF.adjust_contrast(image_t, contrast)
+        if brightness != 1.0:
+            image_t = TF.adjust_brightness(image_t, brightness)
+
+        labels_out = labels_t[0].numpy()
+        if flip and self.swap_lr_labels is not None:
+            labels_out = swap_labels(labels_out, self.swap_lr_labels)
+        image_out = image_t[0].clamp_(0.0, 1.0).numpy().astype(np.float32, copy=False)
+        return image_out, labels_out.astype(np.uint8, copy=False)

@@ -1,0 +1,1 @@
+"""Evaluation: segmentation, classification and synthesis metrics with bootstrap confidence intervals."""

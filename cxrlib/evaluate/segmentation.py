@@ -1,0 +1,131 @@
+"""Segmentation metrics: Dice, IoU and the 95th-percentile Hausdorff distance, per image.
+
+Per-image values are the unit of analysis: their mean with a bootstrap interval
+(:func:`summarize_metrics`) says how well the model does and how sure we are of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from cxrlib.evaluate.stats import bootstrap_ci
+
+DEFAULT_LUNG_LABELS: Mapping[str, int] = {"left": 1, "right": 2}
+
+# 4-connected erosion: boundary pixels are those with a background 4-neighbour.
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+def _pair(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, true = np.asarray(pred, dtype=bool), np.asarray(true, dtype=bool)
+    if pred.shape != true.shape:
+        raise ValueError(f"prediction {pred.shape} and reference {true.shape} differ in shape")
+    return pred, true
+
+
+def dice(pred: np.ndarray, true: np.ndarray) -> float:
+    """Dice ``2|P & T| / (|P| + |T|)`` of two bool masks of one shape, in [0, 1]; 1.0 when both are empty."""
+    pred, true = _pair(pred, true)
+    total = int(pred.sum()) + int(true.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, true).sum()) / total
+
+
+def iou(pred: np.ndarray, true: np.ndarray) -> float:
+    """Intersection over union (Jaccard) of two bool masks, in [0, 1]; 1.0 when both are empty."""
+    pred, true = _pair(pred, true)
+    union = int(np.logical_or(pred, true).sum())
+    return 1.0 if union == 0 else int(np.logical_and(pred, true).sum()) / union
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    # Pixels on the image edge count as boundary (erosion treats outside as background).
+    return mask & ~ndimage.binary_erosion(mask, structure=_CROSS, border_value=0)
+
+
+def hd95(pred: np.ndarray, true: np.ndarray, spacing: float | Sequence[float] = 1.0) -> float:
+    """95th-percentile symmetric Hausdorff distance between two bool masks.
+
+    Distances from every boundary pixel of ``pred`` to the nearest boundary pixel of
+    ``true`` and vice versa are pooled and their 95th percentile taken (the MedPy
+    definition), in pixels, or in the units of ``spacing`` (row, column pixel size).
+    Both masks empty gives 0.0; exactly one empty gives NaN, since no distance exists;
+    :func:`summarize_metrics` then leaves that image out of the hd95 mean, so report the
+    count of such cases (or the Dice, which is 0 there) beside it.
+    """
+    pred, true = _pair(pred, true)
+    pred_any, true_any = bool(pred.any()), bool(true.any())
+    if not pred_any and not true_any:
+        return 0.0
+    if pred_any != true_any:
+        return float("nan")
+    pred_edge, true_edge = _boundary(pred), _boundary(true)
+    to_true = ndimage.distance_transform_edt(~true_edge, sampling=spacing)[pred_edge]
+    to_pred = ndimage.distance_transform_edt(~pred_edge, sampling=spacing)[true_edge]
+    return float(np.percentile(np.concatenate([to_true, to_pred]), 95))
+
+
+def per_image_metrics(
+    pred_labels: np.ndarray | Sequence[np.ndarray],
+    true_labels: np.ndarray | Sequence[np.ndarray],
+    image_ids: Sequence[object] | None = None,
+    lung_labels: Mapping[str, int] = DEFAULT_LUNG_LABELS,
+) -> pd.DataFrame:
+    """Dice, IoU and HD95 per image for each lung and for both lungs as one foreground.
+
+    ``pred_labels`` / ``true_labels``: ``(N, H, W)`` integer label maps, or sequences of
+    ``(H, W)`` maps (sizes may differ between images, not within a pair).
+    ``image_ids``: N ids (default ``0..N-1``). ``lung_labels``: name -> label value.
+    Returns one row per image with columns ``image_id``, then ``dice_<name>``,
+    ``dice_lungs``, ``iou_<name>``, ``iou_lungs``, ``hd95_<name>``, ``hd95_lungs``
+    (hd95 in pixels; NaN where exactly one of the two masks is empty).
+    """
+    if len(pred_labels) != len(true_labels):
+        raise ValueError(f"{len(pred_labels)} predictions for {len(true_labels)} references")
+    ids = list(range(len(pred_labels))) if image_ids is None else list(image_ids)
+    if len(ids) != len(pred_labels):
+        raise ValueError(f"{len(ids)} image ids for {len(pred_labels)} images")
+    regions = dict(lung_labels)
+    all_lung_values = list(regions.values())
+    metrics = {"dice": dice, "iou": iou, "hd95": hd95}
+    rows = []
+    for image_id, pred, true in zip(ids, pred_labels, true_labels, strict=True):
+        pred, true = np.asarray(pred), np.asarray(true)
+        masks = {name: (pred == value, true == value) for name, value in regions.items()}
+        masks["lungs"] = (np.isin(pred, all_lung_values), np.isin(true, all_lung_values))
+        row: dict[str, object] = {"image_id": image_id}
+        for metric_name, metric in metrics.items():
+            for region, (pred_mask, true_mask) in masks.items():
+                row[f"{metric_name}_{region}"] = metric(pred_mask, true_mask)
+        rows.append(row)
+    columns = ["image_id"] + [f"{m}_{r}" for m in metrics for r in [*regions, "lungs"]]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def summarize_metrics(
+    table: pd.DataFrame, seed: int = 0, groups: str | None = None, n_boot: int = 2000
+) -> dict[str, object]:
+    """Mean and bootstrap 95% CI of every metric column of :func:`per_image_metrics`.
+
+    Returns ``{"n_images": N, "<metric>_mean": float, "<metric>_ci95": [low, high], ...}``
+    (plain Python floats, ready for ``metrics.json``). NaN values are left out of a
+    metric's mean and interval. ``groups`` names a column (e.g. ``"patient_id"``) whose
+    groups are resampled whole, for test sets with several images per patient.
+    """
+    group_labels = table[groups].to_numpy() if groups is not None else None
+    metric_columns = [
+        column
+        for column in table.columns
+        if column not in ("image_id", groups) and pd.api.types.is_numeric_dtype(table[column])
+    ]
+    summary: dict[str, object] = {"n_images": int(len(table))}
+    for column in metric_columns:
+        estimate, low, high = bootstrap_ci(
+            table[column].to_numpy(dtype=float), seed=seed, groups=group_labels, n_boot=n_boot
+        )
+        summary[f"{column}_mean"] = estimate
+        summary[f"{column}_ci95"] = [low, high]
+    return summary

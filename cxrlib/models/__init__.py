@@ -1,0 +1,1 @@
+"""Models: the lung-segmentation U-Net (``unet``); generators, discriminators and classifiers live beside it."""

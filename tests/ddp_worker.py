@@ -1,0 +1,49 @@
+"""One rank of the two-process DDP check in ``test_train_segmentation.py`` (run by torchrun).
+
+Trains the tiny U-Net through the real :func:`train_segmentation` on the Gloo backend and
+saves this rank's final weights to ``<out>/rank<RANK>.pt`` (rank 0 also writes the
+initial weights to ``<out>/initial.pt``) so that the test can compare the ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from cxrlib.config import seed_everything
+from cxrlib.models.unet import UNet
+from cxrlib.train.engine import cleanup_distributed, init_distributed
+from cxrlib.train.segmentation import SegTrainConfig, train_segmentation
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--manifest", type=Path, required=True, help="manifest CSV with train / val rows")
+    parser.add_argument("--root", type=Path, required=True, help="folder the manifest paths start from")
+    parser.add_argument("--run-dir", type=Path, required=True, help="training run folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the per-rank weights")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    config = SegTrainConfig(epochs=2, batch_size=2, lr=3e-3, image_size=32, unet={"depth": 2, "base_channels": 4},
+                            seed=5, device="cpu", progress=False)
+    ctx = init_distributed(config.device)
+    assert ctx.world_size == 2 and ctx.backend == "gloo", ctx
+    manifest = pd.read_csv(args.manifest, dtype=str, keep_default_na=False)
+    train_df, val_df = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "val"]
+
+    if ctx.is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(config.seed)  # the same draw train_segmentation makes for its weights
+        torch.save(UNet(config.unet_config()).state_dict(), args.out / "initial.pt")
+    result = train_segmentation(train_df, val_df, args.run_dir, config, root=args.root, ctx=ctx)
+    torch.distributed.barrier()  # rank 0 has created the output folder
+    torch.save(result.model.state_dict(), args.out / f"rank{ctx.rank}.pt")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
