@@ -5,6 +5,8 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 RUN_DIR     ?= runs/phantom-default
+# Jupyter refuses to run as root without this flag (containers, CI machines).
+LAB_ARGS    ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: help venv demo test quick lab bench clean-runs
 
@@ -33,7 +35,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

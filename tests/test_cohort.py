@@ -20,7 +20,7 @@ def small_cohort(tmp_path_factory):
 
 def test_cohort_is_cached_by_settings(small_cohort):
     root = small_cohort.attrs["root"]
-    assert root.endswith("phantom-30p-64px-s3")
+    assert root.endswith("phantom-v1-30p-64px-s3")
     again = cohort.load_or_make_phantom(30, 64, seed=3, base=mf.Path(root).parent, progress=False)
     pd.testing.assert_frame_equal(again, small_cohort)
 

@@ -23,10 +23,13 @@ def phantom_cohort_dir(
     site_label_correlation: float = 0.0,
     base: Path | None = None,
 ) -> Path:
-    """Cache folder of a phantom cohort; its name encodes every setting that changes the images."""
+    """Cache folder of a phantom cohort; its name encodes every setting that changes the images,
+    including the generator version."""
+    from cxrlib.data.phantom import GENERATOR_VERSION
+
     base = Path(base) if base is not None else config.data_dir()
     corr = f"-c{site_label_correlation:g}" if site_label_correlation else ""
-    return base / f"phantom-{n_patients}p-{size}px-s{seed}{corr}"
+    return base / f"phantom-v{GENERATOR_VERSION}-{n_patients}p-{size}px-s{seed}{corr}"
 
 
 def load_or_make_phantom(

@@ -47,6 +47,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+#: Bumped whenever the rendering changes, so cached cohorts made by older code are not reused.
+GENERATOR_VERSION: int = 1
+
 LABELS: tuple[str, ...] = ("normal", "pneumonia", "covid")
 MASK_KINDS: tuple[str, ...] = ("lung_left", "lung_right", "heart", "lesion", "text")
 VIEWS: tuple[str, ...] = ("PA", "AP")
