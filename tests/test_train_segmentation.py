@@ -16,7 +16,7 @@ import torch
 from cxrlib.data.io import write_png
 from cxrlib.models.unet import UNet
 from cxrlib.train import segmentation as seg
-from cxrlib.train.engine import load_checkpoint, read_checkpoint
+from cxrlib.train.engine import load_checkpoint, lr_factor, read_checkpoint
 from cxrlib.train.segmentation import (
     SegTrainConfig,
     load_segmenter,
@@ -127,9 +127,9 @@ def test_config_resolves_unet_and_rejects_contradictions():
 
 
 def test_schedules_start_at_full_rate_and_decay():
-    cosine = seg._lr_factor("cosine", 4)
+    cosine = lr_factor("cosine", 4)
     assert cosine(0) == 1.0 and cosine(1) > cosine(2) > cosine(3) > 0
-    step = seg._lr_factor("step", 4)
+    step = lr_factor("step", 4)
     assert [step(e) for e in range(4)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
 
 

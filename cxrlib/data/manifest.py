@@ -229,8 +229,8 @@ def validate(
 
     Checks: missing columns, duplicate ``image_id``, empty ``image_id`` / ``path`` /
     ``label`` / ``patient_id``, ``split`` not in ``SPLITS`` or ``""``, malformed
-    ``origin``, and with ``check_files`` that every ``path``, ``mask_path`` and
-    ``mask_*`` file exists (relative to ``root``, default ``df.attrs["root"]``).
+    ``origin``, and with ``check_files`` that every file of :func:`path_columns` exists
+    (relative to ``root``, default ``df.attrs["root"]``).
     Raises one :class:`ManifestError` that lists all problems, naming rows (index label
     and image id), columns and files; long lists show the first 20 and a count.
     """
@@ -297,11 +297,7 @@ def validate(
 
 def _missing_files(df: pd.DataFrame, root: str | os.PathLike | None) -> list[str]:
     base: pd.DataFrame | str | os.PathLike | None = root if root is not None else df
-    file_columns = [
-        name
-        for name in df.columns
-        if name == "path" or name == "mask_path" or name.startswith("mask_")
-    ]
+    file_columns = path_columns(df)
     problems = []
     for name in file_columns:
         missing: list[str] = []
@@ -373,8 +369,12 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def path_columns(df: pd.DataFrame) -> list[str]:
-    """Columns that hold file paths: ``path``, ``mask_path`` and every ``mask_<kind>``."""
-    return [c for c in df.columns if c == "path" or c == "mask_path" or str(c).startswith("mask_")]
+    """Columns that hold file paths: ``path``, every ``path_<variant>`` (derived images, e.g.
+    ``path_lung_crop``), ``mask_path`` and every ``mask_<kind>``."""
+    return [
+        c for c in df.columns
+        if c == "path" or str(c).startswith("path_") or c == "mask_path" or str(c).startswith("mask_")
+    ]
 
 
 def rebase_paths(df: pd.DataFrame, old_root: str | os.PathLike | None,

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,21 @@ def progress_bar(iterable: Iterable | None = None, *, ctx: DistContext | None = 
     """A tqdm bar, silent on non-zero ranks and when ``enabled`` is False."""
     show = enabled and (ctx is None or ctx.is_main)
     return tqdm(iterable, disable=not show, dynamic_ncols=True, **tqdm_kwargs)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def lr_factor(schedule: str, epochs: int) -> Callable[[int], float]:
+    """Learning-rate multiplier for the 0-based epoch index.
+
+    A function of the configured length rather than a stateful scheduler, so that a run
+    resumed with more epochs follows the schedule of its new length.
+    """
+    if schedule == "cosine":
+        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
+    milestones = (math.ceil(0.5 * epochs), math.ceil(0.75 * epochs))
+    return lambda epoch: 0.1 ** sum(epoch >= m for m in milestones)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -49,6 +49,7 @@ from cxrlib.train.engine import (
     cleanup_distributed,
     init_distributed,
     load_checkpoint,
+    lr_factor,
     make_grad_scaler,
     make_loader,
     progress_bar,
@@ -245,18 +246,6 @@ def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) 
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def _lr_factor(schedule: str, epochs: int) -> Callable[[int], float]:
-    """Learning-rate multiplier for the 0-based epoch index.
-
-    A function of the configured length rather than a stateful scheduler, so that a run
-    resumed with more epochs follows the schedule of its new length.
-    """
-    if schedule == "cosine":
-        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
-    milestones = (math.ceil(0.5 * epochs), math.ceil(0.75 * epochs))
-    return lambda epoch: 0.1 ** sum(epoch >= m for m in milestones)
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -324,7 +313,7 @@ def train_segmentation(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.schedule, config.epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.epochs))
     scaler = make_grad_scaler(device, amp)
     saved_config = to_plain(asdict(config))
     run_info = {"world_size": ctx.world_size, "device": str(device), "amp": amp,
