@@ -31,6 +31,20 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parameter(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` -> ``(NAME, value)``; VALUE as a Python literal (``3``, ``0.5``, ``True``) or a string."""
+    import ast
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        parsed: object = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return name.strip(), parsed
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from cxrlib.pipeline import PipelineError, print_outputs, run_pipeline
 
@@ -42,6 +56,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             notebooks=args.notebooks or None,
+            extra_params=dict(args.param or []),
             progress=not args.quiet,
         )
     except PipelineError as exc:
@@ -79,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--notebooks", nargs="*", default=None,
                    help="only these notebooks (prefix or stem, e.g. 01 02), in pipeline order")
+    p.add_argument("--param", action="append", type=_parameter, metavar="NAME=VALUE",
+                   help="set a notebook parameter on top of the profile's, e.g. "
+                        "--param SEG_DATA=/data/COVID-19_Radiography_Dataset (repeatable; VALUE is "
+                        "read as a Python literal when it is one, else as a string)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     p.set_defaults(func=_cmd_pipeline)
     return parser

@@ -25,16 +25,68 @@ from cxrlib import config
 #: analysis 3).
 PROFILES: dict[str, dict[str, dict]] = {
     "quick": {
-        "01_data_assembly": {"N_PATIENTS": 24, "IMAGE_SIZE": 128, "UPDATE_FIGURES": False},
+        # 30 patients: the smallest seed-0 cohort with COVID-19 patients in val and test (24 had none in val)
+        "01_data_assembly": {"N_PATIENTS": 30, "IMAGE_SIZE": 128, "UPDATE_FIGURES": False},
+        "02_lung_segmentation": {"IMAGE_SIZE": 64, "BASE_CHANNELS": 4, "DEPTH": 3, "EPOCHS": 2,
+                                 "BATCH_SIZE": 8, "MAX_STEPS_PER_EPOCH": 3, "N_BOOT": 200},
+        "03_cyclegan": {"IMAGE_SIZE": 32, "NGF": 8, "NDF": 8, "UNET_DEPTH": 3, "N_LAYERS_D": 1, "EPOCHS": 1,
+                        "EPOCHS_DECAY": 0, "BATCH_SIZE": 4, "MAX_STEPS_PER_EPOCH": 2, "JUDGE_EPOCHS": 1,
+                        "N_BOOT": 50, "UPDATE_FIGURES": False},
+        # one task, two conditions, one seed, 2 x 4 steps at 32 px, plus the controls: ~20-40 s
+        "04_classifiers": {"TASKS": ["normal_vs_covid"], "CONDITIONS": ["real", "real_gnc_gpc"], "RATIOS": [5],
+                           "N_SEEDS": 1, "IMAGE_SIZE": 32, "EPOCHS": 2, "STEPS_PER_EPOCH": 4, "BATCH_SIZE": 8,
+                           "N_BOOT": 200, "UPDATE_FIGURES": False},
     },
     "default": {
         "01_data_assembly": {"N_PATIENTS": 400, "IMAGE_SIZE": 256},
+        # 128 px input (logits resized to the 256 px masks), width 8, 5 x 50 steps of 8 images:
+        # under three passes over the ~720 training images; test Dice ~0.97, ~1.5-3 min of training.
+        "02_lung_segmentation": {"IMAGE_SIZE": 128, "BASE_CHANNELS": 8, "DEPTH": 4, "EPOCHS": 5,
+                                 "BATCH_SIZE": 8, "LEARNING_RATE": 2e-3, "MAX_STEPS_PER_EPOCH": 50},
+        # U-Net gf 16 at 64 px, 2-layer PatchGAN, batch 4, 2 + 1 epochs of 40 steps (120 steps, ~480 image
+        # pairs, ~2 passes over the ~260 per class): ~5-6 min of training per translator on 2 busy CPU
+        # cores (~3 s per step), then generation, two small judges and the metrics.
+        "03_cyclegan": {"IMAGE_SIZE": 64, "GENERATOR": "unet", "NGF": 16, "NDF": 32, "UNET_DEPTH": 4,
+                        "N_LAYERS_D": 2, "EPOCHS": 2, "EPOCHS_DECAY": 1, "BATCH_SIZE": 4, "LAMBDA_ID": 0.5,
+                        "MAX_STEPS_PER_EPOCH": 40, "JUDGE_EPOCHS": 8},
+        # small CNN at 48 px, 20 epochs x 16 steps of 16 images per cell, 2 binary tasks x 5 conditions x
+        # 3 seeds at 1:20 (30 cells) + 3 control models: ~15-25 s per cell on 2 CPU cores, depending on load
+        "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid"], "ARCHS": ["small_cnn"],
+                           "RATIOS": [20], "N_SEEDS": 3, "IMAGE_SIZE": 48, "EPOCHS": 20, "STEPS_PER_EPOCH": 16,
+                           "BATCH_SIZE": 16, "LEARNING_RATE": 3e-3, "NUM_THREADS": 1},
     },
     "full": {
         "01_data_assembly": {"N_PATIENTS": 4000, "IMAGE_SIZE": 256},
+        "02_lung_segmentation": {"IMAGE_SIZE": 256, "BASE_CHANNELS": 16, "DEPTH": 4, "EPOCHS": 30,
+                                 "BATCH_SIZE": 16, "LEARNING_RATE": 1e-3, "MAX_STEPS_PER_EPOCH": 0},
+        # the paper's translators: U-Net gf 32, 70x70 PatchGAN df 64, batch 16, 50 + 50 epochs at 256 px (GPU)
+        "03_cyclegan": {"IMAGE_SIZE": 256, "GENERATOR": "unet", "NGF": 32, "NDF": 64, "UNET_DEPTH": 8,
+                        "N_LAYERS_D": 3, "EPOCHS": 50, "EPOCHS_DECAY": 50, "BATCH_SIZE": 16, "LAMBDA_ID": 1.0,
+                        "MAX_STEPS_PER_EPOCH": 0, "JUDGE_ARCH": "resnet18", "JUDGE_EPOCHS": 20},
+        # Zunair & Hamza's grid at 224 px on a GPU: 3 tasks x 5 architectures x 5 conditions x 3 ratios x
+        # 3 seeds; 30 epochs capped at 80 steps of 32 images (about one pass over the real training set)
+        "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid", "three_class"],
+                           "ARCHS": ["small_cnn", "resnet18", "resnet50", "densenet121", "vgg16"],
+                           "RATIOS": [10, 20, 50], "N_SEEDS": 3, "IMAGE_SIZE": 224, "EPOCHS": 30,
+                           "STEPS_PER_EPOCH": 80, "BATCH_SIZE": 32, "LEARNING_RATE": 1e-3, "NUM_THREADS": 0,
+                           "LUNG_CONTROL_MODES": ["whole", "lung_masked", "lungs_removed"]},
     },
     "real-cpu": {
         "01_data_assembly": {"IMAGE_SIZE": 256, "UPDATE_FIGURES": False},
+        # SEG_DATA (a COVID-19 Radiography Database folder) is given at run time: --param SEG_DATA=...
+        # 400 training patients (15% of them for validation), 100 test patients, 20 full epochs
+        # at 128 px (metrics on the 256 px masks): test Dice ~0.96 after ~5-8 min of CPU training.
+        "02_lung_segmentation": {"N_TRAIN_PATIENTS": 400, "N_TEST_PATIENTS": 100, "VAL_FRACTION": 0.15,
+                                 "IMAGE_SIZE": 128, "BASE_CHANNELS": 8, "DEPTH": 4, "EPOCHS": 20,
+                                 "BATCH_SIZE": 8, "LEARNING_RATE": 2e-3, "MAX_STEPS_PER_EPOCH": 0},
+        # the CPU sizes of the default profile; real images have no lesion masks, so no lesion / anatomy check
+        "03_cyclegan": {"IMAGE_SIZE": 64, "GENERATOR": "unet", "NGF": 16, "NDF": 32, "UNET_DEPTH": 4,
+                        "N_LAYERS_D": 2, "EPOCHS": 2, "EPOCHS_DECAY": 1, "BATCH_SIZE": 4, "LAMBDA_ID": 0.5,
+                        "MAX_STEPS_PER_EPOCH": 40, "JUDGE_EPOCHS": 8, "UPDATE_FIGURES": False},
+        # the default grid at 64 px with more steps (real images carry finer detail); not yet timed
+        "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid"], "ARCHS": ["small_cnn"],
+                           "RATIOS": [20], "N_SEEDS": 3, "IMAGE_SIZE": 64, "EPOCHS": 20, "STEPS_PER_EPOCH": 24,
+                           "BATCH_SIZE": 16, "LEARNING_RATE": 3e-3, "NUM_THREADS": 1, "UPDATE_FIGURES": False},
     },
 }
 
@@ -108,6 +160,8 @@ def run_pipeline(
     """
     import papermill as pm
 
+    from cxrlib._kernel_client import RepollingKernelManager
+
     stage_params(profile, "")  # validate the profile name early
     run_dir = Path(run_dir) if run_dir is not None else config.runs_dir() / f"{dataset}-{profile}"
     run_dir = run_dir.resolve()
@@ -142,6 +196,8 @@ def run_pipeline(
                 kernel_name=kernel_name,
                 progress_bar=progress,
                 log_output=False,
+                # the stock client can wait for ever on a reply it missed (see cxrlib._kernel_client)
+                kernel_manager_class=RepollingKernelManager,
             )
         except Exception as exc:  # papermill raises PapermillExecutionError for cell errors
             seconds = time.perf_counter() - start

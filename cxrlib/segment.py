@@ -1,0 +1,515 @@
+"""Notebook 02's logic: segment every image of a manifest with the trained U-Net, and score it.
+
+- :func:`segmentation_splits` picks the rows to train and test the U-Net on (patients, not
+  images, are drawn), for the notebook 01 manifest or a dataset adapter's unsplit one.
+- :func:`predict_label_maps` runs the U-Net at its training resolution and brings the
+  logits back to any grid (the image's, or the ground-truth mask's) before the argmax.
+- :func:`segment_manifest` writes, for every image, the predicted lung label map and two
+  variants of the image for the classifiers: cropped to the lungs and with everything but
+  the lungs blanked; it returns the manifest with these files as new columns.
+- :func:`evaluate_segmentation` scores the test split against the ground-truth masks at
+  their own resolution, with and without post-processing, per image and summarised with
+  bootstrap 95% confidence intervals (patients resampled whole).
+
+Predicted label maps are stored as 8-bit PNG grey levels (:data:`LABEL_GREYS`):
+0 background, 128 the patient's left lung (image right), 255 the right lung. Any image
+viewer shows them, :func:`cxrlib.data.io.read_mask` reads them as the union lung mask
+(both lungs are above its threshold), and :func:`read_label_map` gives the labels 0..2 back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxrlib.config import resolve_device
+from cxrlib.data import manifest as mf
+from cxrlib.data.datasets import load_label_map, mask_layout
+from cxrlib.data.io import read_image, write_png
+from cxrlib.data.masks import (
+    BACKGROUND,
+    LUNG_LEFT,
+    LUNG_RIGHT,
+    crop_to_lungs,
+    lung_mask_from_labels,
+    mask_lungs,
+    postprocess_labels,
+)
+from cxrlib.data.transforms import resize_image
+from cxrlib.evaluate.segmentation import per_image_metrics, summarize_metrics
+from cxrlib.train.engine import autocast_context, unwrap
+
+#: Label value -> grey level in a stored lung label map PNG.
+LABEL_GREYS: dict[int, int] = {BACKGROUND: 0, LUNG_LEFT: 128, LUNG_RIGHT: 255}
+#: Columns :func:`segment_manifest` adds (paths relative to the output manifest's folder).
+PRED_MASK_COLUMN = "mask_pred_lung"
+CROP_COLUMN = "path_lung_crop"
+MASKED_COLUMN = "path_lung_masked"
+FRACTION_COLUMN = "pred_lung_fraction"
+#: Sub-folders of the stage folder for the files of :func:`segment_manifest`.
+MASK_FOLDER, CROP_FOLDER, MASKED_FOLDER = "masks", "lung_crop", "lung_masked"
+
+_SAFE_STEM = re.compile(r"^[\w.\- ]+$")
+
+
+# ----------------------------------------------------------------------------- label-map files
+
+
+def write_label_map(path: str | os.PathLike, labels: np.ndarray) -> Path:
+    """Write a lung label map ``(H, W)`` with values 0..2 as a grey-level PNG (:data:`LABEL_GREYS`).
+
+    Other values (the heart, 3) are stored as background: the file holds the lungs only.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be a 2-D (H, W) label map, got shape {labels.shape}")
+    grey = np.zeros(labels.shape, dtype=np.uint8)
+    for value, level in LABEL_GREYS.items():
+        grey[labels == value] = level
+    return write_png(path, grey)
+
+
+def read_label_map(path: str | os.PathLike) -> np.ndarray:
+    """Read a PNG written by :func:`write_label_map`: ``(H, W)`` uint8 with values 0..2."""
+    grey = read_image(path)
+    # nearest stored grey level, so a resampled or re-encoded file still decodes
+    levels = np.array(sorted(LABEL_GREYS.values()), dtype=np.int16)
+    values = np.array([v for _, v in sorted((g, v) for v, g in LABEL_GREYS.items())], dtype=np.uint8)
+    nearest = np.abs(grey.astype(np.int16)[..., None] - levels).argmin(axis=-1)
+    return values[nearest]
+
+
+def _file_stem(image_id: str) -> str:
+    """A file name for ``image_id``: the id itself when it is safe, else a cleaned id + hash."""
+    image_id = str(image_id)
+    if _SAFE_STEM.match(image_id) and not image_id.startswith("."):
+        return image_id
+    cleaned = re.sub(r"[^\w.\-]+", "_", image_id).strip("._") or "image"
+    return f"{cleaned}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
+
+
+def cpu_threads(requested: int = 0) -> int:
+    """PyTorch CPU threads to use: ``requested`` if > 0, else the cores other work leaves idle.
+
+    On a shared machine, more threads than idle cores make every step wait for descheduled
+    threads (four times slower than one thread was measured on 2 busy cores). ``0`` picks
+    ``round(cores - 1-minute load average)``, at least 1 and at most PyTorch's default.
+    """
+    if requested > 0:
+        return int(requested)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        load = 0.0
+    return int(max(1, min(torch.get_num_threads(), round(cores - load))))
+
+
+# ----------------------------------------------------------------------------- choosing rows
+
+
+def with_masks(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Rows that have lung masks (per lung or one union mask); ``attrs`` kept."""
+    keep = [mask_layout(row) is not None for row in manifest.to_dict("records")]
+    rows = manifest[keep].copy()
+    rows.attrs = dict(manifest.attrs)
+    return rows
+
+
+def segmentation_splits(
+    manifest: pd.DataFrame,
+    *,
+    n_train_patients: int = 0,
+    n_test_patients: int = 0,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The rows with lung masks that train, select and test the U-Net, each with its ``split``.
+
+    Whole patients are drawn, never single images (patients who share an identical image,
+    by ``content_hash``, count as one group: :func:`cxrlib.data.manifest.patient_groups`).
+
+    - A manifest that is already split (notebook 01): the splits are kept.
+      ``n_train_patients > 0`` keeps that many patients of train and val together (drawn
+      at random, each keeping its split; val keeps its share, at least one patient),
+      ``n_test_patients > 0`` that many test patients; 0 keeps all.
+    - An unsplit manifest (every ``split`` empty, as a dataset adapter returns it):
+      ``n_test_patients`` (required) patients are drawn for ``test``, then
+      ``n_train_patients`` (0: all the others) for training, of which a share
+      ``val_fraction`` goes to ``val`` for model selection.
+
+    Raises ``ValueError`` when asked for more patients than there are, or when the result
+    has no train, val or test rows. ``attrs`` are kept.
+    """
+    rows = with_masks(manifest)
+    if rows.empty:
+        raise ValueError("no row of the manifest has a lung mask")
+    rng = np.random.default_rng(seed)
+    groups = mf.patient_groups(rows)
+    split = rows["split"].astype(str)
+
+    def patients_of(group_names: np.ndarray) -> int:
+        return int(rows.loc[groups.isin(group_names), "patient_id"].nunique())
+
+    def draw(candidates: np.ndarray, n_patients: int, what: str) -> np.ndarray:
+        """Shuffled groups, taken until they hold ``n_patients`` patients."""
+        shuffled = rng.permutation(np.sort(candidates))
+        if n_patients <= 0:
+            return shuffled[:0]
+        available = patients_of(shuffled)
+        if n_patients > available:
+            raise ValueError(f"asked for {n_patients} {what} patients, but only {available} are available")
+        counts = rows.groupby(groups)["patient_id"].nunique().reindex(shuffled).to_numpy()
+        taken = int(np.searchsorted(np.cumsum(counts), n_patients) + 1)
+        return shuffled[:taken]
+
+    if (split == "").all():
+        if n_test_patients < 1:
+            raise ValueError("the manifest is not split: give n_test_patients (> 0)")
+        all_groups = groups.unique()
+        test_groups = draw(all_groups, n_test_patients, "test")
+        rest = np.setdiff1d(all_groups, test_groups)
+        n_train = n_train_patients or patients_of(rest)
+        train_groups = draw(rest, n_train, "training")
+        n_val = max(1, round(val_fraction * len(train_groups))) if val_fraction > 0 else 0
+        val_groups = train_groups[:n_val]
+        new_split = np.where(groups.isin(test_groups), "test",
+                             np.where(groups.isin(val_groups), "val",
+                                      np.where(groups.isin(train_groups), "train", "")))
+        rows["split"] = new_split
+        rows = rows[rows["split"] != ""]
+    else:
+        if (split == "").any():
+            raise ValueError("the manifest is split only in part: split every row or none")
+        keep = pd.Series(True, index=rows.index)
+        if n_train_patients > 0:
+            # train and val are capped in proportion, so that validation keeps some patients
+            n_val_now = int(rows.loc[split == "val", "patient_id"].nunique())
+            n_train_now = int(rows.loc[split == "train", "patient_id"].nunique())
+            n_val = min(n_val_now, max(1, round(n_train_patients * n_val_now / max(n_val_now + n_train_now, 1))))
+            for name, count in (("train", n_train_patients - n_val), ("val", n_val)):
+                chosen = draw(groups[split == name].unique(), count, name)
+                keep &= (split != name) | groups.isin(chosen)
+        if n_test_patients > 0:
+            testing = split == "test"
+            chosen = draw(groups[testing].unique(), n_test_patients, "test")
+            keep &= ~testing | groups.isin(chosen)
+        rows = rows[keep]
+    missing = [name for name in mf.SPLITS if not (rows["split"] == name).any()]
+    if missing:
+        raise ValueError(f"no rows with lung masks in split(s) {missing}; the U-Net needs train, val and test")
+    rows = rows.copy()
+    rows.attrs = dict(manifest.attrs)
+    return rows
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+def _model_device(model: nn.Module, device: str | torch.device | None) -> tuple[nn.Module, torch.device]:
+    net = unwrap(model)
+    target = next(net.parameters()).device if device is None else resolve_device(str(device))
+    return net.to(target).eval(), target
+
+
+@torch.no_grad()
+def predict_label_maps(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    *,
+    input_size: int,
+    output_shapes: Sequence[tuple[int, int]] | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    postprocess: bool = True,
+    amp: bool = True,
+) -> list[np.ndarray]:
+    """Lung label maps of ``images``, each on its own output grid.
+
+    ``images``: ``(H, W)`` uint8 arrays of any sizes. Each is resized (bilinear,
+    antialiased) to ``input_size`` x ``input_size``, the resolution the U-Net was trained
+    at; its logits are then resized bilinearly to ``output_shapes[i]`` (default: the
+    image's own shape) and the argmax taken there, which gives smoother borders than
+    up-sampling the label map. ``postprocess`` keeps the largest component of each lung and
+    fills holes (:func:`cxrlib.data.masks.postprocess_labels`). ``amp``: float16 autocast
+    on CUDA. Returns ``(h, w)`` uint8 label maps (0 background, 1 left lung, 2 right lung).
+    """
+    if output_shapes is None:
+        output_shapes = [tuple(np.shape(image)) for image in images]
+    if len(output_shapes) != len(images):
+        raise ValueError(f"{len(output_shapes)} output shapes for {len(images)} images")
+    net, target = _model_device(model, device)
+    results: list[np.ndarray] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        batch = np.stack([resize_image(np.asarray(image, dtype=np.uint8), input_size) for image in chunk])
+        tensor = torch.from_numpy(batch).to(target).float().div_(255.0)[:, None]
+        with autocast_context(target, amp):
+            logits = net(tensor)
+        logits = logits.float()
+        for offset in range(len(chunk)):
+            shape = tuple(int(s) for s in output_shapes[start + offset])
+            item = logits[offset:offset + 1]
+            if tuple(item.shape[-2:]) != shape:
+                item = F.interpolate(item, size=shape, mode="bilinear", align_corners=False)
+            # max(...).indices, not argmax: the same first-maximum labels, ~10x faster over dim 1 on CPU
+            labels = item.max(dim=1).indices[0].to(torch.uint8).cpu().numpy()
+            results.append(postprocess_labels(labels) if postprocess else labels)
+    return results
+
+
+def segment_manifest(
+    model: nn.Module,
+    manifest: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    *,
+    input_size: int,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    postprocess: bool = True,
+    crop_margin: float = 0.05,
+    crop_size: int | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Segment every image of ``manifest``; write masks and image variants; return the new manifest.
+
+    For each row (image at its own resolution, ``path`` relative to ``attrs["root"]``):
+
+    - ``out_dir/masks/<image_id>.png``: the predicted lung label map on the image's grid
+      (:func:`write_label_map`), column ``mask_pred_lung``;
+    - ``out_dir/lung_crop/<image_id>.png``: the image cropped to the lungs' bounding box
+      widened by ``crop_margin`` (:func:`cxrlib.data.masks.crop_to_lungs`) and resized to
+      ``crop_size`` (default: the image's own size), column ``path_lung_crop``;
+    - ``out_dir/lung_masked/<image_id>.png``: the image with everything outside the lungs
+      set to 0 (:func:`cxrlib.data.masks.mask_lungs`), column ``path_lung_masked``;
+    - column ``pred_lung_fraction``: share of the image predicted as lung (a failed
+      segmentation shows up as a value near 0).
+
+    Returns a copy of ``manifest`` whose ``attrs["root"]`` is ``out_dir``, with every path
+    (old and new) relative to ``out_dir``: write it with
+    ``write_manifest(df, out_dir / "manifest.csv")``. An image whose lungs are not found
+    gets the whole image as its crop and an all-black masked image.
+    """
+    out_dir = Path(out_dir).resolve()
+    result = mf.rebase_paths(manifest.reset_index(drop=True), manifest.attrs.get("root"), out_dir)
+    stems = [_file_stem(image_id) for image_id in result["image_id"]]
+    if len(set(stems)) != len(stems):
+        raise ValueError("image ids map to the same file name; make image_id unique")
+    for folder in (MASK_FOLDER, CROP_FOLDER, MASKED_FOLDER):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    columns: dict[str, list[str]] = {PRED_MASK_COLUMN: [], CROP_COLUMN: [], MASKED_COLUMN: [], FRACTION_COLUMN: []}
+    net, target = _model_device(model, device)
+    input_size = int(input_size)
+    starts = range(0, len(result), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="segmenting", unit="batch")
+    # PNG encoding and writing run in two threads beside the network (they release the GIL)
+    with ThreadPoolExecutor(max_workers=2) as writer:
+        pending = []
+        for start in starts:
+            chunk = result.iloc[start:start + batch_size]
+            images = [read_image(mf.resolve_path(out_dir, path)) for path in chunk["path"]]
+            label_maps = predict_label_maps(net, images, input_size=input_size, batch_size=batch_size,
+                                            device=target, postprocess=postprocess)
+            for offset, (image, labels) in enumerate(zip(images, label_maps, strict=True)):
+                stem = stems[start + offset]
+                lungs = lung_mask_from_labels(labels)
+                files = {
+                    PRED_MASK_COLUMN: f"{MASK_FOLDER}/{stem}.png",
+                    CROP_COLUMN: f"{CROP_FOLDER}/{stem}.png",
+                    MASKED_COLUMN: f"{MASKED_FOLDER}/{stem}.png",
+                }
+                crop = crop_to_lungs(image, lungs, size=crop_size or image.shape, margin=crop_margin)
+                pending += [
+                    writer.submit(write_label_map, out_dir / files[PRED_MASK_COLUMN], labels),
+                    writer.submit(write_png, out_dir / files[CROP_COLUMN], crop),
+                    writer.submit(write_png, out_dir / files[MASKED_COLUMN], mask_lungs(image, lungs, "inside")),
+                ]
+                for column, relative in files.items():
+                    columns[column].append(relative)
+                columns[FRACTION_COLUMN].append(f"{lungs.mean():.4f}")
+            # surface a failed write early, and keep the queue short
+            for future in pending:
+                future.result()
+            pending = []
+    for column, values in columns.items():
+        result[column] = values
+    result.attrs["root"] = str(out_dir)
+    return result
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+#: Regions and metrics of the per-image tables, in display order.
+REGIONS: dict[str, str] = {"lungs": "both lungs", "left": "left lung", "right": "right lung"}
+METRICS: dict[str, str] = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)"}
+VARIANTS: dict[str, str] = {"raw": "without post-processing", "post": "with post-processing"}
+
+
+@dataclass
+class SegmentationEvaluation:
+    """Test-split scores of a segmenter, at the resolution of the ground-truth masks.
+
+    ``per_image[variant]``: one row per image (``image_id, patient_id, label``, then
+    ``dice_/iou_/hd95_`` x ``left/right/lungs``), for ``variant`` ``"raw"`` (argmax of the
+    network) and ``"post"`` (after :func:`~cxrlib.data.masks.postprocess_labels`);
+    ``summary[variant]``: :func:`~cxrlib.evaluate.segmentation.summarize_metrics` of it
+    (means with bootstrap 95% CIs, patients resampled whole). ``images`` (uint8, resized
+    to the mask grid), ``truth`` and ``pred[variant]`` (uint8 label maps) are kept in test
+    order for figures and viewers.
+    """
+
+    per_image: dict[str, pd.DataFrame]
+    summary: dict[str, dict]
+    images: list[np.ndarray] = field(repr=False)
+    truth: list[np.ndarray] = field(repr=False)
+    pred: dict[str, list[np.ndarray]] = field(repr=False)
+    seconds: float = 0.0
+
+    @property
+    def n_images(self) -> int:
+        return len(self.truth)
+
+    def table(self, digits: int = 3) -> pd.DataFrame:
+        """Mean [95% CI] per metric and region (rows) and variant (columns), as text."""
+        records = []
+        for metric, metric_name in METRICS.items():
+            for region, region_name in REGIONS.items():
+                record = {"metric": metric_name, "region": region_name}
+                for variant, variant_name in VARIANTS.items():
+                    summary = self.summary[variant]
+                    mean = summary[f"{metric}_{region}_mean"]
+                    low, high = summary[f"{metric}_{region}_ci95"]
+                    places = 1 if metric == "hd95" else digits
+                    record[variant_name] = f"{mean:.{places}f} [{low:.{places}f}, {high:.{places}f}]"
+                records.append(record)
+        return pd.DataFrame(records).set_index(["metric", "region"])
+
+    def by_label(self, variant: str = "post") -> pd.DataFrame:
+        """Mean Dice (both lungs) and image count per class label: does disease hurt segmentation?"""
+        table = self.per_image[variant]
+        return (table.groupby("label")["dice_lungs"].agg(["mean", "min", "count"])
+                .rename(columns={"mean": "dice_mean", "min": "dice_min", "count": "n_images"}))
+
+    def metrics(self) -> dict:
+        """Flat headline numbers for ``metrics.json``.
+
+        Post-processed masks (the ones the stage writes) give ``dice_mean``, ``dice_ci95``,
+        ``iou_mean``, ``iou_ci95``, ``hd95_mean``, ``hd95_ci95`` (both lungs as one
+        foreground), the same per lung (``dice_left_mean``, ...), ``n_test`` (images) and
+        ``n_test_patients``; ``without_postprocessing`` holds the same keys for the raw
+        argmax, ``n_hd95_undefined`` counts images where one mask was empty.
+        """
+        def flatten(summary: dict, table: pd.DataFrame) -> dict:
+            out: dict[str, object] = {}
+            for metric in METRICS:
+                for region in REGIONS:
+                    name = metric if region == "lungs" else f"{metric}_{region}"
+                    out[f"{name}_mean"] = summary[f"{metric}_{region}_mean"]
+                    out[f"{name}_ci95"] = summary[f"{metric}_{region}_ci95"]
+            out["n_hd95_undefined"] = int(table["hd95_lungs"].isna().sum())
+            return out
+
+        post = self.per_image["post"]
+        return {
+            **flatten(self.summary["post"], post),
+            "n_test": int(len(post)),
+            "n_test_patients": int(post["patient_id"].nunique()),
+            "without_postprocessing": flatten(self.summary["raw"], self.per_image["raw"]),
+        }
+
+    def ranked(self, variant: str = "post", by: str = "dice_lungs") -> pd.DataFrame:
+        """The per-image table sorted worst first, with the position ``index`` into the lists."""
+        table = self.per_image[variant].reset_index(names="index")
+        return table.sort_values([by, "image_id"], ascending=[True, True]).reset_index(drop=True)
+
+
+def evaluate_segmentation(
+    model: nn.Module,
+    manifest: pd.DataFrame,
+    *,
+    input_size: int,
+    split: str | None = "test",
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    n_boot: int = 2000,
+    root: str | os.PathLike | None = None,
+) -> SegmentationEvaluation:
+    """Score the U-Net on the rows of ``split`` (``None``: every row) that have lung masks.
+
+    Ground truth is read at its own resolution (:func:`cxrlib.data.datasets.load_label_map`;
+    e.g. 256x256 masks of 299x299 images), the prediction is made on that grid
+    (:func:`predict_label_maps`), once without and once with post-processing. Confidence
+    intervals resample patients (``patient_id``) with ``seed``.
+    """
+    rows = manifest if split is None else manifest[manifest["split"] == split]
+    rows = with_masks(rows)
+    if rows.empty:
+        raise ValueError(f"no rows with lung masks in split {split!r}")
+    base = Path(root) if root is not None else manifest
+    started = time.perf_counter()
+    truth, images = [], []
+    for row in rows.to_dict("records"):
+        labels = load_label_map(row, base, size=None)
+        image = read_image(mf.resolve_path(base, row["path"]))
+        truth.append(labels)
+        images.append(image)
+    raw = predict_label_maps(model, images, input_size=input_size, output_shapes=[t.shape for t in truth],
+                             batch_size=batch_size, device=device, postprocess=False)
+    post = [postprocess_labels(labels) for labels in raw]
+    shown = [resize_image(image, labels.shape) for image, labels in zip(images, truth, strict=True)]
+    per_image, summary = {}, {}
+    for variant, predictions in (("raw", raw), ("post", post)):
+        table = per_image_metrics(predictions, truth, image_ids=rows["image_id"].tolist())
+        table.insert(1, "patient_id", rows["patient_id"].to_numpy())
+        table.insert(2, "label", rows["label"].to_numpy())
+        per_image[variant] = table
+        summary[variant] = summarize_metrics(table, seed=seed, groups="patient_id", n_boot=n_boot)
+    return SegmentationEvaluation(per_image=per_image, summary=summary, images=shown, truth=truth,
+                                  pred={"raw": raw, "post": post}, seconds=time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------- error maps
+
+#: Pixel classes of :func:`error_categories`.
+ERROR_CLASSES: dict[int, str] = {
+    0: "background, correct",
+    1: "lung, correct",
+    2: "false lung (over-segmented)",
+    3: "missed lung (under-segmented)",
+    4: "lung, wrong side",
+}
+
+
+def error_categories(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Per pixel, how a predicted lung label map ``pred`` agrees with ``truth`` (both ``(H, W)``).
+
+    Returns uint8 codes of :data:`ERROR_CLASSES`: 0 background in both, 1 same lung in
+    both, 2 lung predicted on background, 3 lung missed, 4 the other lung predicted.
+    """
+    truth, pred = np.asarray(truth), np.asarray(pred)
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
+    true_lung = np.isin(truth, (LUNG_LEFT, LUNG_RIGHT))
+    pred_lung = np.isin(pred, (LUNG_LEFT, LUNG_RIGHT))
+    codes = np.zeros(truth.shape, dtype=np.uint8)
+    codes[true_lung & pred_lung] = 1
+    codes[true_lung & pred_lung & (truth != pred)] = 4
+    codes[~true_lung & pred_lung] = 2
+    codes[true_lung & ~pred_lung] = 3
+    return codes
