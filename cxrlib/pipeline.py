@@ -43,12 +43,12 @@ PROFILES: dict[str, dict[str, dict]] = {
         # under three passes over the ~720 training images; test Dice ~0.97, ~1.5-3 min of training.
         "02_lung_segmentation": {"IMAGE_SIZE": 128, "BASE_CHANNELS": 8, "DEPTH": 4, "EPOCHS": 5,
                                  "BATCH_SIZE": 8, "LEARNING_RATE": 2e-3, "MAX_STEPS_PER_EPOCH": 50},
-        # U-Net gf 16 at 64 px, 2-layer PatchGAN, batch 4, 2 + 1 epochs of 40 steps (120 steps, ~480 image
-        # pairs, ~2 passes over the ~260 per class): ~5-6 min of training per translator on 2 busy CPU
-        # cores (~3 s per step), then generation, two small judges and the metrics.
+        # U-Net gf 16 at 64 px, 2-layer PatchGAN, batch 4, lr 5e-4, weak identity loss, 2 + 1 epochs of 50
+        # steps (~2.5 passes over the ~260 images per class): 3.5-5.5 min of training per translator and
+        # ~12 min for the notebook on 2 busy CPU cores (load ~4); judges 5 epochs each.
         "03_cyclegan": {"IMAGE_SIZE": 64, "GENERATOR": "unet", "NGF": 16, "NDF": 32, "UNET_DEPTH": 4,
-                        "N_LAYERS_D": 2, "EPOCHS": 2, "EPOCHS_DECAY": 1, "BATCH_SIZE": 4, "LAMBDA_ID": 0.5,
-                        "MAX_STEPS_PER_EPOCH": 40, "JUDGE_EPOCHS": 8},
+                        "N_LAYERS_D": 2, "EPOCHS": 2, "EPOCHS_DECAY": 1, "BATCH_SIZE": 4, "LEARNING_RATE": 5e-4,
+                        "LAMBDA_ID": 0.1, "MAX_STEPS_PER_EPOCH": 50, "JUDGE_EPOCHS": 5},
         # small CNN at 48 px, 20 epochs x 16 steps of 16 images per cell, 2 binary tasks x 5 conditions x
         # 3 seeds at 1:20 (30 cells) + 3 control models: ~15-25 s per cell on 2 CPU cores, depending on load
         "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid"], "ARCHS": ["small_cnn"],
@@ -81,8 +81,8 @@ PROFILES: dict[str, dict[str, dict]] = {
                                  "BATCH_SIZE": 8, "LEARNING_RATE": 2e-3, "MAX_STEPS_PER_EPOCH": 0},
         # the CPU sizes of the default profile; real images have no lesion masks, so no lesion / anatomy check
         "03_cyclegan": {"IMAGE_SIZE": 64, "GENERATOR": "unet", "NGF": 16, "NDF": 32, "UNET_DEPTH": 4,
-                        "N_LAYERS_D": 2, "EPOCHS": 2, "EPOCHS_DECAY": 1, "BATCH_SIZE": 4, "LAMBDA_ID": 0.5,
-                        "MAX_STEPS_PER_EPOCH": 40, "JUDGE_EPOCHS": 8, "UPDATE_FIGURES": False},
+                        "N_LAYERS_D": 2, "EPOCHS": 2, "EPOCHS_DECAY": 1, "BATCH_SIZE": 4, "LEARNING_RATE": 5e-4,
+                        "LAMBDA_ID": 0.1, "MAX_STEPS_PER_EPOCH": 50, "JUDGE_EPOCHS": 5, "UPDATE_FIGURES": False},
         # the default grid at 64 px with more steps (real images carry finer detail); not yet timed
         "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid"], "ARCHS": ["small_cnn"],
                            "RATIOS": [20], "N_SEEDS": 3, "IMAGE_SIZE": 64, "EPOCHS": 20, "STEPS_PER_EPOCH": 24,

@@ -1,0 +1,164 @@
+"""The CycleGAN synthesis stage: synthetic manifest rows, leakage, judges and the per-translator report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrlib import synthesis as syn
+from cxrlib.data import manifest as mf
+from cxrlib.data.io import read_image, write_png
+from cxrlib.models.cyclegan import CycleGANConfig, build_generator
+
+SIZE = 16
+SPLITS = {"train": 6, "val": 2, "test": 3}
+
+
+@pytest.fixture()
+def cohort(tmp_path):
+    """A tiny 3-class manifest with one image per patient, lung masks and a derived-image column."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    rows = []
+    lungs = np.zeros((SIZE * 2, SIZE * 2), dtype=bool)
+    lungs[8:24, 4:14] = True
+    for label, brightness in (("normal", 60), ("pneumonia", 120), ("covid", 190)):
+        for split, count in SPLITS.items():
+            for k in range(count):
+                image_id = f"{label}_{split}_{k}"
+                image = np.clip(rng.normal(brightness, 20, (SIZE * 2, SIZE * 2)), 0, 255).astype(np.uint8)
+                write_png(data / "images" / f"{image_id}.png", image)
+                write_png(data / "masks" / f"{image_id}_left.png", lungs)
+                write_png(data / "masks" / f"{image_id}_right.png", lungs[:, ::-1])
+                rows.append({
+                    "image_id": image_id, "path": f"images/{image_id}.png", "label": label,
+                    "patient_id": f"p_{image_id}", "source": "phantom", "view": "PA", "split": split,
+                    "mask_path": "", "origin": "real", "site": "north",
+                    "mask_lung_left": f"masks/{image_id}_left.png", "mask_lung_right": f"masks/{image_id}_right.png",
+                    "mask_lesion": "", "path_lung_crop": f"images/{image_id}.png", "content_hash": f"h{image_id}",
+                })
+    manifest = pd.DataFrame(rows)
+    manifest.attrs["root"] = str(data)
+    written = mf.write_manifest(manifest, data / "manifest.csv")
+    return mf.read_manifest(written)
+
+
+@pytest.fixture()
+def generator():
+    torch.manual_seed(0)
+    return build_generator(CycleGANConfig(generator="unet", ngf=4, unet_depth=2, n_layers_d=1, image_size=SIZE)).eval()
+
+
+def test_generate_synthetic_rows_files_and_leakage(cohort, generator, tmp_path):
+    out = tmp_path / "run" / "03_cyclegan" / "synthetic" / "G_NC"
+    rows = syn.generate_synthetic(generator, cohort, "normal", "G_NC", "last_epoch001", out, SIZE)
+    sources = cohort[(cohort["label"] == "normal") & (cohort["split"] == "train")]
+    assert len(rows) == len(sources) == SPLITS["train"]
+    assert set(rows["label"]) == {"covid"} and set(rows["source"]) == {"synthetic"} and set(rows["split"]) == {"train"}
+    for (_, row), (_, source) in zip(rows.iterrows(), sources.iterrows(), strict=True):
+        assert mf.parse_origin(row["origin"]) == ("G_NC", "last_epoch001", source["image_id"])
+        assert row["patient_id"] == source["patient_id"] and row["view"] == source["view"]
+        assert row["site"] == source["site"] and row["mask_lung_left"] == source["mask_lung_left"]
+        assert row["path_lung_crop"] == "" and row["content_hash"] not in ("", source["content_hash"])
+        image = read_image(mf.resolve_path(cohort, row["path"]))
+        assert image.shape == (SIZE, SIZE) and image.dtype == np.uint8
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{i}.png" for i in sources["image_id"])
+    assert not list(out.glob("*.tmp"))  # atomic writes leave no temporary files
+
+    combined = syn.add_synthetic(cohort, [rows])
+    assert len(combined) == len(cohort) + len(rows)
+    written = mf.write_manifest(combined, tmp_path / "run" / "03_cyclegan" / "manifest.csv")
+    again = mf.read_manifest(written)
+    assert mf.check_leakage(again).ok
+    new = syn.synthetic_rows(again, "G_NC")
+    assert len(new) == len(rows)
+    for value in new["path"]:
+        assert mf.resolve_path(again, value).is_file()
+    # the source rows come back in the synthetic rows' order
+    assert list(syn.source_rows(again, new)["image_id"]) == list(sources["image_id"])
+    # re-running replaces the rows instead of duplicating them
+    assert len(syn.add_synthetic(combined, [rows])) == len(combined)
+
+
+def test_synthetic_row_in_another_split_is_a_leak(cohort, generator, tmp_path):
+    rows = syn.generate_synthetic(generator, cohort, "normal", "G_NC", "ckpt", tmp_path / "syn", SIZE)
+    rows.loc[rows.index[0], "split"] = "test"
+    with pytest.raises(mf.LeakageError):
+        syn.add_synthetic(cohort, [rows])
+
+
+def test_input_manifest_prefers_segmentation_stage(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        syn.input_manifest_path(tmp_path)
+    (tmp_path / "01_data").mkdir()
+    (tmp_path / "01_data" / "manifest.csv").write_text("x")
+    assert syn.input_manifest_path(tmp_path).parent.name == "01_data"
+    (tmp_path / "02_segmentation").mkdir()
+    (tmp_path / "02_segmentation" / "manifest.csv").write_text("x")
+    assert syn.input_manifest_path(tmp_path).parent.name == "02_segmentation"
+
+
+def test_load_masks_union_and_empty_cells(cohort):
+    rows = cohort.head(2)
+    lungs = syn.load_masks(rows, syn.LUNG_MASK_COLUMNS, SIZE)
+    assert lungs.shape == (2, SIZE, SIZE) and lungs.dtype == bool
+    assert lungs.any() and not lungs.all()
+    assert not syn.load_masks(rows, ["mask_lesion"], SIZE).any()
+
+
+def test_blend_ends_and_range():
+    before = np.zeros((4, 4), np.uint8)
+    after = np.full((4, 4), 200, np.uint8)
+    assert (syn.blend(before, after, 0.0) == before).all()
+    assert (syn.blend(before, after, 1.0) == after).all()
+    assert (syn.blend(before, after, 0.5) == 100).all()
+    with pytest.raises(ValueError):
+        syn.blend(before, after, 1.5)
+
+
+def test_judges_and_evaluate_translator(cohort, generator, tmp_path):
+    feature_net = syn.train_feature_network(cohort, tmp_path / "feat", image_size=SIZE, epochs=1, batch_size=8,
+                                            device="cpu")
+    oracle = syn.train_oracle(cohort, tmp_path / "oracle", image_size=SIZE, epochs=1, batch_size=8, device="cpu")
+    assert feature_net.classes == list(syn.FEATURE_CLASSES) and oracle.classes == list(syn.ORACLE_CLASSES)
+    assert 0.0 <= syn.oracle_threshold(oracle) <= 1.0
+    # a finished run only loads: same weights again
+    again = syn.train_oracle(cohort, tmp_path / "oracle", image_size=SIZE, epochs=1, batch_size=8, device="cpu")
+    images = syn.load_images(cohort.head(3), SIZE)
+    np.testing.assert_allclose(syn.covid_probability(oracle, images), syn.covid_probability(again, images))
+
+    rows = syn.generate_synthetic(generator, cohort, "normal", "G_NC", "ckpt", tmp_path / "syn", SIZE)
+    sources = syn.source_rows(cohort, rows)
+    covid = {split: syn.real_rows(cohort, split, ["covid"]) for split in ("train", "test")}
+    heldout = syn.real_rows(cohort, ["val", "test"], ["covid"])
+    report = syn.evaluate_translator(
+        source_images=syn.load_images(sources, SIZE), synthetic_images=syn.load_images(rows, SIZE),
+        synthetic_groups=sources["patient_id"], real_covid_train=syn.load_images(covid["train"], SIZE),
+        real_covid_test=syn.load_images(covid["test"], SIZE), real_covid_heldout=syn.load_images(heldout, SIZE),
+        real_covid_heldout_groups=heldout["patient_id"], feature_net=feature_net, oracle=oracle,
+        lung_masks=syn.load_masks(sources, syn.LUNG_MASK_COLUMNS, SIZE), n_boot=50)
+    headline = syn.headline_metrics(report)
+    for key in ("fd_cxr", "fd_cxr_floor", "fd_cxr_untranslated", "kid", "oracle_covid_rate_before",
+                "oracle_covid_rate_after", "detectability_auc", "n_generated", "lesion_added_inside_lungs",
+                "lesion_added_outside_lungs", "anatomy_ssim", "anatomy_l1",
+                "memorisation_possible_copy_fraction"):
+        assert key in headline, key
+    assert headline["n_generated"] == SPLITS["train"]
+    assert headline["fd_cxr"] >= 0 and headline["fd_cxr_untranslated"] >= 0
+    assert 0 <= headline["oracle_covid_rate_after"] <= 1 and 0 <= headline["detectability_auc"] <= 1
+    assert headline["fid_inception"] is None or headline["fid_inception"] >= 0
+    assert isinstance(headline["fid_inception_note"], str)
+    # identical source and synthetic images: nothing added, anatomy untouched
+    same = syn.load_images(sources, SIZE)
+    untouched = syn.evaluate_translator(
+        source_images=same, synthetic_images=same, synthetic_groups=sources["patient_id"],
+        real_covid_train=syn.load_images(covid["train"], SIZE), real_covid_test=syn.load_images(covid["test"], SIZE),
+        real_covid_heldout=syn.load_images(heldout, SIZE), real_covid_heldout_groups=heldout["patient_id"],
+        feature_net=feature_net, oracle=oracle, lung_masks=syn.load_masks(sources, syn.LUNG_MASK_COLUMNS, SIZE),
+        inception=False, n_boot=20)
+    # (at 16 px the grown lung masks leave no pixel for the anatomy measures: NaN, never a change)
+    assert untouched["lesion_added_inside_lungs"] == 0 and not untouched["anatomy_l1"] > 0
+    assert untouched["oracle_covid_rate_before"] == untouched["oracle_covid_rate_after"]
+    assert untouched["fd_cxr"] == pytest.approx(untouched["fd_cxr_untranslated"])
