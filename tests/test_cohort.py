@@ -20,7 +20,9 @@ def small_cohort(tmp_path_factory):
 
 def test_cohort_is_cached_by_settings(small_cohort):
     root = small_cohort.attrs["root"]
-    assert root.endswith("phantom-v1-30p-64px-s3")
+    from cxrlib.data.phantom import GENERATOR_VERSION
+
+    assert root.endswith(f"phantom-v{GENERATOR_VERSION}-30p-64px-s3")
     again = cohort.load_or_make_phantom(30, 64, seed=3, base=mf.Path(root).parent, progress=False)
     pd.testing.assert_frame_equal(again, small_cohort)
 

@@ -276,3 +276,22 @@ def test_write_cohort_files_and_manifest(tmp_path: Path):
         clean = np.asarray(Image.open(tmp_path / "images_clean" / f"{row.image_id}.png"))
         np.testing.assert_array_equal(clean, samples[row.image_id].image_clean)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_patient_rotation_turns_anatomy_and_masks_together():
+    from cxrlib.data.phantom import ROTATION_MAX_DEG, PhantomGenerator, _rotate_anatomy
+
+    gen = PhantomGenerator(size=64, seed=0)
+    angles = [gen.render("covid", seed).meta["rotation_deg"] for seed in range(12)]
+    assert all(abs(a) <= ROTATION_MAX_DEG for a in angles)
+    assert len(set(angles)) > 6  # positioning varies from study to study
+    # a quarter turn of a marked square moves the attenuation and every mask alike
+    att = np.zeros((33, 33), np.float32)
+    att[2:8, 10:20] = 1.0
+    block = att > 0
+    none = np.zeros_like(block)
+    out, lungs, heart, lesion = _rotate_anatomy(att, {"lung_left": block, "lung_right": none}, none, block, 90.0)
+    expected = np.rot90(block)  # OpenCV's positive angle turns counter-clockwise, like rot90
+    assert np.array_equal(lungs["lung_left"], expected) and np.array_equal(lesion, expected)
+    assert np.array_equal(out > 0.5, expected)
+    assert not heart.any() and not lungs["lung_right"].any()

@@ -48,7 +48,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 #: Bumped whenever the rendering changes, so cached cohorts made by older code are not reused.
-GENERATOR_VERSION: int = 1
+GENERATOR_VERSION: int = 2
 
 LABELS: tuple[str, ...] = ("normal", "pneumonia", "covid")
 MASK_KINDS: tuple[str, ...] = ("lung_left", "lung_right", "heart", "lesion", "text")
@@ -296,7 +296,10 @@ def _child_rng(seed: int, *key: int) -> np.random.Generator:
 
 
 # stream numbers inside render() and inside a cohort patient
-_ANATOMY, _POSE, _LESION, _TEXTURE, _TEXT = 0, 1, 2, 3, 4
+_ANATOMY, _POSE, _LESION, _TEXTURE, _TEXT, _ROTATION = 0, 1, 2, 3, 4, 5
+
+#: Standard deviation and limit of the in-plane patient rotation (positioning), degrees.
+ROTATION_SD_DEG, ROTATION_MAX_DEG = 2.5, 7.0
 _P_LABEL, _P_DEMOGRAPHICS, _P_ANATOMY, _P_SITE, _P_STUDIES, _P_STUDY0 = 0, 1, 2, 3, 4, 100
 
 _Box = tuple[slice, slice]
@@ -341,6 +344,28 @@ class _LungGeometry:
                 self.y_apex + t_down * (self.y_base - self.y_apex))
 
 
+def _rotate_anatomy(att: np.ndarray, lung_masks: dict[str, np.ndarray], heart: np.ndarray,
+                    lesion: np.ndarray, degrees: float):
+    """Rotate the attenuation map (bilinear) and the anatomical masks (nearest) about the centre.
+
+    The masks are packed into one uint8 bit field and warped once with the same map, so a
+    lesion stays inside the lungs and the lungs stay disjoint from each other and the heart.
+    """
+    if abs(degrees) < 1e-3:
+        return att, lung_masks, heart, lesion
+    import cv2
+
+    n = att.shape[0]
+    matrix = cv2.getRotationMatrix2D(((n - 1) / 2.0, (n - 1) / 2.0), degrees, 1.0)
+    att = cv2.warpAffine(att, matrix, (n, n), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    bits = (lung_masks["lung_left"].astype(np.uint8) | (lung_masks["lung_right"].astype(np.uint8) << 1)
+            | (heart.astype(np.uint8) << 2) | (lesion.astype(np.uint8) << 3))
+    bits = cv2.warpAffine(bits, matrix, (n, n), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
+    rotated = {"lung_left": (bits & 1) > 0, "lung_right": (bits & 2) > 0}
+    return att, rotated, (bits & 4) > 0, (bits & 8) > 0
+
+
 class PhantomGenerator:
     """Renders chest X-ray phantoms of one size; grids and texture banks are built once.
 
@@ -349,9 +374,11 @@ class PhantomGenerator:
     of the generator's ``(size, seed)`` and the call's arguments. A generator keeps no state
     between renders other than caches, but it is not meant to be shared between threads.
 
-    Geometry is separable: the pose is a shift plus magnification (no in-plane rotation), so
-    every patient-frame coordinate is a row vector or a column vector and most fields are
-    outer sums of 1-D profiles, evaluated only inside the bounding box of the organ.
+    Geometry is separable: the pose is a shift plus magnification, so every patient-frame
+    coordinate is a row vector or a column vector and most fields are outer sums of 1-D
+    profiles, evaluated only inside the bounding box of the organ. The in-plane patient
+    rotation (a few degrees) is applied afterwards to the attenuation map and the masks
+    together (one affine warp), before detector noise and annotations.
     """
 
     n_vessel_trees: int = 8
@@ -742,6 +769,13 @@ class PhantomGenerator:
         self._clavicles(att, anatomy, xs, ys, ap, 0.13 * bone_scale)
         self._shoulders(att, anatomy, xs, ys, ap, 0.12 * bone_scale)
 
+        # ---- patient rotation on the detector (positioning): the anatomy and its masks turn
+        # together about the image centre; detector noise and annotations do not turn.
+        rotation_deg = float(np.clip(_child_rng(seed, _ROTATION).normal(0.0, ROTATION_SD_DEG),
+                                     -ROTATION_MAX_DEG, ROTATION_MAX_DEG))
+        att, lung_masks, heart_mask, lesion_mask = _rotate_anatomy(
+            att, lung_masks, heart_mask, lesion_mask, rotation_deg)
+
         # ---- detector: blur, quantum noise, intensity curve
         passes = int(round(site.blur * site.blur / 0.5))  # variance adds: 0.5 px^2 per pass
         if passes:
@@ -780,6 +814,7 @@ class PhantomGenerator:
             "study_index": 0,
             "seed": seed,
             "lesion_side": lesion_side,
+            "rotation_deg": round(rotation_deg, 2),
         }
         return PhantomSample(image=image, image_clean=image_clean, masks=masks, meta=meta)
 
