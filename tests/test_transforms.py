@@ -144,3 +144,13 @@ def test_zero_magnitudes_are_a_no_op():
     np.testing.assert_array_equal(out_labels, labels)
     with pytest.raises(ValueError):
         PairedAugment()(image, labels[:-1], np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_image_alone_is_augmented_as_with_labels(seed):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (40, 48), dtype=np.uint8)
+    augment = PairedAugment(hflip_p=0.5, rotate_deg=15.0, scale=(0.85, 1.15), translate=0.1)
+    with_labels, _ = augment(image, np.zeros_like(image), np.random.default_rng(seed))
+    alone, labels = augment(image, None, np.random.default_rng(seed))
+    assert labels is None and np.array_equal(alone, with_labels)

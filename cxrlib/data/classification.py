@@ -289,7 +289,7 @@ class ClassificationDataset(Dataset):
     def _finish(self, image: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
         """uint8 ``(S, S)`` -> (augmented) float32 ``(1, S, S)`` in [0, 1]."""
         if self.augment is not None and rng is not None:
-            image, _ = self.augment(image, _zeros_like(image), rng)
+            image, _ = self.augment(image, None, rng)  # no label map to move along
             return torch.from_numpy(np.ascontiguousarray(image))[None]
         return torch.from_numpy(image.astype(np.float32) * (1.0 / 255.0))[None]
 
@@ -329,16 +329,6 @@ class ClassificationDataset(Dataset):
         """Images per class index ``(C,)`` int64 (labels ``-1`` not counted)."""
         num_classes = num_classes or (max(self.label_map.values()) + 1)
         return np.bincount(self.labels[self.labels >= 0], minlength=num_classes)
-
-
-_ZEROS: dict[tuple[int, ...], np.ndarray] = {}
-
-
-def _zeros_like(image: np.ndarray) -> np.ndarray:
-    """A shared all-zero uint8 label map: PairedAugment transforms a label map alongside the image."""
-    if image.shape not in _ZEROS:
-        _ZEROS[image.shape] = np.zeros(image.shape, dtype=np.uint8)
-    return _ZEROS[image.shape]
 
 
 class PatchStack(Dataset):

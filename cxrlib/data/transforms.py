@@ -153,16 +153,19 @@ class PairedAugment:
         )
 
     def __call__(
-        self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``image`` ``(H, W)`` uint8 (or float in [0, 1]), ``labels`` ``(H, W)`` uint8.
+        self, image: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``image`` ``(H, W)`` uint8 (or float in [0, 1]), ``labels`` ``(H, W)`` uint8 or ``None``.
 
-        Returns ``(image float32 (H, W) in [0, 1], labels uint8 (H, W))``.
+        Returns ``(image float32 (H, W) in [0, 1], labels uint8 (H, W))``; with
+        ``labels=None`` (an image alone, e.g. for a classifier) only the image is
+        transformed and ``None`` comes back; the image is the same as with labels.
         """
         _check_2d(image, "image")
-        _check_2d(labels, "labels")
-        if image.shape != labels.shape:
-            raise ValueError(f"image {image.shape} and labels {labels.shape} differ in shape")
+        if labels is not None:
+            _check_2d(labels, "labels")
+            if image.shape != labels.shape:
+                raise ValueError(f"image {image.shape} and labels {labels.shape} differ in shape")
         height, width = image.shape
 
         flip = rng.random() < self.hflip_p
@@ -180,20 +183,23 @@ class PairedAugment:
             image_t = torch.from_numpy(image.astype(np.float32) / 255.0)[None]
         else:
             image_t = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())[None]
-        labels_out = np.asarray(labels, dtype=np.uint8)
-        labels_t = torch.from_numpy(labels_out.copy())[None]
+        labels_t = (
+            None if labels is None else torch.from_numpy(np.array(labels, dtype=np.uint8))[None]
+        )
 
         if flip:
-            image_t, labels_t = TF.horizontal_flip(image_t), TF.horizontal_flip(labels_t)
+            image_t = TF.horizontal_flip(image_t)
+            labels_t = None if labels_t is None else TF.horizontal_flip(labels_t)
         # Resampling at the identity transform is not exact, so it is skipped.
         if angle != 0.0 or zoom != 1.0 or shift != [0.0, 0.0]:
             geometry = {"angle": angle, "translate": shift, "scale": zoom, "shear": [0.0, 0.0]}
             image_t = TF.affine(
                 image_t, **geometry, interpolation=InterpolationMode.BILINEAR, fill=0.0
             )
-            labels_t = TF.affine(
-                labels_t, **geometry, interpolation=InterpolationMode.NEAREST, fill=0
-            )
+            if labels_t is not None:
+                labels_t = TF.affine(
+                    labels_t, **geometry, interpolation=InterpolationMode.NEAREST, fill=0
+                )
         if gamma != 1.0:
             image_t = TF.adjust_gamma(image_t, gamma)
         if contrast != 1.0:
@@ -201,8 +207,10 @@ class PairedAugment:
         if brightness != 1.0:
             image_t = TF.adjust_brightness(image_t, brightness)
 
+        image_out = image_t[0].clamp_(0.0, 1.0).numpy().astype(np.float32, copy=False)
+        if labels_t is None:
+            return image_out, None
         labels_out = labels_t[0].numpy()
         if flip and self.swap_lr_labels is not None:
             labels_out = swap_labels(labels_out, self.swap_lr_labels)
-        image_out = image_t[0].clamp_(0.0, 1.0).numpy().astype(np.float32, copy=False)
         return image_out, labels_out.astype(np.uint8, copy=False)
