@@ -3,6 +3,7 @@
 Commands:
   phantom   write a phantom chest X-ray cohort (images, masks, manifest.csv)
   pipeline  run the numbered notebooks in order with papermill
+  data      list known public datasets (data list) and fetch the open ones (data download)
 """
 
 from __future__ import annotations
@@ -66,6 +67,44 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Exit status of ``data download`` for a source that must be downloaded by hand.
+EXIT_MANUAL = 3
+
+
+def _cmd_data_list(args: argparse.Namespace) -> int:
+    from cxrlib.data.download import describe_sources
+
+    print(describe_sources())
+    print("\nFetch a direct one with: python -m cxrlib data download NAME --to DIR; "
+          "for a manual one the same command prints where to get it and where to put it.")
+    return 0
+
+
+def _cmd_data_download(args: argparse.Namespace) -> int:
+    from cxrlib.config import data_dir
+    from cxrlib.data.download import DownloadError, ManualDownloadRequired, download
+
+    to = args.to if args.to is not None else data_dir()
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+    try:
+        result = download(args.source, to, keep_archive=args.keep_archive, progress=not args.quiet,
+                          timeout=args.timeout, log=log)
+    except ManualDownloadRequired as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_MANUAL
+    except (DownloadError, ValueError, FileExistsError) as exc:
+        print(f"download failed: {exc}", file=sys.stderr)
+        return 1
+    for entry in result.files:
+        checked = "matches the published checksum" if entry["checksum_checked"] else "no published checksum"
+        print(f"{entry['file']}: {entry['bytes']} bytes, SHA-256 {entry['sha256']} ({checked})")
+    for folder in result.folders:
+        print(folder)
+    if result.record is not None:
+        print(f"record: {result.record}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxrlib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "read as a Python literal when it is one, else as a string)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("data", help="list public datasets and download the open ones")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("list", help="known sources and how to get each")
+    q.set_defaults(func=_cmd_data_list)
+    q = data_sub.add_parser(
+        "download", help="fetch, check and unpack a source (exit status 3: download it by hand)")
+    q.add_argument("source", help="source name, see 'python -m cxrlib data list'")
+    q.add_argument("--to", default=None,
+                   help="download folder (default: $CXR_DATA_DIR, i.e. <project>/data); an archive "
+                        "already there is used instead of downloading")
+    q.add_argument("--keep-archive", action="store_true", help="keep the archive after unpacking")
+    q.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    q.add_argument("--quiet", action="store_true", help="no progress bar or notes")
+    q.set_defaults(func=_cmd_data_download)
     return parser
 
 

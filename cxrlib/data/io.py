@@ -140,12 +140,20 @@ def read_image(source: ImageSource, *, normalize: str = "minmax") -> np.ndarray:
     EXIF orientation tag is applied, so a rotated JPEG comes back upright. A multi-frame
     file gives its first frame.
 
+    DICOM files (a ``.dcm`` / ``.dicom`` path, or any source with the ``DICM`` marker) go
+    to :func:`cxrlib.data.dicom.read_dicom`, which applies the file's modality LUT, VOI LUT
+    or window and MONOCHROME1 inversion; ``normalize`` does not apply to them.
+
     Raises :class:`ImageReadError` naming the file for anything that goes wrong: missing
     file, unknown format, truncated or corrupt data, zero-size image.
     """
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     name = _source_name(source)
+    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in (".dcm", ".dicom"):
+        from cxrlib.data.dicom import read_dicom
+
+        return read_dicom(source)
     try:
         stream, owned = _open_source(source)
     except FileNotFoundError:
@@ -171,10 +179,8 @@ def _decode(stream: IO[bytes], name: str, normalize: str) -> np.ndarray:
             pixels = _to_gray_uint8(image, normalize)
     except UnidentifiedImageError:
         if _looks_like_dicom(stream):
-            reason = (
-                "DICOM file; convert it to PNG first (read_image handles PNG / JPEG / TIFF ...)"
-            )
-        elif _is_empty(stream):
+            return _decode_dicom(stream, name)
+        if _is_empty(stream):
             reason = "file is empty (0 bytes)"
         else:
             reason = "unknown image format or corrupt header"
@@ -191,6 +197,17 @@ def _decode(stream: IO[bytes], name: str, normalize: str) -> np.ndarray:
     if pixels.ndim != 2 or pixels.size == 0:
         raise ImageReadError(name, f"zero-size image (shape {pixels.shape})")
     return pixels
+
+
+def _decode_dicom(stream: IO[bytes], name: str) -> np.ndarray:
+    """A DICOM stream without a ``.dcm`` name (bytes, file object, extension-less file)."""
+    from cxrlib.data.dicom import DicomReadError, read_dicom
+
+    stream.seek(0)
+    try:
+        return read_dicom(stream)
+    except DicomReadError as error:
+        raise ImageReadError(name, error.reason) from error
 
 
 def _is_empty(stream: IO[bytes]) -> bool:

@@ -1,0 +1,394 @@
+"""DICOM chest X-rays: pixels for display, and the few header fields that are safe to keep.
+
+Hospitals and several public collections (RSNA Pneumonia, Montgomery, MIMIC-CXR, ...)
+ship DICOM, not PNG. A DICOM file stores detector values, not grey levels: turning them
+into the ``(H, W)`` ``uint8`` image the rest of the project uses takes the same three
+steps a radiology viewer takes (DICOM PS3.4 N.2, done here by :mod:`pydicom.pixels`):
+
+1. **Modality LUT**: stored values -> physical values (``RescaleSlope`` /
+   ``RescaleIntercept`` or a *Modality LUT Sequence*).
+2. **VOI LUT**: the part of that range worth looking at -> display range; either the
+   *VOI LUT Sequence* stored in the file or a linear / sigmoid window (``WindowCenter`` /
+   ``WindowWidth``). Values below the window are black, above it white.
+3. **Presentation**: ``MONOCHROME1`` files store "higher value = darker", so they are
+   inverted; ``MONOCHROME2`` files are not.
+
+The header also carries names, birth dates, hospitals, accession numbers and UIDs.
+:func:`dicom_record` keeps only the fields a study needs and replaces the patient id by a
+salted hash, so manifests can be shared without re-identifying anyone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import re
+import secrets
+import warnings
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from cxrlib.data.io import ImageReadError
+
+#: File name endings that :func:`cxrlib.data.io.read_image` hands to :func:`read_dicom`.
+DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
+#: Percentiles of the (modality-LUT) values mapped to black and white when a file has no window.
+DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+#: Hex characters kept from the HMAC-SHA-256 of a patient id (64 bits: a collision among a
+#: million patients has a probability of about 3e-8).
+HASH_CHARS = 16
+#: Environment variable holding the salt for patient-id hashes (see :func:`default_salt`).
+SALT_ENV = "CXR_ID_SALT"
+#: Ages above this are reported as this value (HIPAA Safe Harbor: ages over 89 identify).
+MAX_AGE_YEARS = 90
+
+_AGE_RE = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
+_DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
+
+
+class DicomReadError(ImageReadError):
+    """A DICOM file that could not be turned into an image; ``path`` names it."""
+
+
+def _name(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    name = getattr(source, "name", None)
+    return str(name) if isinstance(name, (str, os.PathLike)) else "<DICOM stream>"
+
+
+def _read_dataset(source: str | os.PathLike | IO[bytes], *, stop_before_pixels: bool):
+    """``pydicom.dcmread`` with every failure turned into :class:`DicomReadError`."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    name = _name(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise DicomReadError(name, "no such file")
+        if path.is_dir():
+            raise DicomReadError(name, "is a directory, not a DICOM file")
+    try:
+        return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        raise DicomReadError(
+            name, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
+        ) from None
+    except PermissionError:
+        raise DicomReadError(name, "permission denied") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a truncated or garbled header is a bad file
+        raise DicomReadError(name, f"unreadable DICOM header ({type(error).__name__}: {error})") from error
+
+
+def _check_single_grayscale(ds: Any, name: str) -> None:
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        sop_class = ds.get("SOPClassUID")
+        kind = f" ({getattr(sop_class, 'name', sop_class)})" if sop_class else ""
+        raise DicomReadError(name, f"DICOM file has no pixel data{kind}; it is not an image")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DicomReadError(
+            name, f"multi-frame DICOM ({frames} frames); read_dicom reads single radiographs"
+        )
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomReadError(
+            name,
+            f"colour DICOM (PhotometricInterpretation {photometric or 'missing'}, "
+            f"SamplesPerPixel {samples}); chest X-rays are MONOCHROME1 / MONOCHROME2",
+        )
+
+
+def _decode_pixels(ds: Any, name: str) -> np.ndarray:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        pixels = ds.pixel_array
+    except MemoryError:
+        raise
+    except (RuntimeError, NotImplementedError) as error:
+        if syntax is not None and syntax.is_compressed:
+            raise DicomReadError(
+                name,
+                f"pixel data compressed as {syntax.name} and no installed decoder reads it; "
+                f"install one of the plugins pydicom lists: {error}",
+            ) from error
+        raise DicomReadError(name, f"cannot decode pixel data ({error})") from error
+    except Exception as error:  # noqa: BLE001 - truncated / inconsistent pixel data is a bad file
+        raise DicomReadError(name, f"cannot decode pixel data ({type(error).__name__}: {error})") from error
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise DicomReadError(name, f"expected one 2-D grayscale frame, got pixel array of shape {pixels.shape}")
+    return pixels
+
+
+def _window_dataset(ds: Any, center: float, width: float) -> Any:
+    """A minimal dataset with ``ds``'s modality-LUT fields and the given window (linear)."""
+    from pydicom.dataset import Dataset
+
+    voi = Dataset()
+    for keyword in (
+        "PhotometricInterpretation", "BitsStored", "PixelRepresentation",
+        "RescaleSlope", "RescaleIntercept", "ModalityLUTSequence",
+    ):
+        if keyword in ds:
+            setattr(voi, keyword, ds[keyword].value)
+    voi.WindowCenter = float(center)
+    voi.WindowWidth = float(width)
+    return voi
+
+
+def _lut_domain(ds: Any) -> np.ndarray:
+    """Every input value a VOI LUT distinguishes, plus one on each side (where it clamps)."""
+    descriptor = ds.VOILUTSequence[0].LUTDescriptor
+    entries = int(descriptor[0]) or 65536  # 0 means 2**16 entries (PS3.3 C.11.2.1.1)
+    first = int(descriptor[1])
+    return np.arange(first - 1, first + entries + 1, dtype=np.int64)
+
+
+def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Linear map ``low`` -> 0, ``high`` -> 255, clipped; a zero range gives black."""
+    if not high > low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values.astype(np.float64) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def read_dicom(
+    source: str | os.PathLike | IO[bytes],
+    *,
+    window: tuple[float, float] | None = None,
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+) -> np.ndarray:
+    """Read a single-frame grayscale DICOM as an ``(H, W)`` ``uint8`` display image.
+
+    Parameters
+    ----------
+    source
+        Path or open binary file of a DICOM Part 10 file.
+    window
+        ``(center, width)`` in modality-LUT units (after ``RescaleSlope`` /
+        ``RescaleIntercept``), overriding whatever the file says; applied as DICOM's
+        linear window: ``center - width / 2`` -> 0, ``center + width / 2`` -> 255.
+    percentiles
+        Only for files with neither a VOI LUT Sequence nor a window (and no ``window``
+        given): these percentiles of the image's own values become 0 and 255. The default
+        (0.5, 99.5) ignores the few extreme pixels (collimator edges, burned-in labels)
+        that a plain min-max would stretch the image for. ``(0, 100)`` is min-max.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` ``(H, W)``, 0 = black. Scaling, in order: modality LUT; then the first
+        VOI LUT Sequence item (its output range -> 0..255), else the first
+        ``WindowCenter`` / ``WindowWidth`` pair (with the file's ``VOILUTFunction``:
+        ``LINEAR``, ``LINEAR_EXACT`` or ``SIGMOID``), else the percentiles above;
+        ``MONOCHROME1`` images are then inverted (``255 - x``) so bone is bright as in
+        ``MONOCHROME2``. A constant image without a window comes back black.
+
+    Raises
+    ------
+    DicomReadError
+        (an :class:`~cxrlib.data.io.ImageReadError`) naming the file: not DICOM, no pixel
+        data, multi-frame, colour, compressed with no installed decoder, truncated pixel
+        data, an invalid window in the file.
+    ValueError
+        For a bad ``window`` / ``percentiles`` argument.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
+    if window is not None:
+        center, width = (float(v) for v in window)
+        if not (math.isfinite(center) and math.isfinite(width) and width >= 1):
+            raise ValueError(f"window must be (center, width) with finite values and width >= 1, got {window!r}")
+    low_pct, high_pct = (float(p) for p in percentiles)
+    if not 0.0 <= low_pct < high_pct <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles!r}")
+
+    name = _name(source)
+    ds = _read_dataset(source, stop_before_pixels=False)
+    _check_single_grayscale(ds, name)
+    stored = _decode_pixels(ds, name)
+    try:
+        modality = apply_modality_lut(stored, ds)
+        values = modality.astype(np.float64)
+        if window is not None:
+            voi_ds = _window_dataset(ds, center, width)
+            shown = apply_windowing(values, voi_ds)
+            with np.errstate(over="ignore"):
+                low, high = apply_windowing(np.array([-1e30, 1e30]), voi_ds)
+        elif ds.get("VOILUTSequence"):
+            shown = apply_voi(modality, ds)  # integers in, as a LUT index expects
+            extremes = apply_voi(_lut_domain(ds), ds)
+            low, high = float(extremes.min()), float(extremes.max())
+        elif "WindowCenter" in ds and "WindowWidth" in ds:
+            shown = apply_windowing(values, ds)
+            with np.errstate(over="ignore"):
+                low, high = apply_windowing(np.array([-1e30, 1e30]), ds)
+        else:
+            finite = values[np.isfinite(values)]
+            shown = values
+            if finite.size:
+                low, high = (float(v) for v in np.percentile(finite, [low_pct, high_pct]))
+            else:
+                low = high = 0.0
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a malformed LUT / window in the file
+        raise DicomReadError(name, f"cannot apply the file's LUT / window ({type(error).__name__}: {error})") from error
+    image = _to_uint8(np.asarray(shown), float(low), float(high))
+    if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1" and float(high) > float(low):
+        image = 255 - image
+    return image
+
+
+# ------------------------------------------------------------------ de-identified records
+
+
+def _salt_bytes(salt: str | bytes) -> bytes:
+    if isinstance(salt, str):
+        salt = salt.encode("utf-8")
+    if not isinstance(salt, bytes) or not salt.strip():
+        raise ValueError(
+            "a non-empty salt is required to hash patient ids (a bare hash of an id can be "
+            f"reversed by hashing candidate ids); see cxrlib.data.dicom.default_salt() / ${SALT_ENV}"
+        )
+    return salt
+
+
+def hash_patient_id(patient_id: str, *, salt: str | bytes) -> str:
+    """A pseudonym for ``patient_id``: the first :data:`HASH_CHARS` hex characters of
+    HMAC-SHA-256 keyed with ``salt``.
+
+    The same id and salt always give the same pseudonym (images of one patient stay
+    together, splits are reproducible); another salt gives unrelated pseudonyms. Without
+    the salt, nobody can test a guessed id against a pseudonym. ``salt`` must be non-empty.
+    """
+    key = _salt_bytes(salt)
+    text = str(patient_id).strip()
+    if not text:
+        raise ValueError("cannot hash an empty patient id")
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()[:HASH_CHARS]
+
+
+def default_salt() -> str:
+    """The project's salt for patient-id hashes.
+
+    ``$CXR_ID_SALT`` when set (share it between machines that must produce the same
+    pseudonyms); otherwise the contents of ``<data dir>/.id_salt``, created with 256 random
+    bits on first use. Keep it private: whoever holds the salt can test guessed ids.
+    Deleting the file changes every pseudonym made afterwards.
+    """
+    from cxrlib.config import data_dir
+    from cxrlib.runs import atomic_write
+
+    value = os.environ.get(SALT_ENV, "").strip()
+    if value:
+        return value
+    path = data_dir() / ".id_salt"
+    if not path.exists():
+        token = secrets.token_hex(32)
+        atomic_write(path, lambda stream: stream.write(token + "\n"), mode="w")
+    value = path.read_text().strip()
+    if not value:
+        raise ValueError(f"salt file {path} is empty; delete it to make a new one, or set ${SALT_ENV}")
+    return value
+
+
+def parse_age(value: Any) -> int | None:
+    """DICOM ``PatientAge`` (``"045Y"``, ``"006M"``, ``"010D"``, or a bare ``"45"``) -> whole
+    years, capped at :data:`MAX_AGE_YEARS`; ``None`` when missing or malformed."""
+    match = _AGE_RE.match(str(value or ""))
+    if not match:
+        return None
+    number, unit = int(match.group(1)), (match.group(2) or "Y").upper()
+    years = number if unit == "Y" else int(number * _DAYS_PER_UNIT[unit] // _DAYS_PER_UNIT["Y"])
+    return min(years, MAX_AGE_YEARS)
+
+
+def _text(ds: Any, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _int(ds: Any, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value is not None and str(value).strip() != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+#: Keys of :func:`dicom_record`, in order.
+RECORD_FIELDS: tuple[str, ...] = (
+    "patient_id", "view", "sex", "age_years", "modality",
+    "rows", "columns", "photometric_interpretation", "bits_stored",
+)
+
+
+def dicom_record(source: str | os.PathLike | IO[bytes], *, salt: str | bytes) -> dict[str, Any]:
+    """The de-identified header fields of a DICOM file (pixel data is not read).
+
+    Parameters
+    ----------
+    source
+        Path or open binary file.
+    salt
+        Required, non-empty: key for :func:`hash_patient_id`. Use :func:`default_salt`
+        for the project's one.
+
+    Returns
+    -------
+    dict
+        Exactly :data:`RECORD_FIELDS`, ``None`` where the file lacks the field:
+        ``patient_id`` (salted hash of ``PatientID``), ``view`` (``ViewPosition``, e.g.
+        ``PA`` / ``AP`` / ``LL``), ``sex`` (``M`` / ``F`` / ``O``), ``age_years`` (int,
+        see :func:`parse_age`), ``modality`` (``CR`` / ``DX`` ...), ``rows``,
+        ``columns``, ``photometric_interpretation``, ``bits_stored``.
+        Nothing else is copied: no names, dates, institution, accession number, UIDs or
+        free-text descriptions (which may hold any of those).
+
+    Raises
+    ------
+    DicomReadError
+        Naming the file when it is not a readable DICOM file.
+    ValueError
+        When ``salt`` is empty.
+    """
+    salt_bytes = _salt_bytes(salt)  # check before reading anything
+    ds = _read_dataset(source, stop_before_pixels=True)
+    with warnings.catch_warnings():
+        # RSNA and others write PatientAge as a bare "58"; parse_age reads that on purpose,
+        # so pydicom's "Invalid value for VR AS" warning (one per distinct value) is noise
+        warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)
+        patient = _text(ds, "PatientID")
+        sex = (_text(ds, "PatientSex") or "").upper()
+        view = (_text(ds, "ViewPosition") or "").upper()
+        age = parse_age(ds.get("PatientAge"))
+        record = {
+            "patient_id": hash_patient_id(patient, salt=salt_bytes) if patient else None,
+            "view": view or None,
+            "sex": sex if sex in ("M", "F", "O") else None,
+            "age_years": age,
+            "modality": _text(ds, "Modality"),
+            "rows": _int(ds, "Rows"),
+            "columns": _int(ds, "Columns"),
+            "photometric_interpretation": _text(ds, "PhotometricInterpretation"),
+            "bits_stored": _int(ds, "BitsStored"),
+        }
+    return record
+
+
+def is_dicom_path(path: str | os.PathLike) -> bool:
+    """True when ``path`` ends in one of :data:`DICOM_SUFFIXES` (any case)."""
+    return Path(path).suffix.lower() in DICOM_SUFFIXES
+
