@@ -407,6 +407,8 @@ def test_check_leakage_passes_a_clean_split():
             "duplicate_hashes_across_splits",
             "synthetic_split_mismatch",
             "synthetic_in_eval",
+            "near_duplicates_across_splits",
+            "patient_groups_across_splits",
         ],
         0,
     )

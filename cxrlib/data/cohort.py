@@ -7,13 +7,18 @@ a new manifest (with ``content_hash`` and ``split``) plus a report whose numbers
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cxrlib import config
 from cxrlib.data import manifest as mf
+from cxrlib.data.io import BadFile, ImageReadError, LoadReport, read_image, read_mask, write_png
 
 
 def phantom_cohort_dir(
@@ -119,3 +124,97 @@ def assemble(
         summary=mf.summarize(split),
     )
     return split, report
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def _file_stem(image_id: str, taken: set[str]) -> str:
+    """A file-name-safe, unique stem for ``image_id`` (``nih:0001_000`` -> ``nih_0001_000``)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
+    if stem.lower() in taken:  # two ids that differ only in unsafe characters or case
+        stem = f"{stem}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
+    taken.add(stem.lower())
+    return stem
+
+
+def _resize(image: np.ndarray, size: int, *, mask: bool = False) -> np.ndarray:
+    from PIL import Image
+
+    resample = Image.Resampling.NEAREST if mask else Image.Resampling.LANCZOS
+    pil = Image.fromarray(image.astype(np.uint8) * 255 if mask else image)
+    out = np.asarray(pil.resize((size, size), resample=resample))
+    return out > 127 if mask else out
+
+
+def materialize(
+    df: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    size: int,
+    *,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, LoadReport]:
+    """Decode every image of ``df`` to 8-bit grayscale, resize it to ``size`` x ``size`` and
+    write it as PNG under ``out_dir/images/<source>/``; masks (``mask_path``, ``mask_*``)
+    go to ``out_dir/masks/<column>/`` (nearest neighbour, 0/255).
+
+    Real collections mix PNG / JPEG, grayscale / RGB and every size; after this step every
+    image of a cohort has one format and one grid, and later notebooks read them exactly
+    as they read the phantom. The aspect ratio is not kept (the images are squashed to a
+    square, as in the works this project reproduces). Returns the manifest of the written
+    files (``attrs["root"]`` = ``out_dir``, original paths in ``raw_path``) and a report of
+    the files that could not be read; their rows are left out. The raw files are only read.
+    """
+    out_dir = Path(out_dir).resolve()
+    mask_columns = [c for c in mf.path_columns(df) if c == "mask_path" or c.startswith("mask_")]
+    rows = df.reset_index(drop=True)
+    iterator = rows.index
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(rows.index, desc="resizing images", unit="img")
+    report = LoadReport()
+    taken: set[str] = set()
+    kept: list[int] = []
+    paths: list[str] = []
+    masks: dict[str, list[str]] = {column: [] for column in mask_columns}
+    for index in iterator:
+        row = rows.loc[index]
+        try:
+            image = read_image(mf.resolve_path(df, row["path"]))
+            written_masks = {}
+            for column in mask_columns:
+                value = mf._to_str(row[column])
+                if value:
+                    written_masks[column] = _resize(read_mask(mf.resolve_path(df, value)), size, mask=True)
+        except (ImageReadError, ValueError) as error:
+            report.bad.append(BadFile(path=str(row["path"]), error=getattr(error, "reason", str(error))))
+            continue
+        source = re.sub(r"[^A-Za-z0-9._-]+", "_", str(row.get("source", "")) or "unknown")
+        stem = _file_stem(str(row["image_id"]), taken)
+        relative = f"images/{source}/{stem}.png"
+        write_png(out_dir / relative, _resize(image, size))
+        for column in mask_columns:
+            if column in written_masks:
+                mask_relative = f"masks/{column}/{stem}.png"
+                write_png(out_dir / mask_relative, written_masks[column])
+                masks[column].append(mask_relative)
+            else:
+                masks[column].append("")
+        report.n_ok += 1
+        kept.append(index)
+        paths.append(relative)
+    result = rows.loc[kept].copy().reset_index(drop=True)
+    result["raw_path"] = result["path"].astype(str)
+    result["path"] = paths
+    for column, values in masks.items():
+        result[column] = values
+    result.attrs["root"] = str(out_dir)
+    return result, report
+
+
+def counts_by_class_source_split(df: pd.DataFrame) -> pd.DataFrame:
+    """Images per (label, source) and split, with totals: the table that shows whether a
+    class comes from one source only (then a classifier can learn the source)."""
+    table = pd.crosstab([df["label"], df["source"]], df["split"], margins=True, margins_name="total")
+    return table[[c for c in (*mf.SPLITS, "total") if c in table.columns]]

@@ -480,6 +480,10 @@ def find_duplicates(df: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- splitting
 
 
+#: Columns whose shared (non-empty) values tie images together: identical pixels, near copies.
+GROUP_LINK_COLUMNS: tuple[str, ...] = ("content_hash", "near_dup_group")
+
+
 class _UnionFind:
     def __init__(self, items: Iterable[str]) -> None:
         self.parent = {item: item for item in items}
@@ -503,16 +507,22 @@ class _UnionFind:
 def patient_groups(df: pd.DataFrame, *, group_duplicates: bool = True) -> pd.Series:
     """Per row, the group its patient belongs to (a ``patient_id``, the smallest of the group).
 
-    With ``group_duplicates`` and a ``content_hash`` column, patients that share an
-    identical image are joined (transitively), since the "two patients" are then likely
-    one person filed twice, or one image copied into two datasets.
+    With ``group_duplicates``, patients that share an identical image (``content_hash``)
+    or a near-duplicate group (``near_dup_group``, :mod:`cxrlib.data.dedup`) are joined
+    (transitively), since the "two patients" are then likely one person filed twice, or
+    one image copied into two datasets. Rows that share a ``patient_group`` value (links
+    recorded by :func:`cxrlib.data.dedup.deduplicate`, also for copies it dropped) are
+    joined too.
     """
     patients = _column(df, "patient_id")
     groups = _UnionFind(patients.unique())
-    if group_duplicates and "content_hash" in df.columns:
-        hashes = _column(df, "content_hash")
-        has_hash = hashes != ""
-        for members in patients[has_hash].groupby(hashes[has_hash]).unique():
+    link_columns = [c for c in GROUP_LINK_COLUMNS if c in df.columns] if group_duplicates else []
+    if "patient_group" in df.columns:
+        link_columns.append("patient_group")
+    for name in link_columns:
+        links = _column(df, name)
+        linked = links != ""
+        for members in patients[linked].groupby(links[linked]).unique():
             for other in members[1:]:
                 groups.union(members[0], other)
     return patients.map(groups.find)
@@ -673,6 +683,10 @@ class LeakageReport:
     synthetic_split_mismatch: list[str] = field(default_factory=list)
     #: synthetic image ids without a source image that sit in val / test
     synthetic_in_eval: list[str] = field(default_factory=list)
+    #: ``near_dup_group`` values (near-identical images, real or synthetic) in several splits
+    near_duplicates_across_splits: list[str] = field(default_factory=list)
+    #: ``patient_group`` values (patients linked by duplicates) in several splits
+    patient_groups_across_splits: list[str] = field(default_factory=list)
     #: short per-item explanations (which splits), used in the text form
     details: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
@@ -683,6 +697,8 @@ class LeakageReport:
             or self.duplicate_hashes_across_splits
             or self.synthetic_split_mismatch
             or self.synthetic_in_eval
+            or self.near_duplicates_across_splits
+            or self.patient_groups_across_splits
         )
 
     def summary(self) -> dict[str, int]:
@@ -692,6 +708,8 @@ class LeakageReport:
             "duplicate_hashes_across_splits": len(self.duplicate_hashes_across_splits),
             "synthetic_split_mismatch": len(self.synthetic_split_mismatch),
             "synthetic_in_eval": len(self.synthetic_in_eval),
+            "near_duplicates_across_splits": len(self.near_duplicates_across_splits),
+            "patient_groups_across_splits": len(self.patient_groups_across_splits),
         }
 
     def __str__(self) -> str:
@@ -702,6 +720,8 @@ class LeakageReport:
             "duplicate_hashes_across_splits": "identical images (content_hash) in several splits",
             "synthetic_split_mismatch": "synthetic images in another split than their source image",
             "synthetic_in_eval": "synthetic images without a source image in val/test",
+            "near_duplicates_across_splits": "near-identical images (near_dup_group) in several splits",
+            "patient_groups_across_splits": "linked patients (patient_group) in several splits",
         }
         lines = ["leakage between splits:"]
         for key, title in titles.items():
@@ -715,9 +735,12 @@ def check_leakage(df: pd.DataFrame, *, raise_on_leak: bool = True) -> LeakageRep
     """Look for information shared across splits; rows with split ``""`` are ignored.
 
     Finds real patients with images in several splits, identical images (same
-    ``content_hash``, when that column exists) in several splits, synthetic images whose
-    split differs from their source image's, and source-less synthetic images in val /
-    test. Raises :class:`LeakageError` with the list when ``raise_on_leak`` and any is found.
+    ``content_hash``, when that column exists) in several splits, near-identical images
+    (same ``near_dup_group``, real or synthetic: a synthetic image that looks like a test
+    image was likely made from it) in several splits, linked patients (same
+    ``patient_group``) in several splits, synthetic images whose split differs from their
+    source image's, and source-less synthetic images in val / test. Raises
+    :class:`LeakageError` with the list when ``raise_on_leak`` and any is found.
     """
     report = LeakageReport()
     df = df.reset_index(drop=True)  # rows by position: index labels may repeat
@@ -748,6 +771,21 @@ def check_leakage(df: pd.DataFrame, *, raise_on_leak: bool = True) -> LeakageRep
                 report.details.setdefault("duplicate_hashes_across_splits", []).append(
                     f"{content_hash[:12]} [{members}]"
                 )
+
+    for name, attribute in (("near_dup_group", "near_duplicates_across_splits"),
+                            ("patient_group", "patient_groups_across_splits")):
+        if name not in df.columns:
+            continue
+        values = _column(df, name)
+        linked = assigned & (values != "")
+        for value, group in df[linked].groupby(values[linked]):
+            splits_here = sorted(split[group.index].unique())
+            if len(splits_here) > 1:
+                getattr(report, attribute).append(value)
+                members = ", ".join(f"{ids[index]}:{split[index]}" for index in group.index[:4]) + (
+                    " ..." if len(group) > 4 else ""
+                )
+                report.details.setdefault(attribute, []).append(f"{value} [{members}]")
 
     sources = _source_ids(df)
     split_of = dict(zip(ids, split, strict=True))
