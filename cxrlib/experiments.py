@@ -8,8 +8,10 @@ few real COVID-19 images. :func:`run_grid` answers it for every cell of
   Normal / Pneumonia / COVID-19;
 - conditions (:data:`CONDITIONS`): ``real`` (real images only), ``real_oversample`` (real
   images, balanced oversampling and heavy augmentation, as Minaee et al. 2020),
-  ``real_gnc`` (+ G_NC synthetic COVID-19), ``real_gnc_gpc`` (+ G_NC + G_PC) and
-  ``synthetic_only`` (synthetic COVID-19, no real COVID-19 image in training);
+  ``real_gnc`` (+ G_NC synthetic COVID-19), ``real_gnc_gpc`` (+ G_NC + G_PC),
+  ``synthetic_only`` (synthetic COVID-19, no real COVID-19 image in training) and
+  ``real_diffusion`` (+ COVID-19-conditioned samples of notebook 06's diffusion model; not in
+  the default grid, since notebook 06 runs after notebook 04);
 - imbalance: ``ratios`` r give 1 real COVID-19 training image per r images of the largest
   other class of the task; whole COVID-19 *patients* are drawn in a seeded order (the same
   order for every ratio, task and condition of a seed, so smaller sets are nested in
@@ -18,7 +20,8 @@ few real COVID-19 images. :func:`run_grid` answers it for every cell of
 - seeds: each seed draws its own COVID-19 patients, initial weights, batches and augmentation.
 
 Synthetic images only ever enter TRAINING sets, and only when their source image is in the
-train split (the manifest leakage check runs first). Every cell trains with
+train split (the manifest leakage check runs first); generators without a source image
+(:data:`SOURCELESS_GENERATORS`, the diffusion model) contribute their train-split rows. Every cell trains with
 :func:`cxrlib.train.classifier.train_classifier`: the validation split chooses the epoch and
 the operating threshold (Youden's J on the COVID-19 probability, also for the 3-class task);
 the test split is predicted once and scored with 95 % bootstrap intervals over test
@@ -82,7 +85,11 @@ from cxrlib.train.classifier import ClassifierTrainConfig, predict_proba, train_
 #: The class every task is about (the binary tasks' positive class).
 POSITIVE = "covid"
 #: Stages whose manifest notebook 04 can read, latest first.
-INPUT_STAGES: tuple[str, ...] = ("03_cyclegan", "02_segmentation", "01_data")
+INPUT_STAGES: tuple[str, ...] = ("06_diffusion", "03_cyclegan", "02_segmentation", "01_data")
+#: Generators that make images from noise, not from a source image (``origin`` ``<generator>:<checkpoint>``).
+SOURCELESS_GENERATORS: tuple[str, ...] = ("diffusion",)
+#: Notebook that makes each generator's images (for the messages of :func:`available_conditions`).
+_MADE_IN = {"G_NC": "notebook 03", "G_PC": "notebook 03", "diffusion": "notebook 06"}
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,10 @@ CONDITIONS: dict[str, Condition] = {
     "real_gnc_gpc": Condition("real_gnc_gpc", "real + G_NC + G_PC", generators=("G_NC", "G_PC")),
     "synthetic_only": Condition("synthetic_only", "synthetic only", real_covid=False,
                                 generators=("G_NC", "G_PC")),
+    "real_diffusion": Condition("real_diffusion", "real + diffusion", generators=("diffusion",)),
 }
+#: The grid's conditions unless chosen otherwise (``real_diffusion`` needs notebook 06, which runs later).
+DEFAULT_CONDITIONS: tuple[str, ...] = ("real", "real_oversample", "real_gnc", "real_gnc_gpc", "synthetic_only")
 
 
 def imbalance_name(ratio: int | None) -> str:
@@ -168,7 +178,7 @@ class GridConfig:
 
     tasks: tuple[str, ...] = ("normal_vs_covid", "pneumonia_vs_covid")
     archs: tuple[str, ...] = ("small_cnn",)
-    conditions: tuple[str, ...] = tuple(CONDITIONS)
+    conditions: tuple[str, ...] = DEFAULT_CONDITIONS
     ratios: tuple[int, ...] = (20,)
     seeds: tuple[int, ...] = (0, 1, 2)
     image_size: int = 48
@@ -235,7 +245,8 @@ class GridConfig:
 
 
 def input_manifest(run_dir: str | os.PathLike, stages: Sequence[str] = INPUT_STAGES) -> tuple[Path, str]:
-    """``(path, stage)`` of the latest earlier stage's manifest in ``run_dir`` (03, else 02, else 01)."""
+    """``(path, stage)`` of the latest earlier stage's manifest in ``run_dir`` (06 when notebook 06 has
+    added its diffusion rows, else 03, else 02, else 01)."""
     for stage in stages:
         path = Path(run_dir) / stage / "manifest.csv"
         if path.is_file():
@@ -268,8 +279,10 @@ def evaluation_rows(manifest: pd.DataFrame, task: Task | str, split: str) -> pd.
 def synthetic_rows(manifest: pd.DataFrame, generators: Sequence[str]) -> pd.DataFrame:
     """Train-split synthetic COVID-19 rows made by ``generators`` whose source image is a train image.
 
-    Raises ``ValueError`` when a synthetic row of these generators names no source image
-    in the manifest's train split (it could have been made from a val / test image).
+    Rows of :data:`SOURCELESS_GENERATORS` (made from noise) need no source image; their
+    train split is all that is checked. Raises ``ValueError`` when a synthetic row of the
+    other generators names no source image in the manifest's train split (it could have
+    been made from a val / test image).
     """
     if not generators:
         return manifest.iloc[:0]
@@ -278,7 +291,8 @@ def synthetic_rows(manifest: pd.DataFrame, generators: Sequence[str]) -> pd.Data
     sources = rows["origin"].map(lambda origin: mf.parse_origin(origin)[2])
     real = real_rows(manifest)
     train_ids = set(real.loc[real["split"] == "train", "image_id"])
-    unsourced = rows[~sources.isin(train_ids)]["image_id"].tolist()
+    sourceless = rows["origin"].map(_generator).isin(SOURCELESS_GENERATORS) & sources.eq("")
+    unsourced = rows[~sources.isin(train_ids) & ~sourceless]["image_id"].tolist()
     if unsourced:
         raise ValueError(f"{len(unsourced)} synthetic image(s) name no real source image in the train split, so "
                          f"they could come from a val / test image: {unsourced[:10]}")
@@ -352,7 +366,7 @@ def training_rows(manifest: pd.DataFrame, task: Task | str, condition: Condition
         "n_train_covid_real": int(counts.get(POSITIVE, 0)),
         "n_synthetic": int(len(synthetic)),
         **{f"n_synthetic_{g.lower()}": int((synthetic["origin"].map(_generator) == g).sum())
-           for g in ("G_NC", "G_PC")},
+           for g in ("G_NC", "G_PC", *SOURCELESS_GENERATORS)},
     })
     info["n_train_covid"] = info["n_train_covid_real"] + info["n_synthetic"]
     return train, info
@@ -388,7 +402,7 @@ def lung_masks_available(manifest: pd.DataFrame, input_mode: str = "lung_masked"
     return True, ""
 
 
-def available_conditions(manifest: pd.DataFrame, conditions: Sequence[str] = tuple(CONDITIONS), *,
+def available_conditions(manifest: pd.DataFrame, conditions: Sequence[str] = DEFAULT_CONDITIONS, *,
                          input_mode: str = "whole", mask_column: str | None = None) -> dict[str, str]:
     """Why each condition cannot run on ``manifest`` (``{name: reason}``; runnable ones are absent)."""
     reasons: dict[str, str] = {}
@@ -402,8 +416,9 @@ def available_conditions(manifest: pd.DataFrame, conditions: Sequence[str] = tup
             continue
         missing = [g for g in condition.generators if not ((made_by == g) & in_train).any()]
         if missing:
+            makers = " and ".join(sorted({_MADE_IN.get(g, "the notebook that makes them") for g in missing}))
             reasons[name] = (f"needs synthetic COVID-19 images from {' and '.join(missing)} in the train split; "
-                             "the manifest has none (run notebook 03 first)")
+                             f"the manifest has none (run {makers} first)")
             continue
         if condition.generators and input_mode != "whole":
             synthetic = manifest[made_by.isin(condition.generators) & in_train]
@@ -845,7 +860,7 @@ def run_grid(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig | Ma
 
 _FIRST_COLUMNS = ("task", "arch", "condition", "imbalance", "ratio", "seed", "input_mode", "image_size",
                   "n_train_normal", "n_train_pneumonia", "n_train_covid_real", "n_train_covid_patients",
-                  "n_synthetic", "n_synthetic_g_nc", "n_synthetic_g_pc", "n_train_covid", "covid_target",
+                  "n_synthetic", "n_synthetic_g_nc", "n_synthetic_g_pc", "n_synthetic_diffusion", "n_train_covid", "covid_target",
                   "n_majority", "ratio_achieved", "n_val_covid", "n_val_other", "n_val_patients", "n_test_covid",
                   "n_test_other", "n_test_patients")
 

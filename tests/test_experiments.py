@@ -196,6 +196,7 @@ def test_conditions_and_tasks_that_cannot_run_are_named(manifests, tmp_path):
     reasons = ex.available_conditions(real)
     assert set(reasons) == {"real_gnc", "real_gnc_gpc", "synthetic_only"}
     assert "notebook 03" in reasons["real_gnc"]
+    assert "notebook 06" in ex.available_conditions(real, ["real_diffusion"])["real_diffusion"]
     assert ex.available_conditions(manifests[1]) == {}
     assert "lung" in ex.available_conditions(real, ["real"], input_mode="lung_masked")["real"]
     with pytest.raises(ValueError, match="real_gnc"):

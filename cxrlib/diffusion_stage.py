@@ -1,0 +1,266 @@
+"""The diffusion stage (notebook 06): register samples, judge every generator alike, clean text, read.
+
+This module holds the parts of notebook 06 that are more than a few lines:
+
+- :func:`diffusion_rows` / :func:`add_diffusion_rows`: samples of the diffusion model as
+  manifest rows (``origin = "diffusion:<checkpoint>"``, the conditioning class as ``label``,
+  split ``train``: made from noise, they inherit no split and may only ever train);
+- :func:`train_judges`: the feature network and the oracle of notebook 03
+  (:func:`cxrlib.synthesis.train_feature_network`, :func:`cxrlib.synthesis.train_oracle`),
+  trained on real images at the resolution every generator is compared at;
+- :func:`generator_report`: the measures of :mod:`cxrlib.evaluate.synthesis` for any
+  generator (FD / KID with the real-vs-real floor, oracle rate per conditioning class,
+  memorisation against the real training images, detectability), so ``G_NC``, ``G_PC`` and
+  the diffusion model land in one table with one judge;
+- :func:`notebook03_reference`: what notebook 03 reported for its translators (at its own
+  resolution), to put next to that table.
+
+Why a common resolution: the judges are small CNNs trained on real images of one size; a
+32 px image blown up to 64 px looks blurred to a 64 px oracle, which then stops calling even
+real COVID-19 images COVID. Every generator is therefore judged at the smallest side of the
+generators compared (the diffusion model's), with judges trained at that side.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxrlib import synthesis as syn
+from cxrlib.data import manifest as mf
+from cxrlib.data.io import pixel_hash, write_png
+from cxrlib.evaluate import synthesis as synth
+from cxrlib.runs import read_json
+
+#: Folder of this stage inside a run.
+STAGE = "06_diffusion"
+#: Generator name in ``origin`` values and the grid's ``real_diffusion`` condition.
+DIFFUSION = "diffusion"
+#: Earlier stage manifests this stage reads, latest first (03 brings the CycleGAN rows).
+INPUT_STAGES: tuple[str, ...] = ("03_cyclegan", "02_segmentation", "01_data")
+#: Per-generator keys of ``metrics.json``.
+GENERATOR_KEYS: tuple[str, ...] = (
+    "n_generated", "fd_cxr", "fd_cxr_floor", "kid", "kid_std", "oracle_covid_rate", "oracle_covid_rate_ci95",
+    "oracle_covid_rate_before", "detectability_auc", "detectability_auc_ci95", "nearest_train_distance_p01",
+    "nearest_train_distance_min", "possible_copies", "possible_copy_fraction", "feature_possible_copy_fraction",
+)
+
+
+def input_manifest_path(run_dir: str | os.PathLike) -> Path:
+    """The latest earlier stage manifest of a run (03, else 02, else 01); FileNotFoundError naming them."""
+    candidates = [Path(run_dir) / stage / "manifest.csv" for stage in INPUT_STAGES]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no earlier stage manifest in {run_dir}: looked for {[str(p) for p in candidates]}; "
+                            "run notebook 01 (and 03 for the CycleGAN comparison) first")
+
+
+# ----------------------------------------------------------------------------- manifest rows
+
+
+def diffusion_rows(manifest: pd.DataFrame, images: np.ndarray, labels: Sequence[str], checkpoint_name: str,
+                   out_dir: str | os.PathLike) -> pd.DataFrame:
+    """Write samples as PNGs and return their manifest rows (the columns of ``manifest``).
+
+    ``images``: ``(N, S, S)`` uint8; ``labels``: the conditioning class of each. Files:
+    ``out_dir/diffusion_<label>_<k>.png`` (atomic writes). Rows: ``image_id`` = file stem,
+    ``label`` = conditioning class, ``patient_id`` = ``image_id`` (no real person), ``source``
+    ``"synthetic"``, ``split`` ``"train"``, ``origin`` = ``make_origin("diffusion",
+    checkpoint_name)`` (no source image), ``content_hash`` when the manifest has that column;
+    every other column empty. Paths are relative to ``manifest.attrs["root"]``.
+    """
+    images = np.asarray(images)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    out_dir = Path(out_dir)
+    base = Path(manifest.attrs.get("root") or out_dir).resolve()
+    columns = list(dict.fromkeys([*manifest.columns, *mf.COLUMNS]))
+    origin = mf.make_origin(DIFFUSION, checkpoint_name)
+    counters: dict[str, int] = {}
+    rows = []
+    for image, label in zip(images, labels, strict=True):
+        k = counters.get(label, 0)
+        counters[label] = k + 1
+        image_id = f"{DIFFUSION}_{label}_{k:04d}"
+        path = write_png(out_dir / f"{image_id}.png", image)
+        row = dict.fromkeys(columns, "")
+        row.update(image_id=image_id, path=Path(os.path.relpath(path.resolve(), base)).as_posix(), label=str(label),
+                   patient_id=image_id, source="synthetic", split="train", origin=origin)
+        if "content_hash" in columns:
+            row["content_hash"] = pixel_hash(image)
+        rows.append(row)
+    result = pd.DataFrame(rows, columns=columns)
+    result.attrs = dict(manifest.attrs)
+    return result
+
+
+def is_diffusion(manifest: pd.DataFrame) -> pd.Series:
+    """Bool per row: made by the diffusion model."""
+    def made_by(origin: str) -> bool:
+        parsed = mf.parse_origin(origin) if origin else None
+        return parsed is not None and parsed[0] == DIFFUSION
+
+    return manifest["origin"].astype(str).map(made_by)
+
+
+def add_diffusion_rows(manifest: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """``manifest`` without earlier diffusion rows, plus ``rows``; leakage-checked
+    (:func:`cxrlib.data.manifest.check_leakage` refuses source-less synthetic rows in val / test)."""
+    kept = manifest[~is_diffusion(manifest)]
+    combined = pd.concat([kept, rows], ignore_index=True).fillna("")
+    combined.attrs = dict(manifest.attrs)
+    mf.check_leakage(combined)
+    return combined
+
+
+# ----------------------------------------------------------------------------- judges
+
+
+def train_judges(manifest: pd.DataFrame, folder: str | os.PathLike, *, image_size: int, epochs: int = 10,
+                 arch: str = "small_cnn", seed: int = 0, device: str = "auto") -> tuple[Any, Any]:
+    """``(feature_net, oracle)`` of notebook 03's recipe at ``image_size``, trained on real images only
+    (``folder/feature_net``, ``folder/oracle``; a finished run is loaded)."""
+    folder = Path(folder)
+    feature_net = syn.train_feature_network(manifest, folder / "feature_net", image_size=image_size, arch=arch,
+                                            epochs=epochs, seed=seed, device=device)
+    oracle = syn.train_oracle(manifest, folder / "oracle", image_size=image_size, arch=arch, epochs=epochs,
+                              seed=seed + 1, device=device)
+    return feature_net, oracle
+
+
+# ----------------------------------------------------------------------------- one report per generator
+
+
+def generator_report(
+    *,
+    synthetic_images: np.ndarray,
+    conditioning: Sequence[str],
+    real_covid_train: np.ndarray,
+    real_covid_test: np.ndarray,
+    real_covid_heldout: np.ndarray,
+    real_covid_heldout_groups: Sequence[str],
+    real_train: np.ndarray,
+    feature_net: Any,
+    oracle: Any,
+    source_images: np.ndarray | None = None,
+    synthetic_groups: Sequence[str] | None = None,
+    target: str = syn.TARGET_LABEL,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """Every measure of one generator, computed with :mod:`cxrlib.evaluate.synthesis`.
+
+    Images are ``(N, S, S)`` uint8 at one common side ``S``. ``synthetic_images`` with their
+    ``conditioning`` class (a translator's are all ``covid``); the real COVID-19 images of the
+    train split, of the test split and held out from the judges' training (val + test, with
+    patient groups); ``real_train``: every real training image the generators may have seen
+    (the memorisation reference); ``source_images``: the translator's inputs (``None`` for the
+    diffusion model); ``synthetic_groups``: source patients (``None``: each image its own).
+
+    Returns (target = covid-conditioned samples): ``fd_cxr`` / ``kid`` against real COVID-19
+    test, ``fd_cxr_floor`` (real COVID-19 train vs test at the same size),
+    ``oracle_covid_rate`` (+ ``_ci95``) and ``oracle_covid_rate_by_class`` for every
+    conditioning class, ``oracle_covid_rate_before`` (sources; ``None`` without),
+    ``detectability_auc`` (+ ``_ci95``; real held-out COVID-19 vs synthetic COVID-19), and
+    memorisation of ALL samples against ``real_train``: in pixels (32 x 32,
+    :func:`~cxrlib.evaluate.synthesis.pixel_features`) ``nearest_train_distance_p01`` (the
+    train-to-train 1st percentile), ``nearest_train_distance_min``, ``possible_copies`` (sample
+    indices below it), ``possible_copy_fraction``, the per-sample ``nearest_train_distance`` /
+    ``nearest_train_index`` arrays, and ``feature_possible_copy_fraction`` in the feature
+    network's space.
+    """
+    conditioning = np.asarray(list(conditioning), dtype=object)
+    if len(conditioning) != len(synthetic_images):
+        raise ValueError(f"{len(conditioning)} conditioning labels for {len(synthetic_images)} images")
+    is_target = conditioning == target
+    target_images = synthetic_images[is_target]
+    report: dict[str, Any] = {"n_generated": int(len(synthetic_images)), "n_target": int(is_target.sum())}
+    synthetic_feats = syn.features(feature_net, target_images)
+    train_feats = syn.features(feature_net, real_covid_train)
+    test_feats = syn.features(feature_net, real_covid_test)
+    if min(len(synthetic_feats), len(train_feats), len(test_feats)) >= 2:
+        fd = synth.fd_report(synthetic_feats, test_feats, train_feats, seed=seed)
+        report.update(fd_cxr=fd["fd"], fd_cxr_floor=fd["fd_floor"], kid=fd["kid"], kid_std=fd["kid_std"])
+    else:
+        report.update(fd_cxr=None, fd_cxr_floor=None, kid=None, kid_std=None)
+
+    threshold = syn.oracle_threshold(oracle)
+    prob_all = syn.covid_probability(oracle, synthetic_images)
+    before = (syn.covid_probability(oracle, source_images[is_target]) if source_images is not None
+              else None)
+    rates = synth.oracle_rates(before, prob_all[is_target], threshold)
+    report.update(oracle_covid_rate=rates["oracle_covid_rate_after"],
+                  oracle_covid_rate_ci95=rates["oracle_covid_rate_after_ci95"],
+                  oracle_covid_rate_before=rates["oracle_covid_rate_before"], oracle_threshold=threshold)
+    by_class = {}
+    for name in dict.fromkeys(conditioning.tolist()):
+        chosen = conditioning == name
+        per = synth.oracle_rates(None, prob_all[chosen], threshold)
+        by_class[str(name)] = {"rate": per["oracle_covid_rate_after"], "ci95": per["oracle_covid_rate_after_ci95"],
+                               "n": int(chosen.sum())}
+    report["oracle_covid_rate_by_class"] = by_class
+
+    groups = (np.asarray(list(synthetic_groups), dtype=object)[is_target] if synthetic_groups is not None
+              else np.array([f"sample{i}" for i in range(len(target_images))], dtype=object))
+    n_splits = min(5, len(set(map(str, real_covid_heldout_groups))), len(set(map(str, groups))))
+    if n_splits >= 2 and len(synthetic_feats) >= 2:
+        heldout_feats = syn.features(feature_net, real_covid_heldout)
+        detect = synth.detectability_auc(heldout_feats, synthetic_feats, groups_real=list(real_covid_heldout_groups),
+                                         groups_synthetic=list(groups), n_splits=n_splits, seed=seed, n_boot=n_boot)
+        report.update(detectability_auc=detect["auc"], detectability_auc_ci95=tuple(detect["auc_ci95"]))
+    else:
+        report.update(detectability_auc=None, detectability_auc_ci95=None)
+
+    if len(real_train) >= 2 and len(synthetic_images):
+        pixels = synth.memorisation_report(synth.pixel_features(synthetic_images), synth.pixel_features(real_train))
+        feats = synth.memorisation_report(syn.features(feature_net, synthetic_images),
+                                          syn.features(feature_net, real_train))
+        report.update(nearest_train_distance_p01=pixels["nearest_train_distance_p01"],
+                      nearest_train_distance_min=float(pixels["nearest_train_distance"].min()),
+                      possible_copies=[int(i) for i in pixels["possible_copy_indices"]],
+                      possible_copy_fraction=pixels["possible_copy_fraction"],
+                      median_distance_ratio=pixels["median_distance_ratio"],
+                      nearest_train_distance=pixels["nearest_train_distance"],
+                      nearest_train_index=pixels["nearest_train_index"],
+                      feature_possible_copy_fraction=feats["possible_copy_fraction"],
+                      feature_possible_copies=[int(i) for i in feats["possible_copy_indices"]])
+    return report
+
+
+def headline(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`GENERATOR_KEYS` of a report plus the per-class oracle rates (what metrics.json keeps)."""
+    out = {key: report[key] for key in GENERATOR_KEYS if key in report}
+    if "oracle_covid_rate_by_class" in report:
+        out["oracle_covid_rate_by_class"] = report["oracle_covid_rate_by_class"]
+    return out
+
+
+def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per generator (:func:`cxrlib.evaluate.synthesis.synthesis_table`) with the headline
+    columns, per-class oracle rates as ``oracle_<class>`` columns."""
+    flat = {}
+    for name, report in reports.items():
+        row = {k: v for k, v in headline(report).items() if k not in ("oracle_covid_rate_by_class", "possible_copies")}
+        for cls, values in report.get("oracle_covid_rate_by_class", {}).items():
+            row[f"oracle_{cls}"] = values["rate"]
+        flat[name] = row
+    return synth.synthesis_table(flat)
+
+
+def notebook03_reference(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """What notebook 03 reported for ``G_NC`` / ``G_PC`` (its ``metrics.json``, at its own resolution and
+    with its own judges): an empty frame when notebook 03 has not run."""
+    path = Path(run_dir) / syn.STAGE / "metrics.json"
+    if not path.is_file():
+        return pd.DataFrame()
+    metrics = read_json(path)
+    keys = ("n_generated", "fd_cxr", "fd_cxr_floor", "kid", "oracle_covid_rate_after", "detectability_auc",
+            "memorisation_possible_copy_fraction")
+    rows = {name: {key: metrics[name].get(key) for key in keys} for name in syn.TRANSLATORS if name in metrics}
+    return synth.synthesis_table(rows)

@@ -1,0 +1,129 @@
+"""Reader study: balanced seeded sequences, crash-safe resumable answer files, scores and agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrlib import reader_study as rs
+
+
+def _pools(n_real: int = 30, n_each: int = 12) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    def rows(prefix: str, n: int) -> pd.DataFrame:
+        return pd.DataFrame({"image_id": [f"{prefix}{i}" for i in range(n)],
+                             "path": [f"/img/{prefix}{i}.png" for i in range(n)], "label": "covid"})
+
+    return rows("r", n_real), {"G_NC": rows("a", n_each), "G_PC": rows("b", n_each), "diffusion": rows("d", n_each)}
+
+
+def test_sequence_is_balanced_seeded_and_shuffled():
+    real, synthetic = _pools()
+    sequence = rs.make_sequence(real, synthetic, n_images=40, seed=1)
+    assert list(sequence.columns) == list(rs.SEQUENCE_COLUMNS)
+    assert sequence["trial"].tolist() == list(range(1, 41))
+    assert (sequence["truth"] == "real").sum() == 20
+    assert sequence["generator"].value_counts().to_dict() == {"real": 20, "G_NC": 7, "G_PC": 7, "diffusion": 6}
+    assert sequence["image_id"].is_unique
+    assert sequence.equals(rs.make_sequence(real, synthetic, n_images=40, seed=1))
+    assert not sequence["image_id"].equals(rs.make_sequence(real, synthetic, n_images=40, seed=2)["image_id"])
+    assert not sequence["truth"].iloc[:20].eq("real").all()  # shuffled, not blocked
+    with pytest.raises(ValueError, match="G_NC: 12 image"):
+        rs.make_sequence(_pools(n_real=60)[0], synthetic, n_images=80)
+    with pytest.raises(ValueError, match="even"):
+        rs.make_sequence(real, synthetic, n_images=7)
+
+
+def test_answers_are_on_disk_after_every_click_and_sessions_resume(tmp_path):
+    real, synthetic = _pools()
+    sequence = rs.make_sequence(real, synthetic, n_images=6, seed=0)
+    session = rs.ReaderSession(tmp_path, "ann", "s1", sequence)
+    assert not session.resumed and session.current()["trial"] == 1
+    session.answer("real", confidence=4, class_answer="covid", seconds=1.5)
+    session.answer("synthetic")
+    on_disk = rs.read_answers(session.path)
+    assert on_disk["trial"].tolist() == [1, 2]
+    assert on_disk.loc[0, "confidence"] == "4" and on_disk.loc[0, "class_answer"] == "covid"
+    assert list(pd.read_csv(session.path).columns) == list(rs.ANSWER_COLUMNS)
+
+    # the kernel dies: a new session object on the same files continues at trial 3
+    resumed = rs.ReaderSession(tmp_path, "ann", "s1")
+    assert resumed.resumed and resumed.n_answered == 2 and resumed.current()["trial"] == 3
+    assert resumed.sequence["image_id"].tolist() == sequence["image_id"].tolist()
+    with pytest.raises(ValueError, match="another sequence"):
+        rs.ReaderSession(tmp_path, "ann", "s1", rs.make_sequence(real, synthetic, n_images=6, seed=9))
+    for _ in range(4):
+        resumed.answer("real")
+    assert resumed.done
+    with pytest.raises(RuntimeError, match="complete"):
+        resumed.answer("real")
+    with pytest.raises(ValueError, match="answer must be"):
+        rs.ReaderSession(tmp_path, "bob", "s1").answer("maybe")
+
+
+def test_a_line_cut_off_by_a_crash_is_dropped_and_bad_files_are_named(tmp_path):
+    real, synthetic = _pools()
+    session = rs.ReaderSession(tmp_path, "ann", "s1", rs.make_sequence(real, synthetic, n_images=4))
+    session.answer("real")
+    with session.path.open("a") as stream:
+        stream.write("ann,s1,2,r3,real")  # half a line
+    assert len(rs.read_answers(session.path)) == 1
+    broken = tmp_path / "x__s1.csv"
+    broken.write_text("something,else\n")
+    with pytest.raises(ValueError, match="not a reader-study answer file"):
+        rs.read_answers(broken)
+    answers, problems = rs.collect_answers(tmp_path)
+    assert len(answers) == 1 and len(problems) == 1 and "x__s1.csv" in problems[0]
+    with pytest.raises(ValueError, match="reader name"):
+        rs.ReaderSession(tmp_path, "ann smith", "s1")
+
+
+def test_scores_with_wilson_intervals_per_generator():
+    answers = pd.DataFrame({
+        "reader": "ann", "session": "s", "trial": range(1, 9),
+        "image_id": [f"i{i}" for i in range(8)],
+        "generator": ["real"] * 4 + ["G_NC"] * 2 + ["diffusion"] * 2,
+        "truth": ["real"] * 4 + ["synthetic"] * 4,
+        "answer": ["real", "real", "real", "synthetic", "synthetic", "synthetic", "real", "synthetic"],
+    })
+    scores = rs.score_answers(answers)
+    assert scores["accuracy"] == pytest.approx(6 / 8)
+    assert scores["sensitivity"] == pytest.approx(3 / 4) and scores["specificity"] == pytest.approx(3 / 4)
+    low, high = scores["accuracy_ci95"]
+    assert low < 0.75 < high and 0 <= low and high <= 1
+    assert scores["per_generator"]["G_NC"]["rate"] == 1.0 and scores["per_generator"]["diffusion"]["rate"] == 0.5
+    assert scores["per_generator"]["real"]["measure"] == "specificity"
+    table = rs.score_table(answers)
+    assert table.loc[0, "sensitivity_G_NC"] == 1.0 and table.loc[0, "specificity_real"] == 0.75
+
+
+def test_kappa_between_readers():
+    base = {"session": "s", "trial": range(1, 7), "image_id": [f"i{i}" for i in range(6)],
+            "generator": "real", "truth": "real"}
+    ann = pd.DataFrame({**base, "reader": "ann", "answer": ["real", "synthetic"] * 3})
+    bob = pd.DataFrame({**base, "reader": "bob", "answer": ["real", "synthetic"] * 3})
+    eve = pd.DataFrame({**base, "reader": "eve", "answer": ["synthetic", "real"] * 3})
+    kappas = rs.agreement(pd.concat([ann, bob, eve]))
+    by_pair = {(r.reader_a, r.reader_b): r.kappa for r in kappas.itertuples()}
+    assert by_pair[("ann", "bob")] == pytest.approx(1.0)
+    assert by_pair[("ann", "eve")] == pytest.approx(-1.0)
+    assert rs.agreement(ann).empty
+
+
+def test_scripted_reader_answers_every_trial_from_probabilities(tmp_path):
+    real, synthetic = _pools()
+    sequence = rs.make_sequence(real, synthetic, n_images=10, seed=0)
+    session = rs.ReaderSession(tmp_path, "probe", "s", sequence)
+    session.answer("real")  # resumes after a person's first answer
+
+    def oracle(trials):  # a perfect detector
+        return np.array([1.0 if t["truth"] == "synthetic" else 0.0 for t in trials])
+
+    answers = rs.scripted_reader(session, oracle)
+    assert session.done and len(answers) == 10
+    assert (answers["answer"].iloc[1:] == answers["truth"].iloc[1:]).all()
+    assert set(answers["confidence"].iloc[1:]) == {5}
+    features_real = np.random.default_rng(0).normal(0, 1, (20, 3))
+    features_synthetic = np.random.default_rng(1).normal(3, 1, (20, 3))
+    probe = rs.fit_detector(features_real, features_synthetic)
+    assert probe.predict_proba(np.array([[3.0, 3.0, 3.0]]))[0, 1] > 0.9
