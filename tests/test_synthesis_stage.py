@@ -162,3 +162,63 @@ def test_judges_and_evaluate_translator(cohort, generator, tmp_path):
     assert untouched["lesion_added_inside_lungs"] == 0 and not untouched["anatomy_l1"] > 0
     assert untouched["oracle_covid_rate_before"] == untouched["oracle_covid_rate_after"]
     assert untouched["fd_cxr"] == pytest.approx(untouched["fd_cxr_untranslated"])
+
+
+def _notebook_parameters() -> dict:
+    """The literal defaults of notebook 03's ``parameters`` cell."""
+    import ast
+
+    import nbformat
+
+    from cxrlib import config
+
+    nb = nbformat.read(config.notebooks_dir() / "03_cyclegan.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    values = {}
+    for node in ast.parse(cell.source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            values[node.targets[0].id] = ast.literal_eval(node.value)
+    return values
+
+
+def test_notebook_defaults_are_the_default_profile():
+    from cxrlib.pipeline import stage_params
+
+    defaults = _notebook_parameters()
+    profile = stage_params("default", "03_cyclegan")
+    assert profile, "the default profile has no 03_cyclegan entry"
+    different = {key: (defaults.get(key), value) for key, value in profile.items() if defaults.get(key) != value}
+    assert not different, f"parameters cell (notebook, profile) disagree: {different}"
+
+
+@pytest.mark.parametrize("profile", ["quick", "default", "full", "real-cpu"])
+def test_profile_sizes_build_a_valid_cyclegan(profile):
+    """Each profile's 03 sizes, merged over the notebook defaults as papermill does, make a trainable CycleGAN."""
+    from cxrlib.models.cyclegan import CycleGAN
+    from cxrlib.pipeline import stage_params
+    from cxrlib.train.cyclegan import CycleGANTrainConfig
+
+    p = {**_notebook_parameters(), **stage_params(profile, "03_cyclegan")}
+    train_config = CycleGANTrainConfig(
+        epochs=p["EPOCHS"], epochs_decay=p["EPOCHS_DECAY"], batch_size=p["BATCH_SIZE"], lr=p["LEARNING_RATE"],
+        lambda_id=p["LAMBDA_ID"], image_size=p["IMAGE_SIZE"],
+        model={"generator": p["GENERATOR"], "ngf": p["NGF"], "ndf": p["NDF"], "unet_depth": p["UNET_DEPTH"],
+               "n_blocks": p["N_BLOCKS"], "n_layers_d": p["N_LAYERS_D"]},
+        max_steps_per_epoch=p["MAX_STEPS_PER_EPOCH"] or None)
+    model = CycleGAN(train_config.model_config())
+    image = torch.zeros(1, 1, p["IMAGE_SIZE"], p["IMAGE_SIZE"])
+    with torch.no_grad():
+        assert model.G_AB(image).shape == image.shape
+        assert model.D_B(image).shape[-1] >= 1
+    assert p["NUM_THREADS"] >= 0
+
+
+def test_real_cpu_profile_keeps_the_default_schedule():
+    """real-cpu trains the default profile's steps at a larger side, so the phantom numbers say what to expect."""
+    from cxrlib.pipeline import stage_params
+
+    default, real = stage_params("default", "03_cyclegan"), stage_params("real-cpu", "03_cyclegan")
+    schedule = ("EPOCHS", "EPOCHS_DECAY", "MAX_STEPS_PER_EPOCH", "BATCH_SIZE", "LEARNING_RATE", "LAMBDA_ID",
+                "GENERATOR", "NGF", "NDF")
+    assert {key: real[key] for key in schedule} == {key: default[key] for key in schedule}
+    assert real["IMAGE_SIZE"] > default["IMAGE_SIZE"]
