@@ -1,0 +1,239 @@
+"""The analysis stage (notebook 05): which classifier to explain, which rows, which masks.
+
+- :func:`choose_classifier`: one classifier of notebook 04's grid, chosen on *validation*
+  (the seed with the best validation AUC of the requested task / architecture /
+  condition), never on test;
+- :func:`embedding_rows`: the rows to embed: every real image plus a seeded sample of
+  synthetic ones;
+- :func:`lung_mask_columns`, :func:`load_masks`: the masks saliency is scored against
+  (reference lung masks where the manifest has them, else notebook 02's predicted ones);
+- :func:`explain_rows`: CAMs of manifest rows for several methods, aligned with an image
+  to draw them on, and the model's inputs for the faithfulness metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxrlib.data import manifest as mf
+from cxrlib.data.io import read_mask
+from cxrlib.data.transforms import resize_mask
+from cxrlib.explain.cam import compute_cams, patch_cam, predict_classes
+from cxrlib.explain.embed import analysis_groups, origin_kind
+from cxrlib.train.classifier import ClassifierTrainResult, make_dataset
+
+#: Folder of this stage inside a run.
+STAGE = "05_analysis"
+#: Folder and results table of notebook 04.
+CLASSIFIER_STAGE = "04_classifiers"
+#: Input modes whose images keep the original image geometry (CAMs can be scored against masks).
+MASK_ALIGNED_MODES: tuple[str, ...] = ("whole", "lung_masked", "lungs_removed", "patch")
+#: Reference lung masks of the phantom; notebook 02's prediction otherwise.
+REFERENCE_LUNG_COLUMNS: tuple[str, ...] = ("mask_lung_left", "mask_lung_right")
+PREDICTED_LUNG_COLUMNS: tuple[str, ...] = ("mask_pred_lung", "pred_lung_mask")
+
+
+@dataclass
+class ClassifierChoice:
+    """The classifier notebook 05 explains: its results row, run folder and why it was chosen."""
+
+    row: dict[str, Any]
+    cell_dir: Path
+    reason: str
+    candidates: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+
+
+def read_grid_results(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Notebook 04's ``results.csv`` (one row per trained cell); FileNotFoundError when it is missing."""
+    path = Path(run_dir) / CLASSIFIER_STAGE / "results.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run notebook 04 with the same RUN_DIR first")
+    results = pd.read_csv(path)
+    missing = {"task", "arch", "condition", "seed", "best_val_auc", "cell_dir"} - set(results.columns)
+    if missing:
+        raise ValueError(f"{path} lacks columns {sorted(missing)}; it was not written by notebook 04")
+    return results
+
+
+def choose_classifier(results: pd.DataFrame, run_dir: str | os.PathLike, *, task: str = "", arch: str = "",
+                      condition: str = "real_gnc_gpc", fallbacks: Sequence[str] = ("real",),
+                      imbalance: str = "") -> ClassifierChoice:
+    """The cell to explain: ``task`` / ``arch`` / ``imbalance`` (empty: the first in ``results``) and
+    ``condition`` (else the first of ``fallbacks`` that was run); among its seeds the one with
+    the highest *validation* AUC (ties: the lowest seed). Test metrics play no part.
+    """
+    if results.empty:
+        raise ValueError("notebook 04's results are empty: no classifier to explain")
+    task = task or str(results["task"].iloc[0])
+    arch = arch or str(results["arch"].iloc[0])
+    rows = results[(results["task"] == task) & (results["arch"] == arch)]
+    if "imbalance" in rows.columns:
+        imbalance = imbalance or (str(rows["imbalance"].iloc[0]) if len(rows) else "")
+        rows = rows[rows["imbalance"].astype(str) == imbalance] if imbalance else rows
+    if rows.empty:
+        raise ValueError(f"notebook 04 trained no {arch} for task {task!r} (imbalance {imbalance or 'any'})")
+    run = [c for c in (condition, *fallbacks) if (rows["condition"] == c).any()]
+    if not run:
+        raise ValueError(f"none of the conditions {[condition, *fallbacks]} was trained for {task} / {arch}; "
+                         f"trained: {sorted(rows['condition'].unique())}")
+    chosen_condition = run[0]
+    note = "" if chosen_condition == condition else f" ({condition!r} was not trained; fell back)"
+    candidates = rows[rows["condition"] == chosen_condition].sort_values(["best_val_auc", "seed"],
+                                                                          ascending=[False, True])
+    best = candidates.iloc[0].to_dict()
+    reason = (f"{task} / {arch} / {chosen_condition}{note} / {best.get('imbalance', '')}: seed {best['seed']} has "
+              f"the best validation AUC ({best['best_val_auc']:.3f}) of {len(candidates)} seed(s)")
+    return ClassifierChoice(row=best, cell_dir=Path(run_dir) / CLASSIFIER_STAGE / str(best["cell_dir"]),
+                            reason=reason, candidates=candidates)
+
+
+def read_cell_predictions(choice: ClassifierChoice) -> pd.DataFrame:
+    """The chosen cell's test predictions with a ``correct`` column (prediction at the validation threshold)."""
+    path = choice.cell_dir / "predictions.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the cell was not finished by notebook 04")
+    predictions = pd.read_csv(path, dtype={"image_id": str, "patient_id": str})
+    predictions["correct"] = predictions["pred"].astype(str) == predictions["label"].astype(str)
+    return predictions
+
+
+def embedding_rows(manifest: pd.DataFrame, *, max_synthetic: int = 300, seed: int = 0) -> pd.DataFrame:
+    """Every real row plus at most ``max_synthetic`` synthetic rows (seeded, in proportion per generator).
+
+    Adds ``group`` (:func:`~cxrlib.explain.embed.analysis_groups`) and ``made_by``
+    (``real`` / generator); ``attrs`` kept.
+    """
+    kind = origin_kind(manifest)
+    real = manifest[kind == mf.REAL]
+    synthetic = manifest[kind != mf.REAL]
+    if len(synthetic) > max_synthetic:
+        synthetic = synthetic.sample(n=max(0, int(max_synthetic)), random_state=seed).sort_index()
+    rows = pd.concat([real, synthetic])
+    rows = rows.assign(group=analysis_groups(rows), made_by=origin_kind(rows))
+    rows.attrs = dict(manifest.attrs)
+    return rows
+
+
+def _present(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != "" and value.lower() != "nan"
+
+
+def lung_mask_columns(manifest: pd.DataFrame) -> tuple[tuple[str, ...], str]:
+    """``(columns, description)`` of the lung masks to score CAMs against: the reference masks
+    where every row has them (phantom), else notebook 02's predicted mask; ``((), reason)`` if none."""
+    if all(c in manifest.columns for c in REFERENCE_LUNG_COLUMNS) and len(manifest) and all(
+            manifest[c].map(_present).all() for c in REFERENCE_LUNG_COLUMNS):
+        return REFERENCE_LUNG_COLUMNS, "reference lung masks (mask_lung_left + mask_lung_right)"
+    for column in PREDICTED_LUNG_COLUMNS:
+        if column in manifest.columns and manifest[column].map(_present).all():
+            return (column,), f"notebook 02's predicted lung masks ({column})"
+    return (), "no lung masks for these rows (run notebook 02)"
+
+
+def load_masks(rows: pd.DataFrame, columns: Sequence[str], size: int, *,
+               root: str | os.PathLike | None = None) -> list[np.ndarray | None]:
+    """Per row, the union of the mask files in ``columns`` as ``(size, size)`` bool, or ``None``
+    when the row has none of them (e.g. an image without lesion) or the file cannot be read."""
+    where = root if root is not None else rows
+    masks: list[np.ndarray | None] = []
+    problems: list[str] = []
+    for row in rows.to_dict("records"):
+        union = None
+        for column in columns:
+            value = row.get(column)
+            if not _present(value):
+                continue
+            try:
+                mask = resize_mask(read_mask(mf.resolve_path(where, str(value))) > 0, size)
+            except (OSError, ValueError) as error:
+                problems.append(f"{row.get('image_id', '?')} {column}: {error}")
+                union = None
+                break
+            union = mask if union is None else union | mask
+        masks.append(union)
+    if problems:
+        warnings.warn(f"{len(problems)} mask file(s) could not be read; those rows have no mask: "
+                      + "; ".join(problems[:5]), stacklevel=2)
+    return masks
+
+
+@dataclass
+class ExplainedImages:
+    """CAMs of some manifest rows.
+
+    ``rows``: the rows (order of everything else); ``inputs``: ``(N, 1, s, s)`` float in
+    [0, 1], what the model took (``None`` in patch mode); ``display``: ``(N, S, S)`` uint8,
+    the image the maps align with (the model's view at ``display_size``, or the patch
+    source image); ``maps``: method -> ``(N, h, w)`` in [0, 1] (input size; source size in
+    patch mode); ``probabilities``: ``(N, C)``; ``target_classes``: ``(N,)`` the class each map explains.
+    """
+
+    rows: pd.DataFrame
+    inputs: torch.Tensor | None
+    display: np.ndarray
+    maps: dict[str, np.ndarray]
+    probabilities: np.ndarray
+    target_classes: np.ndarray
+
+
+def explain_rows(result: ClassifierTrainResult, rows: pd.DataFrame, methods: Sequence[str], *,
+                 target_class: int | Sequence[int] | None = None, layer: str | None = None,
+                 display_size: int = 256, patch_k: int = 20, root: str | os.PathLike | None = None,
+                 seed: int = 0) -> ExplainedImages:
+    """CAMs of ``rows`` for each of ``methods`` with the model ``result``.
+
+    ``target_class``: one class index for all rows, one per row, or ``None`` (each image's
+    predicted class). Whole-image models get :func:`~cxrlib.explain.cam.compute_cams` on
+    exactly the images they were tested on; patch models get the probabilistic patch CAM
+    (:func:`~cxrlib.explain.cam.patch_cam`, ``patch_k`` patches seeded by ``seed``).
+    """
+    config = result.config
+    model = result.model
+    rows = rows.reset_index(drop=True)
+    rows.attrs = dict(rows.attrs)
+    dataset = make_dataset(rows, config, root=root, train=False, strict_labels=False)
+    if config.input_mode == "patch":
+        probabilities = np.stack([predict_classes(model, dataset.patches(i, patch_k, seed)[0]).mean(axis=0)
+                                  for i in range(len(dataset))]) if len(dataset) else np.zeros((0, model.num_classes))
+    else:
+        inputs = torch.stack([dataset[i][0] for i in range(len(dataset))]) if len(dataset) else \
+            torch.zeros((0, 1, config.image_size, config.image_size))
+        probabilities = predict_classes(model, inputs)
+    if target_class is None:
+        targets = probabilities.argmax(axis=1) if len(probabilities) else np.zeros(0, dtype=int)
+    elif isinstance(target_class, int | np.integer):
+        targets = np.full(len(rows), int(target_class))
+    else:
+        targets = np.asarray(target_class, dtype=int)
+    maps: dict[str, np.ndarray] = {}
+    if config.input_mode == "patch":
+        display = np.stack([dataset.stored(i)[0] for i in range(len(dataset))]) if len(dataset) else \
+            np.zeros((0, config.patch_source_size, config.patch_source_size), dtype=np.uint8)
+        for method in methods:
+            maps[method] = np.stack([patch_cam(model, dataset, i, target_class=int(targets[i]), k=patch_k,
+                                               method=method, layer=layer, seed=seed).cam
+                                     for i in range(len(dataset))]).astype(np.float32) if len(dataset) else \
+                np.zeros_like(display, dtype=np.float32)
+        return ExplainedImages(rows, None, display, maps, probabilities, targets)
+    shown = make_dataset(rows, replace(config, image_size=display_size), root=root, train=False, strict_labels=False)
+    display = np.stack([shown.stored(i)[0] for i in range(len(shown))]) if len(shown) else \
+        np.zeros((0, display_size, display_size), dtype=np.uint8)
+    for method in methods:
+        maps[method] = compute_cams(model, inputs, method=method, target_class=targets.tolist(), layer=layer)
+    return ExplainedImages(rows, inputs, display, maps, probabilities, targets)
+
+
+__all__ = [
+    "CLASSIFIER_STAGE", "ClassifierChoice", "ExplainedImages", "MASK_ALIGNED_MODES", "STAGE", "choose_classifier",
+    "embedding_rows", "explain_rows", "load_masks", "lung_mask_columns", "read_cell_predictions",
+    "read_grid_results",
+]

@@ -1,0 +1,168 @@
+"""Saliency metrics on maps whose answer is known, their baselines, and ROAD / CAM-multiply faithfulness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from cxrlib.explain import saliency as sal
+
+SIDE = 64
+
+
+def square(top: int, left: int, size: int, side: int = SIDE) -> np.ndarray:
+    mask = np.zeros((side, side), dtype=bool)
+    mask[top:top + size, left:left + size] = True
+    return mask
+
+
+def test_cam_equal_to_lesion_mask_scores_one():
+    lesion = square(10, 20, 12)
+    cam = lesion.astype(float)
+    assert sal.pointing_game(cam, lesion) == 1.0
+    assert sal.lesion_energy(cam, lesion) == pytest.approx(1.0)
+
+
+def test_uniform_cam_scores_the_area_fraction():
+    lesion = square(10, 20, 12)
+    lung = square(0, 0, SIDE // 2)
+    uniform = np.ones((SIDE, SIDE))
+    fraction = lesion.mean()
+    assert sal.lesion_energy(uniform, lesion) == pytest.approx(fraction)
+    assert sal.lung_overlap(uniform, lung) == pytest.approx(0.25)
+    # every pixel ties for the maximum: the chance that one of them hits
+    assert sal.pointing_game(uniform, lesion) == pytest.approx(fraction)
+
+
+def test_pointing_game_tolerance_counts_pixels_of_the_mask_grid():
+    lesion = square(30, 30, 4)  # rows / cols 30..33
+    cam = np.zeros((SIDE, SIDE))
+    cam[30, 37] = 1.0  # 4 px right of the lesion's last column
+    assert sal.pointing_game(cam, lesion, tolerance=0) == 0.0
+    assert sal.pointing_game(cam, lesion, tolerance=3) == 0.0
+    assert sal.pointing_game(cam, lesion, tolerance=4) == 1.0
+
+
+def test_low_resolution_cam_is_scored_on_the_mask_grid():
+    lesion = square(0, 0, SIDE // 2)  # the top-left quadrant
+    cam = np.zeros((4, 4))
+    cam[:2, :2] = 1.0  # a 4x4 CAM whose top-left quadrant is hot
+    assert sal.pointing_game(cam, lesion) == 1.0
+    assert sal.lesion_energy(cam, lesion) > 0.8  # bilinear upsampling spreads a little energy out
+    assert sal.resize_map(cam, (SIDE, SIDE)).shape == (SIDE, SIDE)
+
+
+def test_map_outside_the_lungs_has_no_lung_overlap():
+    lung = square(0, 0, 32)
+    cam = (~lung).astype(float)
+    assert sal.lung_overlap(cam, lung) == 0.0
+    assert sal.lung_overlap(lung.astype(float) * 0.3, lung) == pytest.approx(1.0)
+
+
+def test_missing_lesion_and_empty_map_give_nan():
+    empty = np.zeros((SIDE, SIDE), dtype=bool)
+    cam = np.random.default_rng(0).random((SIDE, SIDE))
+    assert np.isnan(sal.pointing_game(cam, empty))
+    assert np.isnan(sal.lesion_energy(cam, empty))
+    assert np.isnan(sal.lesion_energy(np.zeros((SIDE, SIDE)), square(1, 1, 5)))
+
+
+def test_bad_maps_are_rejected_with_the_reason():
+    lesion = square(1, 1, 5)
+    with pytest.raises(ValueError, match="negative"):
+        sal.lesion_energy(-np.ones((SIDE, SIDE)), lesion)
+    with pytest.raises(ValueError, match="2-D"):
+        sal.lesion_energy(np.ones((2, SIDE, SIDE)), lesion)
+    with pytest.raises(ValueError, match="NaN"):
+        sal.lesion_energy(np.full((SIDE, SIDE), np.nan), lesion)
+    with pytest.raises(ValueError, match="tolerance"):
+        sal.pointing_game(np.ones((SIDE, SIDE)), lesion, tolerance=-1)
+
+
+def test_centre_prior_peaks_at_the_centre_and_is_symmetric():
+    prior = sal.centre_prior((SIDE, SIDE), sigma=0.2)
+    assert prior.shape == (SIDE, SIDE) and prior.max() <= 1.0 and prior.min() > 0
+    assert np.allclose(prior, prior[::-1]) and np.allclose(prior, prior[:, ::-1])
+    assert sal.pointing_game(prior, square(SIDE // 2 - 2, SIDE // 2 - 2, 4)) == 1.0
+    assert sal.pointing_game(prior, square(0, 0, 8)) == 0.0
+    with pytest.raises(ValueError):
+        sal.centre_prior((SIDE, SIDE), sigma=0)
+
+
+def test_random_maps_are_seeded_smooth_and_in_range():
+    a = sal.random_maps((SIDE, SIDE), 5, grid=3, rng=7)
+    b = sal.random_maps((SIDE, SIDE), 5, grid=3, rng=7)
+    assert a.shape == (5, SIDE, SIDE) and np.array_equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    assert not np.array_equal(a, sal.random_maps((SIDE, SIDE), 5, grid=3, rng=8))
+    # bilinear upsampling of a 3x3 grid: neighbouring pixels differ little
+    assert np.abs(np.diff(a, axis=-1)).max() < 0.1
+
+
+def test_score_images_adds_both_baselines_and_random_matches_chance():
+    lesion = square(8, 8, 16)
+    lung = square(0, 0, 40)
+    perfect = lesion.astype(np.float32)[None].repeat(2, axis=0)
+    table = sal.score_images({"perfect": perfect}, ["a", "b"], lung_masks=[lung, lung], lesion_masks=[lesion, None],
+                             patient_ids=["p1", "p2"], n_random=300, random_grid=8, seed=0)
+    assert set(table["method"]) == {"perfect", sal.RANDOM, sal.CENTRE}
+    assert len(table) == 6
+    first = table[(table["method"] == "perfect") & (table["image_id"] == "a")].iloc[0]
+    assert first["pointing_game"] == 1.0 and first["lesion_energy"] == pytest.approx(1.0)
+    second = table[(table["method"] == "perfect") & (table["image_id"] == "b")].iloc[0]
+    assert np.isnan(second["lesion_energy"]) and second["lung_overlap"] == pytest.approx(1.0)
+    random_row = table[(table["method"] == sal.RANDOM) & (table["image_id"] == "a")].iloc[0]
+    # a random map's expected lesion energy is the lesion's area fraction
+    assert random_row["lesion_energy"] == pytest.approx(lesion.mean(), abs=0.02)
+    with pytest.raises(ValueError, match="must be"):
+        sal.score_images({"x": perfect[:1]}, ["a", "b"])
+
+
+def test_summarize_scores_gives_means_with_intervals_per_method():
+    per_image = pd.DataFrame({
+        "method": ["m"] * 4 + ["n"] * 4,
+        "image_id": list("abcd") * 2,
+        "patient_id": ["p1", "p1", "p2", "p3"] * 2,
+        "pointing_game": [1, 0, 1, 1, 0, 0, np.nan, 0],
+    })
+    table = sal.summarize_scores(per_image, ["pointing_game"], n_boot=200).set_index("method")
+    assert table.loc["m", "pointing_game"] == pytest.approx(0.75)
+    assert table.loc["n", "pointing_game"] == 0.0
+    assert table.loc["m", "pointing_game_low"] <= 0.75 <= table.loc["m", "pointing_game_high"]
+    assert table.loc["m", "n_images"] == 4
+
+
+class LeftHalfModel(nn.Module):
+    """Logits (0, 10 * (mean of the left half - 0.5)): class 1 lives in the left half only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left = x[..., : x.shape[-1] // 2].mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(left), self.scale * (left - 0.5)], dim=1)
+
+
+def test_faithfulness_ranks_the_map_the_model_uses_first():
+    images = torch.zeros(3, 1, 16, 16)
+    images[..., :8] = 1.0  # bright left half: class 1 with probability ~0.99
+    left = np.zeros((3, 16, 16), dtype=np.float32)
+    left[..., :8] = 1.0
+    right = 1.0 - left
+    model = LeftHalfModel()
+    good = sal.faithfulness(model, images, left, 1, percentiles=(25, 50, 75), seed=0)
+    bad = sal.faithfulness(model, images, right, 1, percentiles=(25, 50, 75), seed=0)
+    assert set(good) == {"road", "road_morf", "road_lerf", "cam_mult_change"}
+    assert all(v.shape == (3,) for v in good.values())
+    assert (good["road"] > bad["road"]).all()
+    assert (good["cam_mult_change"] > bad["cam_mult_change"]).all()
+    assert np.allclose(good["road"], (good["road_lerf"] - good["road_morf"]) / 2)
+    # the same seed gives the same imputation noise
+    again = sal.faithfulness(model, images, left, 1, percentiles=(25, 50, 75), seed=0)
+    assert np.array_equal(again["road"], good["road"])
+    with pytest.raises(ValueError, match="same N"):
+        sal.faithfulness(model, images, left[:2], 1)
