@@ -6,7 +6,8 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 RUN_DIR     ?= runs/phantom-default
 # folder holding the realdata recipe's sources (covid-chestxray/, nih-cxr14-sample/, covid19-radiography/)
-DATA_ROOT   ?= ../shared/realdata
+DATA        ?= ../shared/realdata
+DATA_ROOT   ?= $(DATA)
 # Jupyter refuses to run as root without this flag (containers, CI machines).
 LAB_ARGS    ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
@@ -17,7 +18,7 @@ help:
 	@echo "make test   - install into $(VENV) and run the test suite (includes the notebook smoke run)"
 	@echo "make lab    - open JupyterLab on notebooks/"
 	@echo "make quick  - the CI-sized pipeline run (runs/phantom-quick)"
-	@echo "make real   - notebooks 01-04 on real data (realdata recipe under DATA_ROOT=$(DATA_ROOT))"
+	@echo "make real   - every notebook on real data (realdata recipe; make real DATA=path, default $(DATA))"
 	@echo "make bench  - run the benchmarks (writes benchmarks/results/*.json)"
 
 $(STAMP): pyproject.toml
@@ -35,7 +36,7 @@ quick: $(STAMP)
 	$(PY) -m cxrlib pipeline --dataset phantom --profile quick --run-dir runs/phantom-quick
 
 real: $(STAMP)
-	$(PY) -m cxrlib pipeline --dataset realdata --profile real-cpu --run-dir runs/realdata-real-cpu --notebooks 01 02 03 04 --param DATA_ROOT=$(DATA_ROOT) --param SEG_DATA=$(DATA_ROOT)/covid19-radiography
+	$(PY) -m cxrlib pipeline --dataset realdata --profile real-cpu --run-dir runs/realdata-real-cpu --param DATA_ROOT=$(DATA_ROOT) --param SEG_DATA=$(DATA_ROOT)/covid19-radiography
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -36,6 +36,17 @@ PROFILES: dict[str, dict[str, dict]] = {
         "04_classifiers": {"TASKS": ["normal_vs_covid"], "CONDITIONS": ["real", "real_gnc_gpc"], "RATIOS": [5],
                            "N_SEEDS": 1, "IMAGE_SIZE": 32, "EPOCHS": 2, "STEPS_PER_EPOCH": 4, "BATCH_SIZE": 8,
                            "N_BOOT": 200, "UPDATE_FIGURES": False},
+        # PCA only (UMAP's first call compiles for ~30 s), a few images and resamples: seconds; every COVID-19
+        # test image is scored (the quick classifiers get few right)
+        "05_umap_gradcam": {"EMBEDDING": "pca", "MAX_SYNTHETIC": 40, "N_GALLERY": 2, "SALIENCY_IMAGES": "all",
+                            "MAX_CAM_IMAGES": 6,
+                            "SALIENCY_SIZE": 128, "N_RANDOM_MAPS": 3, "ROAD_PERCENTILES": [50], "CV_FOLDS": 3,
+                            "PATCH_K": 4, "N_BOOT": 100, "UPDATE_FIGURES": False},
+        # a 16 px denoiser for 2 steps, 2-step samplers, 1-epoch judges: seconds
+        "06_diffusion_reader_study": {"IMAGE_SIZE": 16, "CHANNELS": [8, 16], "EPOCHS": 1, "MAX_STEPS_PER_EPOCH": 2,
+                                      "BATCH_SIZE": 8, "N_SAMPLES_PER_CLASS": 4, "DDIM_STEPS": 2, "JUDGE_EPOCHS": 1,
+                                      "TEXT_SEG_EPOCHS": 1, "TEXT_SEG_STEPS": 2, "TEXT_EVAL_IMAGES": 2,
+                                      "INPAINT_STEPS": 2, "READER_IMAGES": 8, "N_BOOT": 50, "UPDATE_FIGURES": False},
     },
     "default": {
         "01_data_assembly": {"N_PATIENTS": 400, "IMAGE_SIZE": 256},
@@ -43,17 +54,30 @@ PROFILES: dict[str, dict[str, dict]] = {
         # under three passes over the ~720 training images; test Dice ~0.97, ~1.5-3 min of training.
         "02_lung_segmentation": {"IMAGE_SIZE": 128, "BASE_CHANNELS": 8, "DEPTH": 4, "EPOCHS": 5,
                                  "BATCH_SIZE": 8, "LEARNING_RATE": 2e-3, "MAX_STEPS_PER_EPOCH": 50},
-        # U-Net gf 16 at 64 px, 2-layer PatchGAN, batch 4, lr 5e-4, weak identity loss, 2 + 1 epochs of 50
-        # steps (~2.5 passes over the ~260 images per class): 3.5-5.5 min of training per translator and
-        # ~12 min for the notebook on 2 busy CPU cores (load ~4); judges 5 epochs each.
-        "03_cyclegan": {"IMAGE_SIZE": 64, "GENERATOR": "unet", "NGF": 16, "NDF": 32, "UNET_DEPTH": 4,
-                        "N_LAYERS_D": 2, "EPOCHS": 2, "EPOCHS_DECAY": 1, "BATCH_SIZE": 4, "LEARNING_RATE": 5e-4,
-                        "LAMBDA_ID": 0.1, "MAX_STEPS_PER_EPOCH": 50, "JUDGE_EPOCHS": 5},
+        # U-Net gf 16 (depth 3) at 48 px, 2-layer PatchGAN (34 px patches), batch 4, lr 2e-4, weak identity
+        # loss, 8 + 7 epochs of 66 steps = 990 steps (~15 passes over the ~260 images per class), one CPU
+        # thread (two threads on 2 busy cores were ~7x slower): ~145 s of CPU time per translator; judges
+        # 10 epochs each (validation AUC ~0.96-0.97). Measured: 218 + 303 s of training, 12 min for the
+        # notebook on 2 CPU cores shared at load 3-5.
+        "03_cyclegan": {"IMAGE_SIZE": 48, "GENERATOR": "unet", "NGF": 16, "NDF": 32, "UNET_DEPTH": 3,
+                        "N_LAYERS_D": 2, "EPOCHS": 8, "EPOCHS_DECAY": 7, "BATCH_SIZE": 4, "LEARNING_RATE": 2e-4,
+                        "LAMBDA_ID": 0.1, "MAX_STEPS_PER_EPOCH": 66, "JUDGE_EPOCHS": 10, "NUM_THREADS": 1},
         # small CNN at 48 px, 20 epochs x 16 steps of 16 images per cell, 2 binary tasks x 5 conditions x
         # 3 seeds at 1:20 (30 cells) + 3 control models: ~15-25 s per cell on 2 CPU cores, depending on load
         "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid"], "ARCHS": ["small_cnn"],
                            "RATIOS": [20], "N_SEEDS": 3, "IMAGE_SIZE": 48, "EPOCHS": 20, "STEPS_PER_EPOCH": 16,
                            "BATCH_SIZE": 16, "LEARNING_RATE": 3e-3, "NUM_THREADS": 1},
+        # UMAP of ~1,300 images in two feature spaces, 4 CAM methods on up to 30 COVID-19 test images with
+        # ROAD at 3 percentiles: ~2.5 min on 2 busy CPU cores (155 s measured at load 4, 82 s of CPU)
+        "05_umap_gradcam": {"EMBEDDING": "umap", "MAX_SYNTHETIC": 300, "MAX_CAM_IMAGES": 30, "N_GALLERY": 4,
+                            "SALIENCY_SIZE": 256, "ROAD_PERCENTILES": [25, 50, 75], "NUM_THREADS": 1},
+        # pixel-space denoiser (16, 32, 64) at 32 px, 8 x 45 steps of 16 images (~2 min of training on one
+        # thread), 32 samples per class with 20 DDIM steps, judges at 32 px, width-4 text U-Net; one thread
+        # (two threads on a shared 2-core CPU ran ~10x slower)
+        "06_diffusion_reader_study": {"IMAGE_SIZE": 32, "CHANNELS": [16, 32, 64], "EPOCHS": 8,
+                                      "MAX_STEPS_PER_EPOCH": 50, "BATCH_SIZE": 16, "LEARNING_RATE": 1.5e-3,
+                                      "N_SAMPLES_PER_CLASS": 32, "DDIM_STEPS": 20, "GUIDANCE_SCALE": 2.0,
+                                      "JUDGE_EPOCHS": 10, "NUM_THREADS": 1},
     },
     "full": {
         "01_data_assembly": {"N_PATIENTS": 4000, "IMAGE_SIZE": 256},
@@ -70,6 +94,18 @@ PROFILES: dict[str, dict[str, dict]] = {
                            "RATIOS": [10, 20, 50], "N_SEEDS": 3, "IMAGE_SIZE": 224, "EPOCHS": 30,
                            "STEPS_PER_EPOCH": 80, "BATCH_SIZE": 32, "LEARNING_RATE": 1e-3, "NUM_THREADS": 0,
                            "LUNG_CONTROL_MODES": ["whole", "lung_masked", "lungs_removed"]},
+        # every test COVID-19 image the classifier got right (up to 500), ROAD at nine percentiles
+        "05_umap_gradcam": {"EMBEDDING": "umap", "MAX_SYNTHETIC": 2000, "MAX_CAM_IMAGES": 500, "N_GALLERY": 6,
+                            "SALIENCY_SIZE": 256, "ROAD_PERCENTILES": [10, 20, 30, 40, 50, 60, 70, 80, 90],
+                            "NUM_THREADS": 0},
+        # the latent model (GPU): AutoencoderKL 128 px -> 32 px latents, attention denoiser, 100 epochs
+        "06_diffusion_reader_study": {"IMAGE_SIZE": 128, "LATENT": True, "VAE_EPOCHS": 20,
+                                      "CHANNELS": [64, 128, 256, 256], "ATTENTION": True, "EPOCHS": 100,
+                                      "MAX_STEPS_PER_EPOCH": 0, "BATCH_SIZE": 32, "LEARNING_RATE": 2e-4,
+                                      "N_SAMPLES_PER_CLASS": 500, "DDIM_STEPS": 50, "JUDGE_EPOCHS": 20,
+                                      "TEXT_SEG_CHANNELS": 16, "TEXT_SEG_DEPTH": 4, "TEXT_SEG_EPOCHS": 10,
+                                      "TEXT_SEG_STEPS": 200, "TEXT_EVAL_IMAGES": 200, "INPAINT_STEPS": 50,
+                                      "NUM_THREADS": 0},
     },
     "real-cpu": {
         "01_data_assembly": {"IMAGE_SIZE": 256, "UPDATE_FIGURES": False},
@@ -79,14 +115,32 @@ PROFILES: dict[str, dict[str, dict]] = {
         "02_lung_segmentation": {"N_TRAIN_PATIENTS": 400, "N_TEST_PATIENTS": 100, "VAL_FRACTION": 0.15,
                                  "IMAGE_SIZE": 128, "BASE_CHANNELS": 8, "DEPTH": 4, "EPOCHS": 20,
                                  "BATCH_SIZE": 8, "LEARNING_RATE": 2e-3, "MAX_STEPS_PER_EPOCH": 0},
-        # the CPU sizes of the default profile; real images have no lesion masks, so no lesion / anatomy check
-        "03_cyclegan": {"IMAGE_SIZE": 64, "GENERATOR": "unet", "NGF": 16, "NDF": 32, "UNET_DEPTH": 4,
-                        "N_LAYERS_D": 2, "EPOCHS": 2, "EPOCHS_DECAY": 1, "BATCH_SIZE": 4, "LEARNING_RATE": 5e-4,
-                        "LAMBDA_ID": 0.1, "MAX_STEPS_PER_EPOCH": 50, "JUDGE_EPOCHS": 5, "UPDATE_FIGURES": False},
-        # the default grid at 64 px with more steps (real images carry finer detail); not yet timed
-        "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid"], "ARCHS": ["small_cnn"],
-                           "RATIOS": [20], "N_SEEDS": 3, "IMAGE_SIZE": 64, "EPOCHS": 20, "STEPS_PER_EPOCH": 24,
-                           "BATCH_SIZE": 16, "LEARNING_RATE": 3e-3, "NUM_THREADS": 1, "UPDATE_FIGURES": False},
+        # 128 px (the real-data size), U-Net gf 16 with 5 levels, 3-layer PatchGAN (70 px patches),
+        # lr 2e-4, identity 0.5, 2 + 2 epochs of 80 steps = 320 steps of 4 pairs per translator, one thread:
+        # ~18 min of training for both translators on 2 CPU cores shared at load 3-7 (realdata recipe).
+        # Real images have no lesion masks, so no lesion / anatomy check.
+        "03_cyclegan": {"IMAGE_SIZE": 128, "GENERATOR": "unet", "NGF": 16, "NDF": 32, "UNET_DEPTH": 5,
+                        "N_LAYERS_D": 3, "EPOCHS": 2, "EPOCHS_DECAY": 2, "BATCH_SIZE": 4, "LEARNING_RATE": 2e-4,
+                        "LAMBDA_ID": 0.5, "MAX_STEPS_PER_EPOCH": 80, "JUDGE_EPOCHS": 8, "NUM_THREADS": 1,
+                        "UPDATE_FIGURES": False},
+        # resnet18 (random init offline) at 96 px, real only vs real + G_NC + G_PC, both binary tasks, 3 seeds
+        # at 1:20: 12 cells of 10 epochs x 16 steps of 16 images, plus the site and lung controls
+        "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid"], "ARCHS": ["resnet18"],
+                           "CONDITIONS": ["real", "real_gnc_gpc"], "RATIOS": [20], "N_SEEDS": 3,
+                           "IMAGE_SIZE": 96, "EPOCHS": 10, "STEPS_PER_EPOCH": 16, "BATCH_SIZE": 16,
+                           "LEARNING_RATE": 1e-3, "NUM_THREADS": 1, "UPDATE_FIGURES": False},
+        # the default sizes without ScoreCAM (~11 s per image for ResNet-18 at 96 px on one thread,
+        # benchmarks/bench_cam.py) and on 20 images (ROAD costs ~2 s per image and map there); real images
+        # have no lesion masks, so lung overlap and faithfulness only; not yet timed
+        "05_umap_gradcam": {"EMBEDDING": "umap", "MAX_SYNTHETIC": 300, "MAX_CAM_IMAGES": 20, "N_GALLERY": 4,
+                            "CAM_METHODS": ["gradcam", "gradcam++", "eigencam"], "SALIENCY_SIZE": 256,
+                            "ROAD_PERCENTILES": [25, 50, 75], "NUM_THREADS": 2, "UPDATE_FIGURES": False},
+        # 64 px pixel model, 30 epochs of <= 60 steps (meant to stay under 30 min of CPU training; not yet
+        # timed); real images have no text masks, so the text section is skipped (REAL_IMAGES shows removal)
+        "06_diffusion_reader_study": {"IMAGE_SIZE": 64, "CHANNELS": [16, 32, 64, 64], "EPOCHS": 30,
+                                      "MAX_STEPS_PER_EPOCH": 60, "BATCH_SIZE": 16, "LEARNING_RATE": 1.5e-3,
+                                      "N_SAMPLES_PER_CLASS": 48, "DDIM_STEPS": 25, "JUDGE_EPOCHS": 10,
+                                      "NUM_THREADS": 1, "UPDATE_FIGURES": False},
     },
 }
 
