@@ -17,13 +17,7 @@ from cxrlib.explain import cam as cams
 from cxrlib.explain.saliency import pointing_game
 from cxrlib.models.classifiers import ARCHITECTURES, Classifier, build_classifier
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bright_square_model() -> Classifier:

@@ -45,13 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Few cores are shared by the whole test run; one thread also keeps CPU results exact.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def disc_images(count: int, disc_level: int, seed: int) -> np.ndarray:

@@ -13,18 +13,13 @@ from cxrlib.models.diffusion import (
     DiffusionModel,
     SampleSpec,
     sample_per_class,
+    sampling_scheduler,
     to_model_range,
+    x0_error_gain,
 )
 from cxrlib.train.diffusion import DiffusionTrainConfig, load_diffusion, train_diffusion
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one thread is faster, and avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(image_size=16, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=50)
@@ -64,6 +59,43 @@ def test_config_checks_and_class_index():
     latent = DiffusionConfig(image_size=32, latent=True, vae_block_out_channels=(8, 8, 8), norm_num_groups=4,
                              block_out_channels=(8, 16))
     assert latent.sample_size == 8 and latent.sample_channels == 4
+
+
+def test_v_prediction_keeps_the_first_sampling_step_bounded():
+    """Sampling starts at the last training step, where the cosine schedule leaves ~1e-9 of the signal:
+    an epsilon model's image estimate there multiplies its error by ~2e4, v prediction's does not."""
+    assert DiffusionConfig().prediction_type == "v_prediction"
+    errors = {}
+    for kind in ("epsilon", "v_prediction"):
+        config = DiffusionConfig(**TINY | {"num_train_timesteps": 1000}, prediction_type=kind)
+        scheduler = sampling_scheduler(config)
+        assert scheduler.config.prediction_type == kind
+        scheduler.set_timesteps(10)
+        first = int(scheduler.timesteps[0])
+        assert first == 999
+        generator = torch.Generator().manual_seed(0)
+        clean = torch.rand((2, 1, 16, 16), generator=generator) * 2 - 1
+        noise = torch.randn((2, 1, 16, 16), generator=generator)
+        alpha = scheduler.alphas_cumprod[first]
+        noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
+        target = noise if kind == "epsilon" else alpha.sqrt() * noise - (1 - alpha).sqrt() * clean
+        scheduler.config.clip_sample = False  # measure the raw estimate
+        estimate = scheduler.step(target + 0.01, first, noisy).pred_original_sample
+        errors[kind] = float((estimate - clean).abs().max())
+        assert errors[kind] == pytest.approx(0.01 * x0_error_gain(config, first), rel=0.05)
+    assert errors["epsilon"] > 100.0 > 1.0 > errors["v_prediction"]
+    assert x0_error_gain(DiffusionConfig(**TINY, prediction_type="epsilon"), 0) < 0.1
+    with pytest.raises(ValueError, match="outside 0..49"):
+        x0_error_gain(DiffusionConfig(**TINY), 50)
+
+
+def test_v_prediction_model_trains_and_samples_images_in_range(tmp_path):
+    images, labels = _images(n=12)
+    result = train_diffusion(images, labels, tmp_path, _config())
+    assert result.model.config.prediction_type == "v_prediction"
+    reloaded = DiffusionModel.from_pretrained(result.model_dir)
+    assert reloaded.config.prediction_type == "v_prediction"
+    assert reloaded.sample(["covid", "normal"], num_inference_steps=3).shape == (2, 16, 16)
 
 
 def test_model_range_round_trip():
@@ -192,6 +224,11 @@ def test_bare_diffusers_unet_folder_loads_as_unconditional(tmp_path):
                 norm_num_groups=4, add_attention=False).save_pretrained(tmp_path / "bare")
     model = DiffusionModel.from_pretrained(tmp_path / "bare")
     assert not model.conditional
+    assert model.config.prediction_type == "epsilon"  # diffusers' assumption without a scheduler config
+    from diffusers import DDIMScheduler
+
+    DDIMScheduler(prediction_type="v_prediction").save_pretrained(tmp_path / "bare" / "scheduler")
+    assert DiffusionModel.from_pretrained(tmp_path / "bare").config.prediction_type == "v_prediction"
     assert model.sample(None, n=2, num_inference_steps=2).shape == (2, 16, 16)
 
 

@@ -17,12 +17,7 @@ from cxrlib.train.classifier import ClassifierTrainConfig, ClassifierTrainResult
 CLASSES = ["normal", "covid"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_images(folder, n: int) -> pd.DataFrame:

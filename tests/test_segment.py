@@ -20,12 +20,7 @@ from cxrlib.models.unet import UNet
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lungs(size: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

@@ -10,13 +10,7 @@ import torch
 from cxrlib import textclean as tc
 from cxrlib.data.phantom import CohortConfig, write_cohort
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

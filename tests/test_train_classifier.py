@@ -39,13 +39,7 @@ CLASSES = ["Normal", "COVID-19"]
 LABEL_MAP = make_label_map(CLASSES)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Few cores are shared by the whole test run; one thread also keeps CPU results exact.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_blob_cohort(folder: Path, n_pos: int, n_neg: int, split: str, seed: int) -> pd.DataFrame:

@@ -10,13 +10,7 @@ from skimage.draw import ellipse
 
 from cxrlib.models.unet import UNet, UNetConfig, count_parameters
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
