@@ -21,11 +21,20 @@ Roots are relative to a base folder given at run time (``build_manifest(recipe,
 base_dir)``, notebook 01's ``DATA_ROOT``), so a recipe names no machine's paths; absolute
 roots are refused. Recipes shipped with the package live in ``cxrlib/recipes/*.yaml``
 (:func:`available_recipes`).
+
+Every row a source offers either ends in the manifest or is a row of
+:attr:`BuildReport.dropped` with one reason (:data:`DROP_REASONS`, first that applies):
+``unreadable`` (the adapter could not use it: missing image file, empty id), ``unlabeled``
+(finding empty / ``todo`` / unknown), ``non-frontal view`` (lateral), ``missing view``,
+``view not allowed``, ``finding matches no class``, ``ambiguous`` (two classes take it),
+``over cap``. :func:`kept_and_dropped` adds the later decoding and deduplication drops and
+counts everything per source and class.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,12 +44,29 @@ import numpy as np
 import pandas as pd
 
 from cxrlib.data import manifest as mf
-from cxrlib.data.sources import ADAPTERS, open_dataset
+from cxrlib.data.dedup import DedupReport
+from cxrlib.data.io import LoadReport
+from cxrlib.data.sources import ADAPTERS, _key, open_dataset
 
 #: Tests a rule condition can make on a manifest column (compared case-insensitively).
 OPERATORS: tuple[str, ...] = ("equals", "startswith", "contains", "one_of")
 #: Rule keys that are not column conditions.
 _RULE_KEYS = ("source", "view")
+#: Why an offered row is not in the manifest, in precedence order (the first that applies).
+DROP_REASONS: tuple[str, ...] = (
+    "unreadable", "unlabeled", "non-frontal view", "missing view", "view not allowed",
+    "finding matches no class", "ambiguous", "over cap",
+)
+#: Drop reason of the copies :func:`cxrlib.data.dedup.deduplicate` removes.
+DUPLICATE = "duplicate"
+#: Columns of :attr:`BuildReport.dropped`.
+DROPPED_COLUMNS: tuple[str, ...] = (
+    "source", "image_id", "path", "label", "finding", "view", "class", "reason", "detail",
+)
+#: Normalised labels / raw findings (as :func:`cxrlib.data.sources._key` gives) that mean "no label".
+UNLABELED: frozenset[str] = frozenset({"", "todo", "unknown"})
+#: Class column of :func:`kept_and_dropped` for rows an adapter could not read (label unknown).
+UNREAD_CLASS = "(not read)"
 
 
 class RecipeError(ValueError):
@@ -76,11 +102,16 @@ class Rule:
     conditions: tuple[Condition, ...] = ()
     views: tuple[str, ...] | None = None
 
-    def select(self, df: pd.DataFrame) -> pd.Series:
-        """Boolean mask of the rows of ``df`` (one source's manifest) this rule takes."""
+    def conditions_pass(self, df: pd.DataFrame) -> pd.Series:
+        """Boolean mask of the rows of ``df`` that pass every column condition (view ignored)."""
         keep = pd.Series(True, index=df.index)
         for condition in self.conditions:
             keep &= condition.test(mf._column(df, condition.column))
+        return keep
+
+    def select(self, df: pd.DataFrame) -> pd.Series:
+        """Boolean mask of the rows of ``df`` (one source's manifest) this rule takes."""
+        keep = self.conditions_pass(df)
         if self.views is not None:
             keep &= mf._column(df, "view").isin(self.views)
         return keep
@@ -249,7 +280,10 @@ class BuildReport:
 
     #: images per class and source (after caps)
     counts: pd.DataFrame
-    #: rows left out, with ``source, image_id, reason`` (ambiguous class, cap)
+    #: every offered row left out, one reason each (columns :data:`DROPPED_COLUMNS`):
+    #: ``label`` / ``finding`` / ``view`` are the adapter's normalised label, raw finding and
+    #: raw view; ``class`` the recipe class for ``over cap`` rows; ``reason`` one of
+    #: :data:`DROP_REASONS`; ``detail`` says what exactly
     dropped: pd.DataFrame
     #: rows the adapters could not use (``source, file, row, reason, kind``)
     skipped: pd.DataFrame
@@ -265,8 +299,7 @@ class BuildReport:
                 str(label): {str(s): int(n) for s, n in row.items() if n}
                 for label, row in self.counts.iterrows()
             },
-            "dropped_by_reason": {str(k): int(v) for k, v in
-                                  self.dropped["reason"].str.split(":").str[0].value_counts().items()},
+            "dropped_by_reason": {str(k): int(v) for k, v in self.dropped["reason"].value_counts().items()},
             "adapter_rows_skipped": int(len(bad)),
             "adapter_rows_excluded": int(len(self.skipped) - len(bad)),
         }
@@ -287,6 +320,71 @@ def _cap(rows: pd.DataFrame, cap: int, seed: int) -> pd.Series:
     return mf._column(rows, "patient_id").isin(chosen)
 
 
+def _views_text(views: set[str]) -> str:
+    return "[" + ", ".join(repr(v) for v in sorted(views)) + "]"
+
+
+def _why_no_class(rows: pd.DataFrame, rules: list[Rule]) -> tuple[pd.Series, pd.Series]:
+    """Reason and detail for rows of one source that no rule took (see :data:`DROP_REASONS`).
+
+    A view reason applies when no rule of the source accepts the row's view at all, or when
+    some rule's conditions pass (so only its view list refused the row).
+    """
+    label, finding = mf._column(rows, "label"), mf._column(rows, "finding")
+    view = mf._column(rows, "view")
+    raw_view = mf._column(rows, "view_raw").where(mf._column(rows, "view_raw") != "", view)
+    unlabeled = label.map(_key).isin(UNLABELED) | finding.map(_key).isin(UNLABELED - {""})
+    matching_views: list[set[str] | None] = [set() for _ in range(len(rows))]
+    conditions_pass = pd.Series(False, index=rows.index)
+    for rule in rules:
+        passing = rule.conditions_pass(rows)
+        conditions_pass |= passing
+        for position in np.flatnonzero(passing.to_numpy()):
+            known = matching_views[position]
+            matching_views[position] = None if rule.views is None or known is None else known | set(rule.views)
+    accepted: set[str] | None = set()
+    for rule in rules:
+        accepted = None if rule.views is None or accepted is None else accepted | set(rule.views)
+    if not rules:
+        accepted = None  # a source no class uses: its views are not the reason
+    view_refused = ~view.isin(sorted(accepted)) if accepted is not None else pd.Series(False, index=rows.index)
+    reasons, details = [], []
+    for position, index in enumerate(rows.index):
+        text = finding[index] or label[index]
+        if unlabeled[index]:
+            reasons.append("unlabeled")
+            details.append(f"finding {finding[index]!r} (label {label[index]!r})")
+        elif view_refused[index] or conditions_pass[index]:
+            allowed = matching_views[position] if conditions_pass[index] else accepted
+            allowed_text = _views_text(allowed) if allowed is not None else "any"
+            if view[index] == "L":
+                reasons.append("non-frontal view")
+                details.append(f"lateral view {raw_view[index]!r}; allowed views {allowed_text}")
+            elif view[index] == "":
+                reasons.append("missing view")
+                given = f"view {raw_view[index]!r} is no known view" if raw_view[index] else "no view given"
+                details.append(f"{given}; allowed views {allowed_text}")
+            else:
+                reasons.append("view not allowed")
+                details.append(f"view {raw_view[index]!r} ({view[index]}); allowed views {allowed_text}")
+        else:
+            reasons.append("finding matches no class")
+            details.append(f"finding {text!r} matches no rule" if rules else "no class takes rows of this source")
+    return pd.Series(reasons, index=rows.index), pd.Series(details, index=rows.index)
+
+
+def _dropped_rows(rows: pd.DataFrame, reason: str | pd.Series, detail: str | pd.Series,
+                  classes: str | pd.Series = "") -> pd.DataFrame:
+    """Rows of the combined source table as rows of :attr:`BuildReport.dropped`."""
+    view = mf._column(rows, "view_raw").where(mf._column(rows, "view_raw") != "", mf._column(rows, "view"))
+    return pd.DataFrame({
+        "source": mf._column(rows, "source"), "image_id": mf._column(rows, "image_id"),
+        "path": mf._column(rows, "path"), "label": mf._column(rows, "source_label"),
+        "finding": mf._column(rows, "finding"), "view": view, "class": classes,
+        "reason": reason, "detail": detail,
+    }, index=rows.index, columns=list(DROPPED_COLUMNS))
+
+
 def build_manifest(
     recipe: Recipe,
     base_dir: str | os.PathLike,
@@ -299,13 +397,20 @@ def build_manifest(
     ``label`` is the recipe's class, the adapter's own label kept in ``source_label`` and
     the recipe's source name in ``source``; ``image_id`` is ``<source>:<id>``. A row taken by
     two classes is dropped (its class is ambiguous). Caps keep whole patients, chosen
-    with ``seed`` (default: the recipe's). Every drop is a row of the report.
+    with ``seed`` (default: the recipe's).
+
+    Every row an adapter offered, or listed as unusable (``kind == "bad"`` in its
+    ``skipped``), that is not in the manifest is one row of ``report.dropped`` with the
+    first reason of :data:`DROP_REASONS` that applies. The label and view reasons explain
+    rows no class took; a row a class took is only dropped as ``ambiguous`` or ``over cap``.
+    Rows an adapter excludes by design (e.g. CT rows of a collection read for X-rays) are
+    not offered; they stay in ``report.skipped``.
     """
     base = Path(base_dir).expanduser().resolve()
     if not base.is_dir():
         raise FileNotFoundError(f"recipe {recipe.name!r}: base folder {base} does not exist")
     seed = recipe.seed if seed is None else seed
-    frames, skipped, offered = [], [], {}
+    frames, skipped, offered, unreadable = [], [], {}, []
     for name, source in recipe.sources.items():
         folder = base / source.root
         if not folder.is_dir():
@@ -316,6 +421,11 @@ def build_manifest(
         adapter = open_dataset(source.adapter, folder, **source.options)
         table = adapter.manifest()
         skipped.append(adapter.skipped_frame().assign(source=name))
+        for item in adapter.skipped:
+            if item.kind == "bad":
+                unreadable.append({"source": name, "image_id": "", "path": "", "label": "", "finding": "",
+                                   "view": "", "class": "", "reason": "unreadable",
+                                   "detail": f"{Path(item.file).name} {item.row}: {item.reason}"})
         offered[name] = len(table)
         table = mf.rebase_paths(table, adapter.root, base)
         table = table.assign(image_id=name + ":" + mf._column(table, "image_id"),
@@ -329,12 +439,17 @@ def build_manifest(
             rows = everything["source"] == rule.source
             taken.loc[rows, label] |= rule.select(everything[rows])
     n_classes = taken.sum(axis=1)
-    dropped = []
-    ambiguous = n_classes > 1
-    for index in everything.index[ambiguous]:
-        classes = ", ".join(c for c in taken.columns if taken.at[index, c])
-        dropped.append({"source": everything.at[index, "source"], "image_id": everything.at[index, "image_id"],
-                        "reason": f"ambiguous: taken by classes {classes}"})
+    dropped = [pd.DataFrame(unreadable, columns=list(DROPPED_COLUMNS))]
+    for name in recipe.sources:
+        rows = everything[(everything["source"] == name) & (n_classes == 0)]
+        if len(rows):
+            rules = [rule for class_rules in recipe.classes.values() for rule in class_rules if rule.source == name]
+            reason, detail = _why_no_class(rows, rules)
+            dropped.append(_dropped_rows(rows, reason, detail))
+    ambiguous = everything[n_classes > 1]
+    if len(ambiguous):
+        names = taken[n_classes > 1].apply(lambda row: ", ".join(c for c in taken.columns if row[c]), axis=1)
+        dropped.append(_dropped_rows(ambiguous, "ambiguous", "taken by classes " + names))
     chosen = everything[n_classes == 1].copy()
     chosen["label"] = taken[n_classes == 1].idxmax(axis=1)
 
@@ -343,17 +458,100 @@ def build_manifest(
         rows = chosen["label"] == label
         if rows.sum() > cap:
             keep[rows] = _cap(chosen[rows], cap, seed)
-            for index in chosen.index[rows & ~keep]:
-                dropped.append({"source": chosen.at[index, "source"], "image_id": chosen.at[index, "image_id"],
-                                "reason": f"cap: class {label!r} capped at {cap} images"})
+            dropped.append(_dropped_rows(chosen[rows & ~keep], "over cap",
+                                         f"class {label!r} capped at {cap} images", classes=label))
     result = chosen[keep].reset_index(drop=True)
     result.attrs["root"] = str(base)
     mf.validate(result)
     counts = pd.crosstab(result["label"], result["source"]) if len(result) else pd.DataFrame()
+    dropped_table = pd.concat([frame for frame in dropped if len(frame)] or dropped[:1])
+    order = {name: number for number, name in enumerate(recipe.sources)}
+    dropped_table = (dropped_table.assign(_order=dropped_table["source"].map(order))
+                     .sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True))
     report = BuildReport(
         counts=counts,
-        dropped=pd.DataFrame(dropped, columns=["source", "image_id", "reason"]),
+        dropped=dropped_table.astype(str),
         skipped=pd.concat(skipped, ignore_index=True) if skipped else pd.DataFrame(),
         offered=offered,
     )
     return result, report
+
+
+def kept_and_dropped(
+    manifest: pd.DataFrame,
+    recipe_report: BuildReport,
+    dedup_report: DedupReport | None = None,
+    *,
+    unreadable: LoadReport | Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """Images kept and dropped, per source and class, with one column per drop reason.
+
+    Parameters
+    ----------
+    manifest
+        What :func:`build_manifest` returned (before deduplication).
+    recipe_report
+        Its report: the rows the recipe dropped.
+    dedup_report
+        :func:`cxrlib.data.dedup.deduplicate`'s report on ``manifest`` (or a subset of it):
+        the copies it dropped count as ``duplicate``.
+    unreadable
+        Image files that could not be decoded after the recipe (a
+        :class:`~cxrlib.data.io.LoadReport`, e.g. from :func:`cxrlib.data.dedup.hash_images`,
+        or manifest ``path`` values): they count as ``unreadable``.
+
+    Returns
+    -------
+    DataFrame indexed by ``(source, class)`` -- the recipe class for kept rows and those
+    dropped after the recipe or over a cap, the adapter's normalised label (e.g.
+    ``unknown``, ``pneumonia``) for rows no class took, :data:`UNREAD_CLASS` for rows an
+    adapter could not read -- with integer columns ``kept``, every reason of
+    :data:`DROP_REASONS`, ``duplicate`` and ``total``, and a last row ``("total", "")``.
+    Each offered row is counted once.
+    """
+    if unreadable is None:
+        bad_paths: set[str] = set()
+    elif isinstance(unreadable, LoadReport):
+        bad_paths = {item.path for item in unreadable.bad}
+    else:
+        bad_paths = {str(path) for path in unreadable}
+    ids, paths = mf._column(manifest, "image_id"), mf._column(manifest, "path")
+    unknown_paths = sorted(bad_paths - set(paths))
+    if unknown_paths:
+        raise ValueError(f"kept_and_dropped: unreadable path(s) not in the manifest: {mf._listing(unknown_paths)}")
+    duplicates = set(dedup_report.dropped) if dedup_report is not None else set()
+    unknown_ids = sorted(duplicates - set(ids))
+    if unknown_ids:
+        raise ValueError(f"kept_and_dropped: deduplication dropped image id(s) not in the manifest: "
+                         f"{mf._listing(unknown_ids)} (give the manifest the deduplication ran on)")
+    outcome = pd.Series("kept", index=manifest.index, dtype=object)
+    outcome[ids.isin(duplicates)] = DUPLICATE
+    outcome[paths.isin(bad_paths)] = "unreadable"
+    dropped = recipe_report.dropped
+    classes = mf._column(dropped, "class").where(mf._column(dropped, "class") != "", mf._column(dropped, "label"))
+    classes = classes.where(classes != "", UNREAD_CLASS)
+    rows = pd.concat([
+        pd.DataFrame({"source": mf._column(manifest, "source"), "class": mf._column(manifest, "label"),
+                      "outcome": outcome}),
+        pd.DataFrame({"source": mf._column(dropped, "source"), "class": classes,
+                      "outcome": mf._column(dropped, "reason")}),
+    ], ignore_index=True)
+    columns = ["kept", *DROP_REASONS, DUPLICATE]
+    table = (pd.crosstab([rows["source"], rows["class"]], rows["outcome"])
+             .reindex(columns=columns, fill_value=0).astype(int))
+    table.columns.name = None
+    table["total"] = table.sum(axis=1)
+    table.loc[("total", ""), :] = table.sum(axis=0)
+    return table.astype(int)
+
+
+def kept_and_dropped_totals(table: pd.DataFrame) -> dict:
+    """Plain-JSON totals of a :func:`kept_and_dropped` table: ``{"all": {column: n}, "per_source":
+    {source: {column: n}}}`` (per source only the non-zero columns)."""
+    body = table.drop(index="total", level=0, errors="ignore")
+    per_source = body.groupby(level=0).sum()
+    return {
+        "all": {str(column): int(n) for column, n in body.sum(axis=0).items()},
+        "per_source": {str(source): {str(column): int(n) for column, n in row.items() if n}
+                       for source, row in per_source.iterrows()},
+    }
