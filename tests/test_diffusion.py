@@ -98,6 +98,15 @@ def test_v_prediction_model_trains_and_samples_images_in_range(tmp_path):
     assert reloaded.sample(["covid", "normal"], num_inference_steps=3).shape == (2, 16, 16)
 
 
+def test_command_line_chooses_the_prediction_type():
+    from cxrlib.train.diffusion import build_parser
+
+    assert build_parser().parse_args(["m.csv", "out"]).prediction_type == "v_prediction"
+    assert build_parser().parse_args(["m.csv", "out", "--prediction-type", "epsilon"]).prediction_type == "epsilon"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["m.csv", "out", "--prediction-type", "sample"])
+
+
 def test_model_range_round_trip():
     images = np.array([[[0, 128, 255]]], dtype=np.uint8)
     tensor = to_model_range(images)

@@ -66,8 +66,14 @@ class DiffusionConfig:
     - ``norm_num_groups``: GroupNorm groups (must divide every channel count).
     - ``num_train_timesteps``, ``beta_schedule`` (``"squaredcos_cap_v2"``: the cosine
       schedule, kinder to small images than ``"linear"``), ``prediction_type``
-      (``"epsilon"`` or ``"v_prediction"``): the noise process, shared by the DDPM
-      (training) and DDIM (sampling) schedulers.
+      (``"v_prediction"`` or ``"epsilon"``): the noise process, shared by the DDPM
+      (training) and DDIM (sampling) schedulers. ``v_prediction`` (Salimans & Ho 2022) is
+      the default because sampling starts at the last training step, where the cosine
+      schedule leaves almost no signal (``alphas_cumprod[-1]`` ~ 1e-9): an epsilon model's
+      image estimate there is ``(x - sqrt(1 - a) eps) / sqrt(a)``, so any error in ``eps`` is
+      multiplied by ~2e4, clipped to a saturated +-1 pattern and carried on as if it were
+      image content (a fifth of the samples of a short CPU run came out as pure noise);
+      ``v`` predicts the image itself at that step (see :func:`x0_error_gain`).
     - ``latent``: denoise the latents of an :class:`~diffusers.AutoencoderKL` instead of pixels;
       ``vae_block_out_channels`` (each level after the first halves the side, so
       ``(32, 64, 64)`` maps 64 px to 16 px latents), ``latent_channels``, ``vae_scaling_factor``
@@ -83,7 +89,7 @@ class DiffusionConfig:
     norm_num_groups: int = 8
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"
+    prediction_type: str = "v_prediction"
     latent: bool = False
     latent_channels: int = 4
     vae_block_out_channels: tuple[int, ...] = (32, 64, 64)
@@ -209,6 +215,23 @@ def sampling_scheduler(config: DiffusionConfig):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**_scheduler_kwargs(config), timestep_spacing="trailing")
+
+
+def x0_error_gain(config: DiffusionConfig, timestep: int) -> float:
+    """How much an error in the denoiser's output grows in its estimate of the clean image at ``timestep``.
+
+    DDIM turns the network's output into an image estimate before every step. With
+    ``a = alphas_cumprod[timestep]``, an output error ``d`` becomes an image error
+    ``d * sqrt(1 - a) / sqrt(a)`` for epsilon prediction and ``d * sqrt(1 - a)`` (never more
+    than ``d``) for v prediction. Returns that factor (a float >= 0).
+    """
+    if not 0 <= int(timestep) < config.num_train_timesteps:
+        raise ValueError(f"timestep {timestep} outside 0..{config.num_train_timesteps - 1}")
+    alpha = float(training_scheduler(config).alphas_cumprod[int(timestep)])
+    noise_scale = math.sqrt(max(1.0 - alpha, 0.0))
+    if config.prediction_type == "epsilon":
+        return noise_scale / math.sqrt(alpha) if alpha > 0 else math.inf
+    return noise_scale
 
 
 def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -467,12 +490,27 @@ class DiffusionModel(nn.Module):
                                                     else unet.config.sample_size[0]),
                                      class_names=names, block_out_channels=tuple(unet.config.block_out_channels),
                                      layers_per_block=unet.config.layers_per_block,
-                                     norm_num_groups=unet.config.norm_num_groups)
+                                     norm_num_groups=unet.config.norm_num_groups,
+                                     prediction_type=_saved_prediction_type(folder if is_local else source,
+                                                                            local_files_only))
         if class_names is not None:
             config = DiffusionConfig.from_dict({**asdict(config), "class_names": tuple(class_names)})
         vae = load(AutoencoderKL, "vae") if config.latent else None
         model = cls(config, unet=unet, vae=vae)
         return model.eval()
+
+
+def _saved_prediction_type(where: str | os.PathLike, local_files_only: bool) -> str:
+    """The ``prediction_type`` of a diffusers folder's ``scheduler/`` config; ``"epsilon"`` (what
+    diffusers assumes, and most hub models use) when there is none or it names another one."""
+    from diffusers import DDIMScheduler
+
+    try:
+        saved = DDIMScheduler.load_config(str(where), subfolder="scheduler", local_files_only=local_files_only)
+    except (OSError, ValueError):
+        return "epsilon"
+    value = saved.get("prediction_type", "epsilon")
+    return value if value in ("epsilon", "v_prediction") else "epsilon"
 
 
 @dataclass

@@ -187,7 +187,7 @@ def train_diffusion(
     ``images``: ``(N, S, S)`` uint8 at ``config.model.image_size`` (the TRAIN split:
     the caller chooses); ``labels``: ``(N,)`` class names from ``config.model.class_names``.
     Each step draws a timestep per image, noises it with the DDPM scheduler and regresses
-    the noise (or ``v``); labels are dropped to the null class with probability
+    the velocity ``v`` (or the noise, ``prediction_type="epsilon"``); labels are dropped to the null class with probability
     ``cond_drop_prob``. ``run_dir`` receives ``last.pt`` (after every epoch), ``config.json``,
     ``history.jsonl`` and, at the end, ``model/`` (``DiffusionModel.save_pretrained`` with the
     EMA weights). With ``resume=True`` a ``last.pt`` continues at the next epoch (a finished
@@ -395,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels", type=int, nargs="+", default=list(m.block_out_channels),
                         help="denoiser channels per level")
     parser.add_argument("--latent", action="store_true", help="latent diffusion with a trained AutoencoderKL")
+    parser.add_argument("--prediction-type", choices=("v_prediction", "epsilon"), default=m.prediction_type,
+                        help="what the denoiser predicts: the velocity v (stable at the noisiest step) or the noise")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training images")
     parser.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap on steps per epoch (0: none)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step and process")
@@ -411,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxrlib.data import manifest as mf
 
     args = build_parser().parse_args(argv)
-    model = DiffusionConfig(image_size=args.image_size, block_out_channels=tuple(args.channels), latent=args.latent)
+    model = DiffusionConfig(image_size=args.image_size, block_out_channels=tuple(args.channels), latent=args.latent,
+                            prediction_type=args.prediction_type)
     config = DiffusionTrainConfig(model=model, epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch or None,
                                   batch_size=args.batch_size, lr=args.lr, vae_epochs=args.vae_epochs, seed=args.seed,
                                   device=args.device)
