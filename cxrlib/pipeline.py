@@ -71,13 +71,16 @@ PROFILES: dict[str, dict[str, dict]] = {
         # ROAD at 3 percentiles: ~2.5 min on 2 busy CPU cores (155 s measured at load 4, 82 s of CPU)
         "05_umap_gradcam": {"EMBEDDING": "umap", "MAX_SYNTHETIC": 300, "MAX_CAM_IMAGES": 30, "N_GALLERY": 4,
                             "SALIENCY_SIZE": 256, "ROAD_PERCENTILES": [25, 50, 75], "NUM_THREADS": 1},
-        # pixel-space denoiser (16, 32, 64) at 32 px, 8 x 45 steps of 16 images (~2 min of training on one
-        # thread), 32 samples per class with 20 DDIM steps, judges at 32 px, width-4 text U-Net; one thread
-        # (two threads on a shared 2-core CPU ran ~10x slower)
+        # pixel-space v-prediction denoiser (16, 32, 64) at 32 px, 8 x 45 steps of 16 images (~3.5-4 min of
+        # training on one busy thread; 5 epochs left half the normal samples called COVID-19), 32 samples per
+        # class with 10 DDIM steps at guidance 4 (guidance 2 and 3: 38% / 21% of 24 normal samples called
+        # COVID-19, 4: 4%), judges at 32 px, width-4 text U-Net; one thread (two threads on a shared 2-core CPU
+        # ran ~10x slower)
         "06_diffusion_reader_study": {"IMAGE_SIZE": 32, "CHANNELS": [16, 32, 64], "EPOCHS": 8,
                                       "MAX_STEPS_PER_EPOCH": 50, "BATCH_SIZE": 16, "LEARNING_RATE": 1.5e-3,
-                                      "N_SAMPLES_PER_CLASS": 32, "DDIM_STEPS": 20, "GUIDANCE_SCALE": 2.0,
-                                      "JUDGE_EPOCHS": 10, "NUM_THREADS": 1},
+                                      "PREDICTION_TYPE": "v_prediction", "N_SAMPLES_PER_CLASS": 32,
+                                      "DDIM_STEPS": 10, "GUIDANCE_SCALE": 4.0, "JUDGE_EPOCHS": 10,
+                                      "NUM_THREADS": 1},
     },
     "full": {
         "01_data_assembly": {"N_PATIENTS": 4000, "IMAGE_SIZE": 256},
@@ -124,10 +127,10 @@ PROFILES: dict[str, dict[str, dict]] = {
                         "LAMBDA_ID": 0.5, "MAX_STEPS_PER_EPOCH": 80, "JUDGE_EPOCHS": 8, "NUM_THREADS": 1,
                         "UPDATE_FIGURES": False},
         # resnet18 (random init offline) at 96 px, real only vs real + G_NC + G_PC, both binary tasks, 3 seeds
-        # at 1:20: 12 cells of 10 epochs x 16 steps of 16 images, plus the site and lung controls
+        # at 1:20: 12 cells of 6 epochs x 16 steps of 16 images, plus the site and lung controls
         "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid"], "ARCHS": ["resnet18"],
                            "CONDITIONS": ["real", "real_gnc_gpc"], "RATIOS": [20], "N_SEEDS": 3,
-                           "IMAGE_SIZE": 96, "EPOCHS": 10, "STEPS_PER_EPOCH": 16, "BATCH_SIZE": 16,
+                           "IMAGE_SIZE": 96, "EPOCHS": 6, "STEPS_PER_EPOCH": 16, "BATCH_SIZE": 16,
                            "LEARNING_RATE": 1e-3, "NUM_THREADS": 1, "UPDATE_FIGURES": False},
         # the default sizes without ScoreCAM (~11 s per image for ResNet-18 at 96 px on one thread,
         # benchmarks/bench_cam.py) and on 20 images (ROAD costs ~2 s per image and map there); real images
