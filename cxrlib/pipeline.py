@@ -134,12 +134,13 @@ PROFILES: dict[str, dict[str, dict]] = {
                            "LEARNING_RATE": 1e-3, "NUM_THREADS": 1, "UPDATE_FIGURES": False},
         # the default sizes without ScoreCAM (~11 s per image for ResNet-18 at 96 px on one thread,
         # benchmarks/bench_cam.py) and on 20 images (ROAD costs ~2 s per image and map there); real images
-        # have no lesion masks, so lung overlap and faithfulness only; not yet timed
+        # have no lesion masks, so lung overlap and faithfulness only; 303 s on the realdata recipe (load ~3)
         "05_umap_gradcam": {"EMBEDDING": "umap", "MAX_SYNTHETIC": 300, "MAX_CAM_IMAGES": 20, "N_GALLERY": 4,
                             "CAM_METHODS": ["gradcam", "gradcam++", "eigencam"], "SALIENCY_SIZE": 256,
                             "ROAD_PERCENTILES": [25, 50, 75], "NUM_THREADS": 2, "UPDATE_FIGURES": False},
-        # 64 px pixel model, 30 epochs of <= 60 steps (meant to stay under 30 min of CPU training; not yet
-        # timed); real images have no text masks, so the text section is skipped (REAL_IMAGES shows removal)
+        # 64 px pixel model, 30 epochs of <= 60 steps: 33 min of CPU training and 39 min for the notebook on
+        # the realdata recipe (load 1-3), over the intended 30 min of training; real images have no text
+        # masks, so the text section is skipped (REAL_IMAGES shows removal)
         "06_diffusion_reader_study": {"IMAGE_SIZE": 64, "CHANNELS": [16, 32, 64, 64], "EPOCHS": 30,
                                       "MAX_STEPS_PER_EPOCH": 60, "BATCH_SIZE": 16, "LEARNING_RATE": 1.5e-3,
                                       "N_SAMPLES_PER_CLASS": 48, "DDIM_STEPS": 25, "JUDGE_EPOCHS": 10,
