@@ -36,6 +36,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from _common import load_average, sync
 
 from cxrlib.explain.cam import CAM_METHODS, cam_resolution, compute_cams
 from cxrlib.explain.saliency import faithfulness
@@ -45,33 +46,21 @@ from cxrlib.runs import write_json
 HERE = Path(__file__).resolve().parent
 
 
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(work: Callable[[], object], n_images: int, repeats: int, device: torch.device) -> dict:
     work()  # warm-up: imports, allocations, cuDNN autotune
-    _sync(device)
+    sync(device)
     walls = []
     for _ in range(repeats):
         start = time.perf_counter()
         work()
-        _sync(device)
+        sync(device)
         walls.append(time.perf_counter() - start)
     wall = statistics.median(walls)
     return {"images": n_images, "images_per_s": round(n_images / wall, 2),
             "ms_per_image": round(1000 * wall / n_images, 2),
             "images_per_s_best": round(n_images / min(walls), 2),
             "images_per_s_worst": round(n_images / max(walls), 2), "rounds": repeats,
-            "load_average_1min": _load_average()}
+            "load_average_1min": load_average()}
 
 
 def main(argv: list[str] | None = None) -> int:

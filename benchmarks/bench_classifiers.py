@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from _common import load_average, sync
 
 from cxrlib.data.classification import ClassificationDataset
 from cxrlib.data.io import write_png
@@ -47,18 +48,6 @@ from cxrlib.train.engine import autocast_context, make_grad_scaler
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ARCHS = ("small_cnn", "resnet18", "resnet50", "densenet121", "vgg16", "squeezenet1_1")
-
-
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_training(arch: str, *, device: torch.device, size: int, batch_size: int, steps: int, warmup: int,
@@ -88,12 +77,12 @@ def time_training(arch: str, *, device: torch.device, size: int, batch_size: int
 
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     times, cpu_times = [], []
     for _ in range(steps):
         cpu_started, started = time.process_time(), time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - started)
         cpu_times.append(time.process_time() - cpu_started)
     rates = [batch_size / t for t in times]
@@ -164,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict = {
         "benchmark": "classifiers", "image_size": args.size, "threads": args.threads,
-        "load_average_before": _load_average(), "python": platform.python_version(), "torch": torch.__version__,
+        "load_average_before": load_average(), "python": platform.python_version(), "torch": torch.__version__,
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "train": [], "loader": [],
     }
     devices: list[tuple[torch.device, bool]] = []
@@ -193,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             result["loader"].append(row)
             print(f"loader {mode:6s} {row['images_per_s']:9.1f} img/s (cache filled in {row['cache_fill_s']} s)",
                   flush=True)
-    result["load_average_after"] = _load_average()
+    result["load_average_after"] = load_average()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} (load average {result['load_average_before']} -> {result['load_average_after']})")

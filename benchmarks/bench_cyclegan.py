@@ -42,21 +42,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 
+from _common import load_average, sync  # noqa: E402
+
 from cxrlib.models.cyclegan import CycleGAN, count_parameters  # noqa: E402
 from cxrlib.train.cyclegan import CycleGANTrainConfig, CycleGANTrainer  # noqa: E402
 from cxrlib.train.engine import DistContext  # noqa: E402
-
-
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _inputs(size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +118,11 @@ def build_reference(reference: Path, generator: str, size: int, device: torch.de
 
 def time_steps(step: Callable[[], None], device: torch.device, count: int) -> tuple[float, float]:
     """Wall-clock and process CPU seconds per step over ``count`` steps."""
-    _synchronize(device)
+    sync(device)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         step()
-    _synchronize(device)
+    sync(device)
     return (time.perf_counter() - wall) / count, (time.process_time() - cpu) / count
 
 
@@ -142,7 +132,7 @@ def measure(contenders: dict[str, Callable[[], None]], device: torch.device, *, 
     for step in contenders.values():
         for _ in range(warmup):
             step()
-    _synchronize(device)
+    sync(device)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, step in contenders.items():
@@ -190,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     results = []
-    load_before = _load_average()
+    load_before = load_average()
     for device_name in devices:
         device = torch.device(device_name)
         for size in args.sizes:
@@ -230,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": args.threads,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "load_average_1min_before": load_before, "load_average_1min_after": _load_average()},
+                    "load_average_1min_before": load_before, "load_average_1min_after": load_average()},
         "settings": {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
                      "reference": str(args.reference) if args.reference else None},
         "results": results,

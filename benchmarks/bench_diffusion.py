@@ -29,15 +29,11 @@ import time
 from pathlib import Path
 
 import torch
+from _common import load_average, sync
 
 from cxrlib.models.diffusion import DiffusionConfig, DiffusionModel, training_scheduler
 
 HERE = Path(__file__).resolve().parent
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_training(model: DiffusionModel, device: torch.device, batch: int, warmup: int, steps: int,
@@ -67,11 +63,11 @@ def bench_training(model: DiffusionModel, device: torch.device, batch: int, warm
         step()
     rounds = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         for _ in range(steps):
             step()
-        _sync(device)
+        sync(device)
         rounds.append(steps / (time.perf_counter() - started))
     return {"mode": "train", "iterations_per_s": round(statistics.median(rounds), 3),
             "images_per_s": round(statistics.median(rounds) * batch, 2),
@@ -84,10 +80,10 @@ def bench_sampling(model: DiffusionModel, device: torch.device, n_images: int, d
     model.to(device).eval()
     labels = ["covid"] * n_images
     model.sample(labels[:2], num_inference_steps=2, guidance_scale=guidance)  # warm-up
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     model.sample(labels, num_inference_steps=ddim_steps, guidance_scale=guidance, batch_size=n_images)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - started
     return {"mode": "sample", "ddim_steps": ddim_steps, "guidance_scale": guidance, "n_images": n_images,
             "images_per_s": round(n_images / seconds, 3), "seconds": round(seconds, 2)}
@@ -121,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = DiffusionModel(config)
         extra = {"device": device_name, "cpu_threads": torch.get_num_threads() if device_name == "cpu" else None,
-                 "load_average_1min": round(os.getloadavg()[0], 2),
+                 "load_average_1min": load_average(),
                  "parameters": sum(p.numel() for p in model.unet.parameters())}
         results.append({**bench_training(model, device, args.batch, args.warmup, args.steps, args.repeats), **extra})
         print(results[-1], flush=True)
         for ddim_steps in args.ddim_steps:
             results.append({**bench_sampling(model, device, args.n_samples, ddim_steps, args.guidance), **extra,
-                            "load_average_1min": round(os.getloadavg()[0], 2)})
+                            "load_average_1min": load_average()})
             print(results[-1], flush=True)
     payload = {"benchmark": "diffusion", "size": args.size, "channels": args.channels,
                "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),

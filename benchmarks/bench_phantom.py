@@ -34,6 +34,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from _common import load_average  # noqa: E402
 
 from cxrlib.data.phantom import (  # noqa: E402
     DEFAULT_SITES,
@@ -55,13 +56,6 @@ def _pin_one_cpu() -> int | None:
     cpu = min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpu})
     return cpu
-
-
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def _jobs(n: int, offset: int) -> list[tuple[str, int, str, int]]:
@@ -131,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     init0 = time.perf_counter()
     generator = PhantomGenerator(args.size, seed=0)
     init_s = time.perf_counter() - init0
-    load_before = _load_average()
+    load_before = load_average()
     render = time_render(generator, args.n, args.repeats)
     result = {
         "benchmark": "phantom",

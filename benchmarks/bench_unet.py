@@ -30,24 +30,13 @@ import time
 from pathlib import Path
 
 import torch
+from _common import load_average, sync
 
 from cxrlib.models.unet import UNet, UNetConfig, count_parameters
 from cxrlib.train.engine import autocast_context, make_grad_scaler
 from cxrlib.train.segmentation import segmentation_loss
 
 HERE = Path(__file__).resolve().parent
-
-
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(model_config: UNetConfig, device: torch.device, *, size: int, batch: int, steps: int,
@@ -78,13 +67,13 @@ def measure(model_config: UNetConfig, device: torch.device, *, size: int, batch:
     model.train(train)
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     walls = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(steps):
             step()
-        _sync(device)
+        sync(device)
         walls.append(time.perf_counter() - start)
     n_images = steps * batch
     wall = statistics.median(walls)
@@ -100,7 +89,7 @@ def measure(model_config: UNetConfig, device: torch.device, *, size: int, batch:
         "batch": batch,
         "steps_per_round": steps,
         "rounds": repeats,
-        "load_average_1min": _load_average(),
+        "load_average_1min": load_average(),
     }
     if device.type == "cuda":
         result["max_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
