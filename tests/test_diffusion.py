@@ -184,6 +184,30 @@ def test_training_learns_checkpoints_and_resumes(tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_time_budget_stops_at_an_epoch_boundary_and_holds_over_resumes(tmp_path):
+    images, labels = _images()
+    run = tmp_path / "run"
+    # a budget shorter than one epoch: the first epoch runs (nothing to estimate from yet), no second starts
+    with pytest.warns(UserWarning, match="time budget of 0 s reached after epoch 1 of 4"):
+        result = train_diffusion(images, labels, run, _config(epochs=4, max_steps_per_epoch=2, max_train_seconds=1e-3))
+    assert result.stopped_by_budget and result.epochs_done == 1 and result.steps == 2
+    assert result.history["epoch"].tolist() == [1] and result.train_seconds > 1e-3
+    assert result.history["train_seconds"].iloc[-1] == pytest.approx(result.train_seconds, abs=1e-3)
+    assert (run / "model" / "unet").is_dir()  # the budget-stopped model is saved like a finished one
+    # resuming with the same budget trains nothing more: the clock is stored in the checkpoint
+    with pytest.warns(UserWarning, match="budget"):
+        again = train_diffusion(images, labels, run, _config(epochs=4, max_steps_per_epoch=2, max_train_seconds=1e-3))
+    assert again.stopped_by_budget and again.epochs_done == 1 and again.steps == 2
+    # without a budget the same run continues to its last epoch
+    finished = train_diffusion(images, labels, run, _config(epochs=4, max_steps_per_epoch=2))
+    assert not finished.stopped_by_budget and finished.epochs_done == 4 and finished.steps == 8
+    assert finished.train_seconds > result.train_seconds
+    # a generous budget changes nothing
+    roomy = train_diffusion(images, labels, tmp_path / "roomy", _config(epochs=2, max_steps_per_epoch=2,
+                                                                         max_train_seconds=3600))
+    assert not roomy.stopped_by_budget and roomy.epochs_done == 2
+
+
 def test_training_refuses_other_model_settings_and_bad_images(tmp_path):
     images, labels = _images()
     train_diffusion(images, labels, tmp_path, _config(epochs=1, max_steps_per_epoch=1))

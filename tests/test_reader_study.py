@@ -127,3 +127,60 @@ def test_scripted_reader_answers_every_trial_from_probabilities(tmp_path):
     features_synthetic = np.random.default_rng(1).normal(3, 1, (20, 3))
     probe = rs.fit_detector(features_real, features_synthetic)
     assert probe.predict_proba(np.array([[3.0, 3.0, 3.0]]))[0, 1] > 0.9
+
+
+def _widgets(root, kind):
+    """Every widget of type ``kind`` inside ``root`` (depth first)."""
+    found = [root] if isinstance(root, kind) else []
+    for child in getattr(root, "children", ()):
+        found += _widgets(child, kind)
+    return found
+
+
+def test_reader_app_records_a_40_image_session_click_by_click_and_shows_the_scores(tmp_path):
+    import ipywidgets as widgets
+
+    from cxrlib.viz.diffusion import reader_app
+
+    real, synthetic = _pools()
+    sequence = rs.make_sequence(real, synthetic, n_images=40, seed=3)
+    truth = dict(zip(sequence["image_id"], sequence["truth"], strict=True))
+    shown = []
+
+    def load_image(trial):
+        shown.append(trial["image_id"])
+        return np.full((32, 32), 100 if trial["truth"] == "real" else 200, np.uint8)
+
+    app = reader_app(rs.ReaderSession(tmp_path, "ann", "class1", sequence), load_image)
+    buttons = {b.description: b for b in _widgets(app, widgets.Button)}
+    picture = _widgets(app, widgets.Image)[0]
+    assert set(buttons) == {"real", "synthetic"} and bytes(picture.value).startswith(b"\x89PNG")
+    path = tmp_path / "ann__class1.csv"
+
+    # a reader who is right on the first 25 images, then the kernel dies
+    for k in range(25):
+        buttons[truth[shown[-1]]].click()
+        assert len(rs.read_answers(path)) == k + 1  # on disk before the next image appears
+    assert shown[:25] == sequence["image_id"].iloc[:25].tolist()
+
+    # a new app on the same files resumes at image 26; this reader calls everything synthetic from here
+    shown.clear()
+    app = reader_app(rs.ReaderSession(tmp_path, "ann", "class1"), load_image)
+    buttons = {b.description: b for b in _widgets(app, widgets.Button)}
+    status = _widgets(app, widgets.Label)[0]
+    assert "image 26 of 40" in status.value and "resumed" in status.value
+    for _ in range(15):
+        buttons["synthetic"].click()
+    assert buttons["real"].disabled and buttons["synthetic"].disabled and status.value.startswith("done: 40 answers")
+    progress = _widgets(app, widgets.IntProgress)[0]
+    assert progress.value == progress.max == 40
+
+    answers = rs.read_answers(path)
+    assert answers["trial"].astype(int).tolist() == list(range(1, 41))
+    expected = rs.score_answers(answers)
+    later_real = (sequence["truth"].iloc[25:] == "real").sum()
+    assert expected["accuracy"] == pytest.approx((40 - later_real) / 40)
+    # the scores the reader sees are the score table of their own answers
+    table = _widgets(app, widgets.HTML)[-1].value
+    assert f"<td>{expected['accuracy']:.2f}</td>" in table and f"<td>{expected['specificity']:.2f}</td>" in table
+    assert "sensitivity_low" in table

@@ -72,6 +72,10 @@ class DiffusionTrainConfig:
       to it), ``hflip``: random horizontal flips (off by default: a flipped chest X-ray has
       its heart on the wrong side).
     - ``vae_epochs``, ``vae_lr``, ``vae_kl_weight``: the autoencoder stage (latent model only).
+    - ``max_train_seconds``: a wall-clock budget for the denoiser's training, summed over
+      resumed runs (``None``: no limit). An epoch starts only when the time so far plus the
+      last epoch's duration fits, so training ends within the budget at an epoch boundary
+      (the autoencoder stage of the latent model is not counted).
     - ``seed``, ``device``, ``num_workers``, ``amp`` (CUDA float16), ``progress``.
     """
 
@@ -89,6 +93,7 @@ class DiffusionTrainConfig:
     vae_epochs: int = 10
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    max_train_seconds: float | None = None
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -106,6 +111,8 @@ class DiffusionTrainConfig:
             raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {self.epochs}, {self.batch_size}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             self.max_steps_per_epoch = None
+        if self.max_train_seconds is not None and self.max_train_seconds <= 0:
+            self.max_train_seconds = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DiffusionTrainConfig:
@@ -116,7 +123,9 @@ class DiffusionTrainConfig:
 @dataclass
 class DiffusionTrainResult:
     """What :func:`train_diffusion` returns: the model with EMA weights (eval mode), the
-    per-epoch ``history``, the checkpoint and the ``model_dir`` written by ``save_pretrained``."""
+    per-epoch ``history``, the checkpoint and the ``model_dir`` written by ``save_pretrained``;
+    ``epochs_done`` (may be fewer than ``config.epochs`` when ``stopped_by_budget``) and
+    ``train_seconds`` (the denoiser's training time, summed over resumed runs)."""
 
     model: DiffusionModel
     history: pd.DataFrame
@@ -124,6 +133,9 @@ class DiffusionTrainResult:
     model_dir: Path
     config: DiffusionTrainConfig
     steps: int
+    epochs_done: int = 0
+    train_seconds: float = 0.0
+    stopped_by_budget: bool = False
 
     @property
     def checkpoint_name(self) -> str:
@@ -241,24 +253,34 @@ def train_diffusion(
     ema = EMAModel(unet.parameters(), decay=config.ema_decay)
     saved_config = to_plain(asdict(config))
     start_epoch, step = 1, 0
+    train_seconds, last_epoch_s = 0.0, 0.0  # the budget's clock, carried over resumes
     if checkpoint is not None:
         load_checkpoint(checkpoint, model=unet, optimizer=optimizer, scheduler=lr_schedule, scaler=scaler)
         ema_state = (checkpoint.get("state") or {}).get("ema")
         if ema_state is not None:
             ema.load_state_dict(ema_state)
         start_epoch, step = int(checkpoint["epoch"]) + 1, int(checkpoint["step"])
+        saved_extra = checkpoint.get("extra") or {}
+        train_seconds = float(saved_extra.get("train_seconds", 0.0))
+        last_epoch_s = float(saved_extra.get("last_epoch_s", 0.0))
     ema.to(device)
     logger = MetricLogger(run_dir, enabled=ctx.is_main)
     logger.drop_after(start_epoch - 1)
 
     noiser = training_scheduler(config.model)
-    if start_epoch <= config.epochs:
+    epochs_done, stopped_by_budget = start_epoch - 1, False
+    if start_epoch <= config.epochs and _over_budget(config.max_train_seconds, train_seconds, last_epoch_s, ctx):
+        stopped_by_budget = True
+    elif start_epoch <= config.epochs:
         loader = make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed, ctx=ctx,
                              num_workers=config.num_workers, drop_last=len(dataset) > config.batch_size)
         net = wrap_ddp(unet, ctx)
         bar = progress_bar(range(start_epoch, config.epochs + 1), ctx=ctx, enabled=config.progress,
                            desc="diffusion", unit="epoch", initial=start_epoch - 1, total=config.epochs)
         for epoch in bar:
+            if epoch > start_epoch and _over_budget(config.max_train_seconds, train_seconds, last_epoch_s, ctx):
+                stopped_by_budget = True
+                break
             started = time.perf_counter()
             seed_epoch(config.seed, epoch, ctx.rank)
             set_loader_epoch(loader, epoch)
@@ -298,19 +320,26 @@ def train_diffusion(
             step += steps
             lr_schedule.step()
             mean_loss = all_reduce_mean(loss_sum / max(count, 1), ctx)
+            last_epoch_s = time.perf_counter() - started
+            train_seconds += last_epoch_s
+            epochs_done = epoch
             logger.log({"epoch": epoch, "step": step, "lr": lr, "train_loss": mean_loss,
                         "ema_decay": float(getattr(ema, "cur_decay_value", 0.0) or 0.0),
-                        "time_s": round(time.perf_counter() - started, 3)})
+                        "time_s": round(last_epoch_s, 3), "train_seconds": round(train_seconds, 3)})
             if ctx.is_main:
                 save_checkpoint(last_path, model=unet, optimizer=optimizer, scheduler=lr_schedule, scaler=scaler,
                                 epoch=epoch, step=step, config=saved_config,
-                                extra={"world_size": ctx.world_size, "device": str(device)},
+                                extra={"world_size": ctx.world_size, "device": str(device),
+                                       "train_seconds": train_seconds, "last_epoch_s": last_epoch_s},
                                 state={"ema": ema.state_dict()})
             barrier()
             bar.set_postfix(loss=f"{mean_loss:.4f}")
         bar.close()
     elif checkpoint is None:
         warnings.warn("epochs=0: the returned model is untrained", stacklevel=2)
+    if stopped_by_budget and ctx.is_main:
+        warnings.warn(f"training time budget of {config.max_train_seconds:.0f} s reached after epoch {epochs_done} "
+                      f"of {config.epochs} ({train_seconds:.0f} s of training)", stacklevel=2)
 
     ema.copy_to(unet.parameters())
     model.eval()
@@ -319,7 +348,17 @@ def train_diffusion(
         model.save_pretrained(model_dir)
     barrier()
     return DiffusionTrainResult(model=model, history=logger.frame(), checkpoint_path=last_path,
-                                model_dir=model_dir, config=config, steps=step)
+                                model_dir=model_dir, config=config, steps=step, epochs_done=epochs_done,
+                                train_seconds=train_seconds, stopped_by_budget=stopped_by_budget)
+
+
+def _over_budget(budget: float | None, spent: float, last_epoch: float, ctx: DistContext) -> bool:
+    """Would another epoch (taking as long as the last one) overrun ``budget`` seconds? Ranks agree:
+    any rank over budget stops them all."""
+    if budget is None:
+        return False
+    over = float(spent + last_epoch > budget)
+    return bool(all_reduce_mean(over, ctx) > 0) if ctx.is_distributed else bool(over)
 
 
 def _train_vae(model: DiffusionModel, dataset: Dataset, vae_dir: Path, config: DiffusionTrainConfig,
@@ -402,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step and process")
     parser.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     parser.add_argument("--vae-epochs", type=int, default=d.vae_epochs, help="autoencoder epochs (latent only)")
+    parser.add_argument("--max-train-minutes", type=float, default=0,
+                        help="wall-clock budget of the denoiser's training, summed over resumes (0: none)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of weights, batches and noise")
     parser.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming last.pt")
@@ -417,13 +458,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                             prediction_type=args.prediction_type)
     config = DiffusionTrainConfig(model=model, epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch or None,
                                   batch_size=args.batch_size, lr=args.lr, vae_epochs=args.vae_epochs, seed=args.seed,
-                                  device=args.device)
+                                  device=args.device, max_train_seconds=60 * args.max_train_minutes or None)
     manifest = mf.read_manifest(args.manifest)
     rows = syn.real_rows(manifest, "train", list(model.class_names))
     images = syn.load_images(rows, model.image_size)
     result = train_diffusion(images, rows["label"].astype(str).tolist(), args.run_dir, config,
                              resume=not args.no_resume)
-    print(f"trained {result.steps} steps; model in {result.model_dir}")
+    budget = " (time budget reached)" if result.stopped_by_budget else ""
+    print(f"trained {result.steps} steps in {result.epochs_done} epochs, {result.train_seconds:.0f} s{budget}; "
+          f"model in {result.model_dir}")
     return 0
 
 

@@ -161,7 +161,7 @@ def reader_app(session, load_image: Callable[[dict], np.ndarray], *, classes: Se
     confidence = widgets.IntSlider(value=3, min=1, max=5, description="confidence")
     progress = widgets.IntProgress(min=0, max=len(session), value=session.n_answered)
     status = widgets.Label()
-    out = widgets.Output()
+    scores = widgets.HTML()  # the reader's own scores once the sequence is done
 
     def show() -> None:
         trial = session.current()
@@ -169,10 +169,8 @@ def reader_app(session, load_image: Callable[[dict], np.ndarray], *, classes: Se
         if trial is None:
             real_button.disabled = synthetic_button.disabled = True
             status.value = f"done: {session.n_answered} answers saved to {session.path}"
-            with out:
-                out.clear_output()
-                table = score_table(session.answers)
-                print(table[[c for c in table.columns if c != "n"]].round(2).T.to_string(header=False))
+            table = score_table(session.answers)
+            scores.value = table[[c for c in table.columns if c != "n"]].round(2).T.to_html(header=False)
             return
         picture.value = _png_bytes(load_image(trial))
         status.value = f"image {trial['trial']} of {len(session)}" + (" (resumed session)" if session.resumed else "")
@@ -194,4 +192,4 @@ def reader_app(session, load_image: Callable[[dict], np.ndarray], *, classes: Se
         controls.append(class_choice)
     if ask_confidence:
         controls.append(confidence)
-    return widgets.VBox([picture, *controls, widgets.HBox([progress, status]), out])
+    return widgets.VBox([picture, *controls, widgets.HBox([progress, status]), scores])
