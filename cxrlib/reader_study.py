@@ -5,7 +5,8 @@ synthetic ones (accuracy 0.81, sensitivity 0.86, specificity 0.76). This module 
 same study on any generators of the project (``G_NC``, ``G_PC``, ``diffusion``):
 
 - :func:`make_sequence` draws a seeded, balanced, shuffled sequence: half real images, half
-  synthetic ones split evenly over the generators; the reader sees only the image;
+  synthetic ones split evenly over the generators; the reader sees only the image
+  (:func:`image_pool` and :func:`fitting_length` prepare the pools and the length);
 - :class:`ReaderSession` appends each answer to the reader's CSV the moment it is given
   (``flush`` + ``fsync``: a dying kernel loses at most the click in progress) and resumes
   an existing file where it stopped;
@@ -72,6 +73,36 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # ----------------------------------------------------------------------------- sequence
 
 
+def image_pool(rows: pd.DataFrame, manifest: pd.DataFrame | str | os.PathLike | None = None) -> pd.DataFrame:
+    """``rows`` (manifest rows of one pool) with every ``path`` made absolute against the root of
+    ``manifest`` (its ``attrs["root"]``, or a folder; ``None``: ``rows``' own root), so a sequence
+    file works from any folder. The other columns are kept."""
+    from cxrlib.data.manifest import resolve_path
+
+    root = rows if manifest is None else manifest
+    return rows.assign(path=[str(resolve_path(root, p)) for p in rows["path"]])
+
+
+def fitting_length(n_wanted: int, real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame]) -> int:
+    """The longest even sequence of at most ``n_wanted`` images that :func:`make_sequence` can draw
+    from these pools (half real; the synthetic half split evenly over the generators); 0 when a
+    pool is empty."""
+    sizes = [len(rows) for rows in synthetic.values()]
+    if not sizes:
+        return 0
+    for n_real in range(min(int(n_wanted) // 2, len(real)), 0, -1):
+        if all(share <= size for share, size in zip(_shares(n_real, len(sizes)), sizes, strict=True)):
+            return 2 * n_real
+    return 0
+
+
+def _shares(n_synthetic: int, n_generators: int) -> np.ndarray:
+    """Synthetic images per generator: as even as possible, the first generators get the extras."""
+    shares = np.full(n_generators, n_synthetic // n_generators)
+    shares[: n_synthetic % n_generators] += 1
+    return shares
+
+
 def make_sequence(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], *, n_images: int = 40,
                   seed: int = 0) -> pd.DataFrame:
     """A blinded, balanced, seeded sequence of ``n_images`` images (even number).
@@ -89,8 +120,7 @@ def make_sequence(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], *, 
         raise ValueError("need at least one synthetic generator")
     rng = np.random.default_rng([int(seed), 1717])
     n_real = n_images // 2
-    shares = np.full(len(synthetic), n_real // len(synthetic))
-    shares[: n_real % len(synthetic)] += 1
+    shares = _shares(n_real, len(synthetic))
     parts = []
     for name, rows, count, truth in [(REAL, real, n_real, REAL)] + [
             (g, rows, int(k), SYNTHETIC) for (g, rows), k in zip(synthetic.items(), shares, strict=True)]:

@@ -34,6 +34,31 @@ def test_sequence_is_balanced_seeded_and_shuffled():
         rs.make_sequence(real, synthetic, n_images=7)
 
 
+def test_fitting_length_is_the_longest_sequence_the_pools_allow(tmp_path):
+    real, synthetic = _pools(n_real=30, n_each=12)
+    assert rs.fitting_length(40, real, synthetic) == 40
+    assert rs.fitting_length(41, real, synthetic) == 40
+    assert rs.fitting_length(100, real, synthetic) == 60  # 30 real images
+    small = {**synthetic, "G_PC": synthetic["G_PC"].iloc[:3]}
+    # 10 synthetic: G_NC 4, G_PC 3, diffusion 3 (the first generators take the extras); 11 would need 4 of G_PC
+    assert rs.fitting_length(100, real, small) == 20
+    n = rs.fitting_length(100, real, small)
+    assert len(rs.make_sequence(real, small, n_images=n)) == n
+    with pytest.raises(ValueError):
+        rs.make_sequence(real, small, n_images=n + 2)
+    assert rs.fitting_length(40, real, {}) == 0 and rs.fitting_length(40, real.iloc[:0], synthetic) == 0
+
+
+def test_image_pool_makes_paths_absolute_against_the_manifest_root(tmp_path):
+    rows = pd.DataFrame({"image_id": ["a", "b"], "path": ["img/a.png", str(tmp_path / "elsewhere" / "b.png")],
+                         "label": "covid"})
+    rows.attrs["root"] = str(tmp_path / "manifest_root")
+    pooled = rs.image_pool(rows, tmp_path / "data")
+    assert pooled["path"].tolist() == [str(tmp_path / "data" / "img" / "a.png"), str(tmp_path / "elsewhere" / "b.png")]
+    assert rs.image_pool(rows)["path"].iloc[0] == str(tmp_path / "manifest_root" / "img" / "a.png")
+    assert pooled["label"].tolist() == ["covid", "covid"] and rows["path"].iloc[0] == "img/a.png"
+
+
 def test_answers_are_on_disk_after_every_click_and_sessions_resume(tmp_path):
     real, synthetic = _pools()
     sequence = rs.make_sequence(real, synthetic, n_images=6, seed=0)
