@@ -166,3 +166,25 @@ def test_faithfulness_ranks_the_map_the_model_uses_first():
     assert np.array_equal(again["road"], good["road"])
     with pytest.raises(ValueError, match="same N"):
         sal.faithfulness(model, images, left[:2], 1)
+
+
+def test_score_faithfulness_fills_methods_and_both_baselines():
+    images = torch.zeros(3, 1, 16, 16)
+    images[..., :8] = 1.0
+    left = np.zeros((3, 16, 16), dtype=np.float32)
+    left[..., :8] = 1.0
+    masks = [np.ones((16, 16), bool)] * 3
+    cams = {"left": left, "right": 1.0 - left}
+    per_image = sal.score_images(cams, ["a", "b", "c"], lung_masks=masks, n_random=2, random_grid=2)
+    scored = sal.score_faithfulness(per_image, LeftHalfModel(), images, cams, 1, percentiles=(25, 50, 75),
+                                    random_grid=2, seed=0)
+    assert "road" not in per_image.columns  # a copy: the input is left as it was
+    assert scored[["road", "cam_mult_change"]].notna().all().all()
+    assert set(scored["method"]) == {"left", "right", sal.RANDOM, sal.CENTRE}
+    road = scored.groupby("method")["road"].mean()
+    # the map the model uses ranks first; a random map and a centred blob lie between the two extremes
+    assert road["left"] > max(road[sal.RANDOM], road[sal.CENTRE]) and road["right"] < road["left"]
+    direct = sal.faithfulness(LeftHalfModel(), images, left, 1, percentiles=(25, 50, 75), seed=0)
+    assert np.allclose(scored.loc[scored["method"] == "left", "road"], direct["road"])
+    with pytest.raises(ValueError, match="row"):
+        sal.score_faithfulness(per_image.iloc[1:], LeftHalfModel(), images, cams, 1, percentiles=(50,))

@@ -327,3 +327,42 @@ __all__ = [
     "CENTRE", "RANDOM", "centre_prior", "energy_inside", "faithfulness", "lesion_energy", "lung_overlap",
     "pointing_game", "random_maps", "resize_map", "saliency_scores", "score_images", "summarize_scores",
 ]
+
+
+def score_faithfulness(
+    per_image: pd.DataFrame,
+    model: torch.nn.Module,
+    inputs: torch.Tensor | np.ndarray,
+    cams: Mapping[str, np.ndarray],
+    target_classes: Sequence[int] | int,
+    *,
+    percentiles: Sequence[int] = (10, 20, 30, 40, 50, 60, 70, 80, 90),
+    random_grid: int | tuple[int, int] = 7,
+    centre_sigma: float = 0.25,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """``per_image`` (:func:`score_images` output) with ``road`` and ``cam_mult_change`` filled in.
+
+    Every CAM method of ``cams`` (maps ``(N, H, W)`` at the input size, in ``per_image``'s
+    image order) is scored with :func:`faithfulness`, and so are the two baselines at the
+    same size: one :func:`random_maps` draw per image on ``random_grid`` (seeded by ``seed``)
+    and the :func:`centre_prior`. A model that ignores where the map points scores the same
+    for a CAM as for a random map. Rows of methods not scored keep NaN. Returns a copy.
+    """
+    tensor = torch.as_tensor(np.asarray(inputs) if isinstance(inputs, np.ndarray) else inputs, dtype=torch.float32)
+    n, size = len(tensor), tuple(int(s) for s in tensor.shape[-2:])
+    reference = {RANDOM: random_maps(size, n, grid=random_grid, rng=seed).astype(np.float32),
+                 CENTRE: np.repeat(centre_prior(size, centre_sigma)[None], n, 0).astype(np.float32)}
+    scored = per_image.copy()
+    for column in ("road", "cam_mult_change"):
+        if column not in scored.columns:
+            scored[column] = np.nan
+    for method, maps in {**cams, **reference}.items():
+        where = (scored["method"] == method).to_numpy()
+        if where.sum() != n:
+            raise ValueError(f"per_image has {where.sum()} row(s) of {method!r}, the inputs {n} image(s)")
+        values = faithfulness(model, tensor, np.asarray(maps, dtype=np.float32), target_classes,
+                              percentiles=percentiles, seed=seed)
+        scored.loc[where, "road"] = values["road"]
+        scored.loc[where, "cam_mult_change"] = values["cam_mult_change"]
+    return scored
