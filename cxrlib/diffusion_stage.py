@@ -8,10 +8,11 @@ This module holds the parts of notebook 06 that are more than a few lines:
 - :func:`train_judges`: the feature network and the oracle of notebook 03
   (:func:`cxrlib.synthesis.train_feature_network`, :func:`cxrlib.synthesis.train_oracle`),
   trained on real images at the resolution every generator is compared at;
-- :func:`generator_report`: the measures of :mod:`cxrlib.evaluate.synthesis` for any
-  generator (FD / KID with the real-vs-real floor, oracle rate per conditioning class,
-  memorisation against the real training images, detectability), so ``G_NC``, ``G_PC`` and
-  the diffusion model land in one table with one judge;
+- :func:`generator_report`: notebook 03's :func:`cxrlib.synthesis.judge_generator` and
+  :func:`cxrlib.synthesis.memorisation` for any generator (FD / KID with the real-vs-real
+  floor, oracle rate per conditioning class, memorisation against the real training images,
+  detectability), so ``G_NC``, ``G_PC`` and the diffusion model land in one table with one
+  judge;
 - :func:`notebook03_reference`: what notebook 03 reported for its translators (at its own
   resolution), to put next to that table.
 
@@ -179,25 +180,21 @@ def generator_report(
     if len(conditioning) != len(synthetic_images):
         raise ValueError(f"{len(conditioning)} conditioning labels for {len(synthetic_images)} images")
     is_target = conditioning == target
-    target_images = synthetic_images[is_target]
+    groups = np.asarray(list(synthetic_groups), dtype=object) if synthetic_groups is not None else None
+    judged = syn.judge_generator(
+        synthetic_images=synthetic_images[is_target], real_covid_train=real_covid_train,
+        real_covid_test=real_covid_test, real_covid_heldout=real_covid_heldout,
+        real_covid_heldout_groups=real_covid_heldout_groups, feature_net=feature_net, oracle=oracle,
+        source_images=source_images[is_target] if source_images is not None else None,
+        synthetic_groups=groups[is_target] if groups is not None else None, seed=seed, n_boot=n_boot)
     report: dict[str, Any] = {"n_generated": int(len(synthetic_images)), "n_target": int(is_target.sum())}
-    synthetic_feats = syn.features(feature_net, target_images)
-    train_feats = syn.features(feature_net, real_covid_train)
-    test_feats = syn.features(feature_net, real_covid_test)
-    if min(len(synthetic_feats), len(train_feats), len(test_feats)) >= 2:
-        fd = synth.fd_report(synthetic_feats, test_feats, train_feats, seed=seed)
-        report.update(fd_cxr=fd["fd"], fd_cxr_floor=fd["fd_floor"], kid=fd["kid"], kid_std=fd["kid_std"])
-    else:
-        report.update(fd_cxr=None, fd_cxr_floor=None, kid=None, kid_std=None)
+    report.update({key: value for key, value in judged.items() if key != "n_generated"})
+    report["oracle_covid_rate"] = report.pop("oracle_covid_rate_after")
+    report["oracle_covid_rate_ci95"] = report.pop("oracle_covid_rate_after_ci95")
+    report.pop("oracle_covid_rate_before_ci95")
 
-    threshold = syn.oracle_threshold(oracle)
+    threshold = report["oracle_threshold"]
     prob_all = syn.covid_probability(oracle, synthetic_images)
-    before = (syn.covid_probability(oracle, source_images[is_target]) if source_images is not None
-              else None)
-    rates = synth.oracle_rates(before, prob_all[is_target], threshold)
-    report.update(oracle_covid_rate=rates["oracle_covid_rate_after"],
-                  oracle_covid_rate_ci95=rates["oracle_covid_rate_after_ci95"],
-                  oracle_covid_rate_before=rates["oracle_covid_rate_before"], oracle_threshold=threshold)
     by_class = {}
     for name in dict.fromkeys(conditioning.tolist()):
         chosen = conditioning == name
@@ -206,21 +203,9 @@ def generator_report(
                                "n": int(chosen.sum())}
     report["oracle_covid_rate_by_class"] = by_class
 
-    groups = (np.asarray(list(synthetic_groups), dtype=object)[is_target] if synthetic_groups is not None
-              else np.array([f"sample{i}" for i in range(len(target_images))], dtype=object))
-    n_splits = min(5, len(set(map(str, real_covid_heldout_groups))), len(set(map(str, groups))))
-    if n_splits >= 2 and len(synthetic_feats) >= 2:
-        heldout_feats = syn.features(feature_net, real_covid_heldout)
-        detect = synth.detectability_auc(heldout_feats, synthetic_feats, groups_real=list(real_covid_heldout_groups),
-                                         groups_synthetic=list(groups), n_splits=n_splits, seed=seed, n_boot=n_boot)
-        report.update(detectability_auc=detect["auc"], detectability_auc_ci95=tuple(detect["auc_ci95"]))
-    else:
-        report.update(detectability_auc=None, detectability_auc_ci95=None)
-
-    if len(real_train) >= 2 and len(synthetic_images):
-        pixels = synth.memorisation_report(synth.pixel_features(synthetic_images), synth.pixel_features(real_train))
-        feats = synth.memorisation_report(syn.features(feature_net, synthetic_images),
-                                          syn.features(feature_net, real_train))
+    memo = syn.memorisation(feature_net, synthetic_images, real_train)  # every sample, whatever its class
+    if memo is not None:
+        pixels, feats = memo["pixels"], memo["features"]
         report.update(nearest_train_distance_p01=pixels["nearest_train_distance_p01"],
                       nearest_train_distance_min=float(pixels["nearest_train_distance"].min()),
                       possible_copies=[int(i) for i in pixels["possible_copy_indices"]],

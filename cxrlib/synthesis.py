@@ -14,6 +14,10 @@ more than a few lines:
   serve FD, KID, memorisation and detectability);
 - :func:`train_oracle`: an independent COVID vs non-COVID classifier on real images (other
   seed, other task), its threshold chosen on validation;
+- :func:`judge_generator`: the measures every generator gets, translator or not (FD / KID
+  with the real-vs-real floor, oracle rates, detectability), and :func:`memorisation`
+  (nearest training images in pixels and in the feature space); notebook 06 judges its
+  diffusion model with the same two functions;
 - :func:`evaluate_translator`: every number notebook 03 reports for one translator.
 
 Everything is compared at the CycleGAN's training resolution: real images are resized to
@@ -343,6 +347,88 @@ PHANTOM_KEYS: tuple[str, ...] = (
 )
 
 
+def judge_generator(
+    *,
+    synthetic_images: np.ndarray,
+    real_covid_train: np.ndarray,
+    real_covid_test: np.ndarray,
+    real_covid_heldout: np.ndarray,
+    real_covid_heldout_groups: Sequence[str],
+    feature_net: ClassifierTrainResult,
+    oracle: ClassifierTrainResult,
+    source_images: np.ndarray | None = None,
+    synthetic_groups: Sequence[str] | None = None,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """The measures every COVID-19 generator gets, with :mod:`cxrlib.evaluate.synthesis`.
+
+    Images are ``(N, S, S)`` uint8 at one side ``S``: ``synthetic_images`` (all meant to be
+    COVID-19), real COVID-19 images of the train split, of the test split and held out from
+    the judges' training (val + test) with their patient groups. ``source_images``: a
+    translator's inputs, row for row (``None`` for a generator that starts from noise);
+    ``synthetic_groups``: the patient each synthetic image comes from (``None``: each image
+    its own group). Returns:
+
+    - ``n_generated``; ``fd_cxr`` (synthetic vs real COVID-19 test), ``fd_cxr_floor`` (real
+      COVID-19 train vs test at the synthetic set's size), ``fd_cxr_untranslated`` (sources vs
+      real COVID-19 test; ``None`` without sources), ``kid`` / ``kid_std``, all in the
+      feature network's space (``None`` when a set has fewer than two images);
+    - ``oracle_covid_rate_before`` (sources; ``None`` without) / ``_after`` with Wilson
+      ``_ci95``, at ``oracle_threshold``;
+    - ``detectability_auc`` (+ ``_ci95``): a linear probe telling real held-out COVID-19 from
+      synthetic images, folds grouped by patient (``None`` with fewer than two groups a side).
+    """
+    synthetic_feats = features(feature_net, synthetic_images)
+    train_feats = features(feature_net, real_covid_train)
+    test_feats = features(feature_net, real_covid_test)
+    source_feats = features(feature_net, source_images) if source_images is not None else None
+    report: dict[str, Any] = {"n_generated": int(len(synthetic_images))}
+    # tiny cohorts (the smoke-test profile) may lack the two images per set a covariance needs
+    if min(len(synthetic_feats), len(train_feats), len(test_feats)) >= 2:
+        fd = synth.fd_report(synthetic_feats, test_feats, train_feats, reference=source_feats, seed=seed)
+        report.update(fd_cxr=fd["fd"], fd_cxr_floor=fd["fd_floor"], fd_cxr_untranslated=fd["fd_reference"],
+                      kid=fd["kid"], kid_std=fd["kid_std"])
+    else:
+        report.update(fd_cxr=None, fd_cxr_floor=None, fd_cxr_untranslated=None, kid=None, kid_std=None)
+    threshold = oracle_threshold(oracle)
+    rates = synth.oracle_rates(covid_probability(oracle, source_images) if source_images is not None else None,
+                               covid_probability(oracle, synthetic_images), threshold)
+    report.update({key: rates[key] for key in (
+        "oracle_covid_rate_before", "oracle_covid_rate_before_ci95", "oracle_covid_rate_after",
+        "oracle_covid_rate_after_ci95")}, oracle_threshold=rates["threshold"])
+    groups = ([str(g) for g in synthetic_groups] if synthetic_groups is not None
+              else [f"sample{i}" for i in range(len(synthetic_images))])
+    if len(groups) != len(synthetic_images):
+        raise ValueError(f"{len(groups)} synthetic_groups for {len(synthetic_images)} images")
+    n_splits = min(5, len(set(map(str, real_covid_heldout_groups))), len(set(groups)))
+    if n_splits >= 2:
+        detect = synth.detectability_auc(features(feature_net, real_covid_heldout), synthetic_feats,
+                                         groups_real=list(real_covid_heldout_groups), groups_synthetic=groups,
+                                         n_splits=n_splits, seed=seed, n_boot=n_boot)
+        report.update(detectability_auc=detect["auc"], detectability_auc_ci95=tuple(detect["auc_ci95"]))
+    else:
+        report.update(detectability_auc=None, detectability_auc_ci95=None)
+    return report
+
+
+def memorisation(feature_net: ClassifierTrainResult, synthetic_images: np.ndarray,
+                 train_images: np.ndarray) -> dict[str, dict[str, Any]] | None:
+    """Nearest training images of every synthetic image, ``{"pixels": ..., "features": ...}``.
+
+    Each value is :func:`cxrlib.evaluate.synthesis.memorisation_report` of the synthetic
+    images against ``train_images`` (the real images the generator may have copied), in
+    pixels (:func:`~cxrlib.evaluate.synthesis.pixel_features`, 32 x 32) and in the feature
+    network's space. ``None`` with fewer than two training images or no synthetic image.
+    """
+    if len(train_images) < 2 or not len(synthetic_images):
+        return None
+    return {"pixels": synth.memorisation_report(synth.pixel_features(synthetic_images),
+                                                synth.pixel_features(train_images)),
+            "features": synth.memorisation_report(features(feature_net, synthetic_images),
+                                                  features(feature_net, train_images))}
+
+
 def evaluate_translator(
     *,
     source_images: np.ndarray,
@@ -382,41 +468,19 @@ def evaluate_translator(
       ``anatomy_ssim`` / ``anatomy_l1`` outside the lungs and the source's own lesion;
     - ``n_generated``.
     """
-    synthetic_feats = features(feature_net, synthetic_images)
-    source_feats = features(feature_net, source_images)
-    train_feats = features(feature_net, real_covid_train)
-    test_feats = features(feature_net, real_covid_test)
-    heldout_feats = features(feature_net, real_covid_heldout)
-    report: dict[str, Any] = {"n_generated": int(len(synthetic_images))}
-    # tiny cohorts (the smoke-test profile) may lack the two images per set a covariance needs
-    if min(len(synthetic_feats), len(train_feats), len(test_feats)) >= 2:
-        fd = synth.fd_report(synthetic_feats, test_feats, train_feats, reference=source_feats, seed=seed)
-        report.update(fd_cxr=fd["fd"], fd_cxr_floor=fd["fd_floor"], fd_cxr_untranslated=fd["fd_reference"],
-                      kid=fd["kid"], kid_std=fd["kid_std"])
-    else:
-        report.update(fd_cxr=None, fd_cxr_floor=None, fd_cxr_untranslated=None, kid=None, kid_std=None)
+    report = judge_generator(synthetic_images=synthetic_images, real_covid_train=real_covid_train,
+                             real_covid_test=real_covid_test, real_covid_heldout=real_covid_heldout,
+                             real_covid_heldout_groups=real_covid_heldout_groups, feature_net=feature_net,
+                             oracle=oracle, source_images=source_images, synthetic_groups=synthetic_groups,
+                             seed=seed, n_boot=n_boot)
     fid, fid_note = quiet_inception_fid(synthetic_images, real_covid_test) if inception else (None, "not asked for")
     report.update(fid_inception=fid, fid_inception_note=fid_note)
-    oracle_report = synth.oracle_rates(covid_probability(oracle, source_images),
-                                       covid_probability(oracle, synthetic_images), oracle_threshold(oracle))
-    report.update({key: oracle_report[key] for key in (
-        "oracle_covid_rate_before", "oracle_covid_rate_before_ci95", "oracle_covid_rate_after",
-        "oracle_covid_rate_after_ci95")}, oracle_threshold=oracle_report["threshold"])
-    n_splits = min(5, len(set(map(str, real_covid_heldout_groups))), len(set(map(str, synthetic_groups))))
-    if n_splits >= 2:
-        detect = synth.detectability_auc(heldout_feats, synthetic_feats, groups_real=list(real_covid_heldout_groups),
-                                         groups_synthetic=list(synthetic_groups), n_splits=n_splits, seed=seed,
-                                         n_boot=n_boot)
-        report.update(detectability_auc=detect["auc"], detectability_auc_ci95=tuple(detect["auc_ci95"]))
-    else:
-        report.update(detectability_auc=None, detectability_auc_ci95=None)
-    if len(train_feats) >= 2 and len(synthetic_feats):
-        memo = synth.memorisation_report(synthetic_feats, train_feats)
-        memo_pixels = synth.memorisation_report(synth.pixel_features(synthetic_images),
-                                                synth.pixel_features(real_covid_train))
-        report.update(memorisation_possible_copy_fraction=memo["possible_copy_fraction"],
-                      memorisation_median_distance_ratio=memo["median_distance_ratio"],
-                      memorisation_pixel_possible_copy_fraction=memo_pixels["possible_copy_fraction"])
+    # a translation sits next to its own source by design: look for copies among the target domain's images
+    memo = memorisation(feature_net, synthetic_images, real_covid_train)
+    if memo is not None:
+        report.update(memorisation_possible_copy_fraction=memo["features"]["possible_copy_fraction"],
+                      memorisation_median_distance_ratio=memo["features"]["median_distance_ratio"],
+                      memorisation_pixel_possible_copy_fraction=memo["pixels"]["possible_copy_fraction"])
     if lung_masks is not None:
         lesion = synth.lesion_change(source_images, synthetic_images, lung_masks, seed=seed)
         excluded = lung_masks if source_lesion_masks is None else (lung_masks | source_lesion_masks)

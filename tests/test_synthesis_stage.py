@@ -163,6 +163,40 @@ def test_judges_and_evaluate_translator(cohort, generator, tmp_path):
     assert untouched["oracle_covid_rate_before"] == untouched["oracle_covid_rate_after"]
     assert untouched["fd_cxr"] == pytest.approx(untouched["fd_cxr_untranslated"])
 
+    # notebook 06's report: the same judge on the covid-conditioned samples, memorisation over every sample
+    from cxrlib import diffusion_stage as ds
+
+    real = dict(real_covid_train=syn.load_images(covid["train"], SIZE), real_covid_test=syn.load_images(covid["test"], SIZE),
+                real_covid_heldout=syn.load_images(heldout, SIZE), real_covid_heldout_groups=heldout["patient_id"],
+                feature_net=feature_net, oracle=oracle, n_boot=20)
+    train_all = syn.load_images(syn.real_rows(cohort, "train"), SIZE)
+    synthetic = syn.load_images(rows, SIZE)
+    mixed = np.concatenate([synthetic, train_all[:1], train_all[-1:]])  # two exact copies of training images
+    conditioning = np.array(["covid"] * len(synthetic) + ["normal", "covid"])
+    diffusion = ds.generator_report(synthetic_images=mixed, conditioning=conditioning, real_train=train_all, **real)
+    judged = syn.judge_generator(synthetic_images=mixed[conditioning == "covid"], **real)
+    assert diffusion["fd_cxr"] == pytest.approx(judged["fd_cxr"]) and diffusion["kid"] == pytest.approx(judged["kid"])
+    assert diffusion["oracle_covid_rate"] == judged["oracle_covid_rate_after"]
+    assert diffusion["detectability_auc"] == pytest.approx(judged["detectability_auc"])
+    assert diffusion["oracle_covid_rate_before"] is None and judged["fd_cxr_untranslated"] is None
+    assert diffusion["n_generated"] == len(mixed) and diffusion["n_target"] == len(synthetic) + 1
+    by_class = diffusion["oracle_covid_rate_by_class"]
+    assert by_class["normal"]["n"] == 1 and by_class["covid"]["n"] == len(synthetic) + 1
+    assert {len(mixed) - 2, len(mixed) - 1} <= set(diffusion["possible_copies"])
+    assert diffusion["nearest_train_distance_min"] == 0 and diffusion["nearest_train_distance_p01"] > 0
+    assert set(ds.GENERATOR_KEYS) <= set(ds.headline(diffusion))
+    # a translator judged by notebook 06 gets the same numbers as from notebook 03 at the same size
+    translator = ds.generator_report(synthetic_images=synthetic, conditioning=["covid"] * len(synthetic),
+                                     source_images=syn.load_images(sources, SIZE),
+                                     synthetic_groups=sources["patient_id"].tolist(),
+                                     **(real | {"n_boot": 50}), real_train=real["real_covid_train"])
+    for key in ("fd_cxr", "fd_cxr_floor", "fd_cxr_untranslated", "kid", "oracle_covid_rate_before",
+                "detectability_auc"):
+        assert translator[key] == pytest.approx(report[key]), key
+    assert translator["oracle_covid_rate"] == report["oracle_covid_rate_after"]
+    table = ds.comparison_table({"G_NC": translator, "diffusion": diffusion})
+    assert list(table.index) == ["G_NC", "diffusion"] and "oracle_normal" in table.columns
+
 
 def _notebook_parameters() -> dict:
     """The literal defaults of notebook 03's ``parameters`` cell."""
