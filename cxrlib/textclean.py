@@ -295,6 +295,43 @@ def predict_text_masks(segmenter: TextSegmenter, images: np.ndarray, *, threshol
     return text_probability(segmenter, images, batch_size=batch_size) >= cut
 
 
+#: File endings :func:`sample_folder_images` reads (what :func:`cxrlib.data.io.read_image` reads).
+FOLDER_IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+
+
+def sample_folder_images(folder: str | os.PathLike, n: int, *, size: int = 256,
+                         seed: int = 0) -> tuple[np.ndarray, list[Path], list[str]]:
+    """Up to ``n`` images drawn at random (seeded) from ``folder`` and its subfolders, for a look at
+    text removal on images with no ground truth.
+
+    Reads PNG, JPEG and DICOM (:data:`FOLDER_IMAGE_SUFFIXES`, any case) with
+    :func:`cxrlib.data.io.read_image` and resizes each to ``size x size``. A file that cannot
+    be read is skipped, listed as ``"<path>: <reason>"``, and the next drawn file takes its
+    place. Returns ``(images (k, size, size) uint8, paths, problems)``; FileNotFoundError
+    when the folder does not exist or holds no image file.
+    """
+    from cxrlib.data.transforms import resize_image
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    files = sorted(path for path in root.rglob("*") if path.suffix.lower() in FOLDER_IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{root}: no image file ({', '.join(FOLDER_IMAGE_SUFFIXES)})")
+    images, paths, problems = [], [], []
+    for index in np.random.default_rng(seed).permutation(len(files)):
+        if len(images) >= n:
+            break
+        path = files[index]
+        try:
+            images.append(resize_image(read_image(path), size).astype(np.uint8))
+            paths.append(path)
+        except Exception as exc:  # list the bad file and go on
+            problems.append(f"{path}: {exc}")
+    stacked = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+    return stacked, paths, problems
+
+
 def grow(masks: np.ndarray, pixels: int = 1) -> np.ndarray:
     """Masks ``(N, H, W)`` or ``(H, W)`` bool dilated by ``pixels`` (3x3 square), so inpainting also
     replaces the anti-aliased rim of the letters."""

@@ -132,3 +132,26 @@ def test_clean_manifest_writes_cleaned_copies_and_lists_bad_files(cohort, tmp_pa
     assert isinstance(cleaned, pd.DataFrame) and cleaned["path"].str.contains("clean/").all()
     with pytest.raises(ValueError, match="method"):
         tc.clean_manifest(manifest, segmenter, tmp_path / "x", method="magic")
+
+
+def test_sample_folder_images_is_seeded_reads_any_case_and_lists_bad_files(tmp_path):
+    from cxrlib.data.io import write_png
+
+    folder = tmp_path / "real"
+    for k in range(5):
+        write_png(folder / ("sub" if k % 2 else "") / f"img{k}.PNG", np.full((40, 30), 20 * k, np.uint8))
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not an image either")
+    images, paths, problems = tc.sample_folder_images(folder, 10, size=16, seed=1)
+    assert images.shape == (5, 16, 16) and images.dtype == np.uint8
+    assert sorted(p.name for p in paths) == [f"img{k}.PNG" for k in range(5)]
+    assert len(problems) == 1 and "broken.png" in problems[0]
+    # seeded draw of fewer images: the same files again, another seed another order
+    again = tc.sample_folder_images(folder, 3, size=16, seed=1)[1]
+    assert again == tc.sample_folder_images(folder, 3, size=16, seed=1)[1] and len(again) == 3
+    assert any(tc.sample_folder_images(folder, 3, size=16, seed=s)[1] != again for s in range(2, 6))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        tc.sample_folder_images(tmp_path / "missing", 2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no image file"):
+        tc.sample_folder_images(tmp_path / "empty", 2)
