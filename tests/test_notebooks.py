@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 from cxrlib import config
-from cxrlib.pipeline import PipelineError, list_notebooks, run_pipeline
+from cxrlib.pipeline import PROFILES, PipelineError, list_notebooks, run_pipeline
 
 NOTEBOOKS = list_notebooks()
 COMMON_PARAMETERS = {"DATASET", "PROFILE", "SEED", "RUN_DIR", "DEVICE"}
@@ -72,3 +72,17 @@ def test_pipeline_failure_names_notebook_and_cell(tmp_path):
     message = str(info.value)
     assert "01_broken.ipynb" in message and "broken on purpose" in message and "cell" in message
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"][0]["ok"] is False
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_profiles_set_only_parameters_their_notebooks_have(profile):
+    """A misspelt profile key would be passed to papermill, warned about and ignored."""
+    by_stem = {path.stem: path for path in NOTEBOOKS}
+    for stage, values in PROFILES[profile].items():
+        assert stage in by_stem, f"profile {profile!r} names {stage!r}, which is no notebook"
+        nb = nbformat.read(by_stem[stage], as_version=4)
+        tagged = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+        names = {line.split("=")[0].strip() for line in tagged.source.splitlines()
+                 if "=" in line and not line.lstrip().startswith("#")}
+        unknown = set(values) - names
+        assert not unknown, f"profile {profile!r}, {stage}: {sorted(unknown)} are not parameters of the notebook"
