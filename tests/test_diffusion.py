@@ -323,3 +323,34 @@ def test_real_diffusion_condition_uses_only_train_diffusion_covid_rows(tmp_path)
     bad.loc[len(bad)] = {**bad.iloc[0].to_dict(), "image_id": "x", "origin": "G_NC:ck", "label": "covid"}
     with pytest.raises(ValueError, match="name no real source image"):
         ex.synthetic_rows(bad, ["G_NC"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this PyTorch build has no torch.distributed with the Gloo backend")
+def test_two_process_ddp_ranks_stop_together_when_one_runs_out_of_time(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(root / "tests" / "ddp_diffusion_worker.py"),
+               "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # 8 images / 2 ranks / batch 2 = 2 steps per epoch; both ranks stopped after epoch 1
+    assert (tmp_path / "out" / "rank0.txt").read_text().split() == ["1", "2", "True"]
+    assert (tmp_path / "out" / "rank1.txt").read_text().split() == ["1", "2", "True"]
+    rank0 = torch.load(tmp_path / "out" / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "out" / "rank1.pt", weights_only=True)
+    for name, value in rank0.items():
+        assert torch.equal(rank1[name], value), f"ranks disagree on {name}"
