@@ -46,8 +46,8 @@ DIFFUSION = "diffusion"
 INPUT_STAGES: tuple[str, ...] = ("03_cyclegan", "02_segmentation", "01_data")
 #: Per-generator keys of ``metrics.json``.
 GENERATOR_KEYS: tuple[str, ...] = (
-    "n_generated", "fd_cxr", "fd_cxr_floor", "kid", "kid_std", "oracle_covid_rate", "oracle_covid_rate_ci95",
-    "oracle_covid_rate_before", "detectability_auc", "detectability_auc_ci95", "nearest_train_distance_p01",
+    "n_generated", "fd_cxr", "fd_cxr_floor", "fid_inception", "kid", "kid_std", "oracle_covid_rate",
+    "oracle_covid_rate_ci95", "oracle_covid_rate_before", "detectability_auc", "detectability_auc_ci95", "nearest_train_distance_p01",
     "nearest_train_distance_min", "possible_copies", "possible_copy_fraction", "feature_possible_copy_fraction",
 )
 
@@ -152,6 +152,7 @@ def generator_report(
     source_images: np.ndarray | None = None,
     synthetic_groups: Sequence[str] | None = None,
     target: str = syn.TARGET_LABEL,
+    inception: bool = True,
     seed: int = 0,
     n_boot: int = 1000,
 ) -> dict[str, Any]:
@@ -165,7 +166,9 @@ def generator_report(
     diffusion model); ``synthetic_groups``: source patients (``None``: each image its own).
 
     Returns (target = covid-conditioned samples): ``fd_cxr`` / ``kid`` against real COVID-19
-    test, ``fd_cxr_floor`` (real COVID-19 train vs test at the same size),
+    test, ``fd_cxr_floor`` (real COVID-19 train vs test at the same size), ``fid_inception``
+    (when the Inception-v3 weights are on this machine and ``inception``; else ``None``, and
+    ``fid_inception_note`` says why),
     ``oracle_covid_rate`` (+ ``_ci95``) and ``oracle_covid_rate_by_class`` for every
     conditioning class, ``oracle_covid_rate_before`` (sources; ``None`` without),
     ``detectability_auc`` (+ ``_ci95``; real held-out COVID-19 vs synthetic COVID-19), and
@@ -186,7 +189,8 @@ def generator_report(
         real_covid_test=real_covid_test, real_covid_heldout=real_covid_heldout,
         real_covid_heldout_groups=real_covid_heldout_groups, feature_net=feature_net, oracle=oracle,
         source_images=source_images[is_target] if source_images is not None else None,
-        synthetic_groups=groups[is_target] if groups is not None else None, seed=seed, n_boot=n_boot)
+        synthetic_groups=groups[is_target] if groups is not None else None, inception=inception, seed=seed,
+        n_boot=n_boot)
     report: dict[str, Any] = {"n_generated": int(len(synthetic_images)), "n_target": int(is_target.sum())}
     report.update({key: value for key, value in judged.items() if key != "n_generated"})
     report["oracle_covid_rate"] = report.pop("oracle_covid_rate_after")

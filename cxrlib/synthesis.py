@@ -358,6 +358,7 @@ def judge_generator(
     oracle: ClassifierTrainResult,
     source_images: np.ndarray | None = None,
     synthetic_groups: Sequence[str] | None = None,
+    inception: bool = True,
     seed: int = 0,
     n_boot: int = 1000,
 ) -> dict[str, Any]:
@@ -374,6 +375,9 @@ def judge_generator(
       COVID-19 train vs test at the synthetic set's size), ``fd_cxr_untranslated`` (sources vs
       real COVID-19 test; ``None`` without sources), ``kid`` / ``kid_std``, all in the
       feature network's space (``None`` when a set has fewer than two images);
+    - ``fid_inception`` (synthetic vs real COVID-19 test in Inception-v3 features) when the
+      weights are on this machine and ``inception`` is true, else ``None``;
+      ``fid_inception_note`` says which (nothing is downloaded);
     - ``oracle_covid_rate_before`` (sources; ``None`` without) / ``_after`` with Wilson
       ``_ci95``, at ``oracle_threshold``;
     - ``detectability_auc`` (+ ``_ci95``): a linear probe telling real held-out COVID-19 from
@@ -391,6 +395,8 @@ def judge_generator(
                       kid=fd["kid"], kid_std=fd["kid_std"])
     else:
         report.update(fd_cxr=None, fd_cxr_floor=None, fd_cxr_untranslated=None, kid=None, kid_std=None)
+    fid, fid_note = quiet_inception_fid(synthetic_images, real_covid_test) if inception else (None, "not asked for")
+    report.update(fid_inception=fid, fid_inception_note=fid_note)
     threshold = oracle_threshold(oracle)
     rates = synth.oracle_rates(covid_probability(oracle, source_images) if source_images is not None else None,
                                covid_probability(oracle, synthetic_images), threshold)
@@ -472,9 +478,7 @@ def evaluate_translator(
                              real_covid_test=real_covid_test, real_covid_heldout=real_covid_heldout,
                              real_covid_heldout_groups=real_covid_heldout_groups, feature_net=feature_net,
                              oracle=oracle, source_images=source_images, synthetic_groups=synthetic_groups,
-                             seed=seed, n_boot=n_boot)
-    fid, fid_note = quiet_inception_fid(synthetic_images, real_covid_test) if inception else (None, "not asked for")
-    report.update(fid_inception=fid, fid_inception_note=fid_note)
+                             inception=inception, seed=seed, n_boot=n_boot)
     # a translation sits next to its own source by design: look for copies among the target domain's images
     memo = memorisation(feature_net, synthetic_images, real_covid_train)
     if memo is not None:

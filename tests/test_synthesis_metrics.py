@@ -45,6 +45,29 @@ def test_frechet_distance_matches_closed_form_for_mean_shift():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
 
 
+def test_frechet_distance_trace_root_agrees_with_scipy_sqrtm():
+    from scipy import linalg
+
+    from cxrlib.evaluate.synthesis import _trace_sqrt_product
+
+    rng = np.random.default_rng(7)
+    # both routes: fewer dimensions than images (eigenvalues) and more (singular values of A B^T)
+    for dim, n, m in ((3, 50, 60), (16, 40, 30), (40, 30, 25), (64, 10, 12)):
+        a = rng.normal(size=(n, dim))
+        b = rng.normal(size=(m, dim)) @ rng.normal(size=(dim, dim))
+        a, b = a - a.mean(axis=0), b - b.mean(axis=0)
+        expected = np.trace(linalg.sqrtm(np.cov(a, rowvar=False) @ np.cov(b, rowvar=False))).real
+        assert _trace_sqrt_product(a, b) == pytest.approx(expected, rel=1e-5), (dim, n, m)
+        assert _trace_sqrt_product(b, a) == pytest.approx(expected, rel=1e-5), (dim, n, m)
+    # closed forms on both routes: tr(sqrt(S S)) = tr(S), and tr(sqrt(S c^2 S)) = c tr(S)
+    for dim, n in ((5, 40), (50, 20)):
+        a = rng.normal(size=(n, dim))
+        a = a - a.mean(axis=0)
+        trace = np.trace(np.cov(a, rowvar=False))
+        assert _trace_sqrt_product(a, a) == pytest.approx(trace, rel=1e-9)
+        assert _trace_sqrt_product(a, 3.0 * a) == pytest.approx(3.0 * trace, rel=1e-9)
+
+
 def test_frechet_distance_survives_rank_deficient_covariances():
     few = _gaussian(5, dim=20, seed=3)  # N << D: singular covariances
     distance = frechet_distance(few, _gaussian(6, dim=20, seed=4))

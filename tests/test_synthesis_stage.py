@@ -12,6 +12,8 @@ from cxrlib.data import manifest as mf
 from cxrlib.data.io import read_image, write_png
 from cxrlib.models.cyclegan import CycleGANConfig, build_generator
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZE = 16
 SPLITS = {"train": 6, "val": 2, "test": 3}
 
@@ -118,7 +120,8 @@ def test_blend_ends_and_range():
         syn.blend(before, after, 1.5)
 
 
-def test_judges_and_evaluate_translator(cohort, generator, tmp_path):
+def test_judges_and_evaluate_translator(cohort, generator, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no Inception weights here
     feature_net = syn.train_feature_network(cohort, tmp_path / "feat", image_size=SIZE, epochs=1, batch_size=8,
                                             device="cpu")
     oracle = syn.train_oracle(cohort, tmp_path / "oracle", image_size=SIZE, epochs=1, batch_size=8, device="cpu")
@@ -185,6 +188,24 @@ def test_judges_and_evaluate_translator(cohort, generator, tmp_path):
     assert {len(mixed) - 2, len(mixed) - 1} <= set(diffusion["possible_copies"])
     assert diffusion["nearest_train_distance_min"] == 0 and diffusion["nearest_train_distance_p01"] > 0
     assert set(ds.GENERATOR_KEYS) <= set(ds.headline(diffusion))
+    assert diffusion["fid_inception"] is None and str(tmp_path / "hub") in diffusion["fid_inception_note"]
+    # with Inception weights on the machine every generator gets an Inception FID too (random weights, small
+    # input size: this checks the plumbing)
+    from torchvision.models import inception_v3
+
+    from cxrlib.evaluate import synthesis as synth
+
+    weights = synth.inception_weights_path()
+    weights.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
+    monkeypatch.setattr(synth, "_INCEPTION_SIZE", 75)
+    with_fid = ds.generator_report(synthetic_images=mixed[:4], conditioning=conditioning[:4], real_train=train_all,
+                                   **real)
+    assert with_fid["fid_inception"] >= 0 and "Inception FID =" in with_fid["fid_inception_note"]
+    skipped = ds.generator_report(synthetic_images=mixed[:4], conditioning=conditioning[:4], real_train=train_all,
+                                  inception=False, **real)
+    assert skipped["fid_inception"] is None and skipped["fid_inception_note"] == "not asked for"
     # a translator judged by notebook 06 gets the same numbers as from notebook 03 at the same size
     translator = ds.generator_report(synthetic_images=synthetic, conditioning=["covid"] * len(synthetic),
                                      source_images=syn.load_images(sources, SIZE),
