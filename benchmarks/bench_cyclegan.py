@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import platform
@@ -42,7 +41,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 
-from _common import load_average, sync  # noqa: E402
+from _common import load_average, sync, write_result  # noqa: E402
 
 from cxrlib.models.cyclegan import CycleGAN, count_parameters  # noqa: E402
 from cxrlib.train.cyclegan import CycleGANTrainConfig, CycleGANTrainer  # noqa: E402
@@ -225,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                      "reference": str(args.reference) if args.reference else None},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, payload)
     return 0
 
 

@@ -18,7 +18,6 @@ Writes ``benchmarks/results/fd.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import load_average
+from _common import load_average, write_result
 from scipy import linalg
 
 from cxrlib.evaluate.synthesis import frechet_distance
@@ -73,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "fd", "cases": rows, "repeats": args.repeats, "numpy": np.__version__,
               "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
               "load_average_1min": load_average()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -25,7 +25,6 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
     os.environ[_name] = "1"  # before numpy is imported: one core means one thread
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -34,7 +33,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from _common import load_average  # noqa: E402
+from _common import load_average, write_result  # noqa: E402
 
 from cxrlib.data.phantom import (  # noqa: E402
     DEFAULT_SITES,
@@ -152,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"write_cohort: {write['images_per_s']} images/s ({write['ms_per_image']} ms/image "
               f"incl. {write['png_files'] // max(1, write['n_images'])} PNGs each, "
               f"{write['n_images']} images)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

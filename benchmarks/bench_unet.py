@@ -21,7 +21,6 @@ Writes ``benchmarks/results/unet.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import load_average, sync
+from _common import load_average, sync, write_result
 
 from cxrlib.models.unet import UNet, UNetConfig, count_parameters
 from cxrlib.train.engine import autocast_context, make_grad_scaler
@@ -158,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "processor": platform.processor(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, payload)
     return 0
 
 
