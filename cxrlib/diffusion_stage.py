@@ -47,8 +47,9 @@ INPUT_STAGES: tuple[str, ...] = ("03_cyclegan", "02_segmentation", "01_data")
 #: Per-generator keys of ``metrics.json``.
 GENERATOR_KEYS: tuple[str, ...] = (
     "n_generated", "fd_cxr", "fd_cxr_floor", "fid_inception", "kid", "kid_std", "oracle_covid_rate",
-    "oracle_covid_rate_ci95", "oracle_covid_rate_before", "detectability_auc", "detectability_auc_ci95", "nearest_train_distance_p01",
-    "nearest_train_distance_min", "possible_copies", "possible_copy_fraction", "feature_possible_copy_fraction",
+    "oracle_covid_rate_ci95", "oracle_covid_rate_before", "detectability_auc", "detectability_auc_ci95",
+    "nearest_train_distance_p01", "nearest_train_distance_min", "possible_copies", "possible_copy_fraction",
+    "feature_possible_copy_fraction",
 )
 
 

@@ -142,7 +142,8 @@ PROFILES: dict[str, dict[str, dict]] = {
         # training ends at the last epoch that fits); real images have no text masks, so the text section is
         # skipped (run the phantom notebook with REAL_IMAGES to see removal on real images)
         "06_diffusion_reader_study": {"IMAGE_SIZE": 64, "CHANNELS": [16, 32, 64, 64], "EPOCHS": 60,
-                                      "MAX_TRAIN_MINUTES": 28, "MAX_STEPS_PER_EPOCH": 60, "BATCH_SIZE": 16, "LEARNING_RATE": 1.5e-3,
+                                      "MAX_TRAIN_MINUTES": 28, "MAX_STEPS_PER_EPOCH": 60, "BATCH_SIZE": 16,
+                                      "LEARNING_RATE": 1.5e-3,
                                       "N_SAMPLES_PER_CLASS": 48, "DDIM_STEPS": 25, "JUDGE_EPOCHS": 10,
                                       "NUM_THREADS": 1, "UPDATE_FIGURES": False},
     },

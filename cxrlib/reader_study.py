@@ -13,8 +13,8 @@ same study on any generators of the project (``G_NC``, ``G_PC``, ``diffusion``):
 - :func:`score_answers` gives accuracy, sensitivity (synthetic called synthetic) and
   specificity (real called real) with Wilson 95% intervals, overall and per generator;
   :func:`agreement` gives Cohen's kappa between every pair of readers of the same sequence;
-- :func:`scripted_reader` answers a session from a detectability classifier, so the study
-  runs headless (papermill, tests); :func:`cxrlib.viz.reader_study.reader_app` is the
+- :func:`scripted_reader` answers a session from a detectability classifier
+  (:func:`fit_detector` on images :func:`outside_sequence`), so the study runs headless (papermill, tests); :func:`cxrlib.viz.reader_study.reader_app` is the
   ipywidgets app for people.
 
 Answer file format (one CSV per reader and session, ``<folder>/<reader>__<session>.csv``,
@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxrlib.data.manifest import resolve_path
 from cxrlib.evaluate.stats import wilson_ci
 
 REAL = "real"
@@ -77,8 +78,6 @@ def image_pool(rows: pd.DataFrame, manifest: pd.DataFrame | str | os.PathLike | 
     """``rows`` (manifest rows of one pool) with every ``path`` made absolute against the root of
     ``manifest`` (its ``attrs["root"]``, or a folder; ``None``: ``rows``' own root), so a sequence
     file works from any folder. The other columns are kept."""
-    from cxrlib.data.manifest import resolve_path
-
     root = rows if manifest is None else manifest
     return rows.assign(path=[str(resolve_path(root, p)) for p in rows["path"]])
 
@@ -416,6 +415,21 @@ def fit_detector(real_feats: np.ndarray, synthetic_feats: np.ndarray, *, seed: i
     if len(np.unique(labels)) < 2:
         raise ValueError("the detector needs real and synthetic examples")
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)).fit(features, labels)
+
+
+def outside_sequence(sequence: pd.DataFrame, image_sets: Sequence[tuple[pd.DataFrame, np.ndarray]]) -> np.ndarray:
+    """The images of ``image_sets`` that the reader is not shown, stacked: what a scripted reader's
+    detector may learn from. Each set is ``(rows, images)`` with one manifest row (``image_id``)
+    per image, in order; an image whose id is in ``sequence`` is left out."""
+    shown = set(sequence["image_id"].astype(str))
+    kept = []
+    for rows, images in image_sets:
+        if len(rows) != len(images):
+            raise ValueError(f"{len(rows)} rows for {len(images)} images")
+        kept.append(np.asarray(images)[~rows["image_id"].astype(str).isin(shown).to_numpy()])
+    if not kept:
+        raise ValueError("no image sets given")
+    return np.concatenate(kept)
 
 
 def scripted_reader(session: ReaderSession, probability: Callable[[Sequence[dict[str, Any]]], np.ndarray], *,

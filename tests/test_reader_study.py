@@ -49,6 +49,18 @@ def test_fitting_length_is_the_longest_sequence_the_pools_allow(tmp_path):
     assert rs.fitting_length(40, real, {}) == 0 and rs.fitting_length(40, real.iloc[:0], synthetic) == 0
 
 
+def test_outside_sequence_keeps_only_images_the_reader_is_not_shown():
+    real, synthetic = _pools(n_real=6, n_each=4)
+    sequence = rs.make_sequence(real, synthetic, n_images=6, seed=0)
+    sets = [(rows, np.full((len(rows), 2, 2), k, np.uint8)) for k, rows in enumerate(synthetic.values())]
+    held_back = rs.outside_sequence(sequence, sets)
+    assert len(held_back) == 3 * 4 - 3  # one image of each generator is in the sequence
+    counts = np.bincount(held_back[:, 0, 0], minlength=3)
+    assert counts.tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="3 rows for 4 images"):
+        rs.outside_sequence(sequence, [(synthetic["G_NC"].iloc[:3], sets[0][1])])
+
+
 def test_image_pool_makes_paths_absolute_against_the_manifest_root(tmp_path):
     rows = pd.DataFrame({"image_id": ["a", "b"], "path": ["img/a.png", str(tmp_path / "elsewhere" / "b.png")],
                          "label": "covid"})

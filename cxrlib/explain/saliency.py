@@ -323,12 +323,6 @@ def faithfulness(
     return result
 
 
-__all__ = [
-    "CENTRE", "RANDOM", "centre_prior", "energy_inside", "faithfulness", "lesion_energy", "lung_overlap",
-    "pointing_game", "random_maps", "resize_map", "saliency_scores", "score_images", "summarize_scores",
-]
-
-
 def score_faithfulness(
     per_image: pd.DataFrame,
     model: torch.nn.Module,
@@ -366,3 +360,11 @@ def score_faithfulness(
         scored.loc[where, "road"] = values["road"]
         scored.loc[where, "cam_mult_change"] = values["cam_mult_change"]
     return scored
+
+
+__all__ = [
+    "CENTRE", "RANDOM", "centre_prior", "energy_inside", "faithfulness", "lesion_energy", "lung_overlap",
+    "pointing_game", "random_maps", "resize_map", "saliency_scores", "score_faithfulness", "score_images",
+    "summarize_scores",
+]
+

@@ -269,16 +269,15 @@ def train_diffusion(
 
     noiser = training_scheduler(config.model)
     epochs_done, stopped_by_budget = start_epoch - 1, False
-    if start_epoch <= config.epochs and _over_budget(config.max_train_seconds, train_seconds, last_epoch_s, ctx):
-        stopped_by_budget = True
-    elif start_epoch <= config.epochs:
+    if start_epoch <= config.epochs:
         loader = make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed, ctx=ctx,
                              num_workers=config.num_workers, drop_last=len(dataset) > config.batch_size)
         net = wrap_ddp(unet, ctx)
         bar = progress_bar(range(start_epoch, config.epochs + 1), ctx=ctx, enabled=config.progress,
                            desc="diffusion", unit="epoch", initial=start_epoch - 1, total=config.epochs)
         for epoch in bar:
-            if epoch > start_epoch and _over_budget(config.max_train_seconds, train_seconds, last_epoch_s, ctx):
+            # a fresh run always starts (no epoch to estimate from); a resumed one may already be over budget
+            if _over_budget(config.max_train_seconds, train_seconds, last_epoch_s, ctx):
                 stopped_by_budget = True
                 break
             started = time.perf_counter()
