@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from cxrlib import experiments as ex
+from cxrlib.stages import classifiers as ex
 from cxrlib import runs
 from cxrlib.data import manifest as mf
 from cxrlib.data.oracle import oracle_synthetic

@@ -167,7 +167,7 @@ def test_patch_cam_pastes_probability_weighted_patch_maps_back(tmp_path):
 
 def test_explain_rows_of_a_patch_classifier_gives_source_size_maps(tmp_path):
     from cxrlib.explain.embed import extract_features
-    from cxrlib.explain.stage import explain_rows
+    from cxrlib.stages.umap_gradcam import explain_rows
     from cxrlib.train.classifier import ClassifierTrainConfig, ClassifierTrainResult
 
     rows = lung_patch_dataset(tmp_path).manifest

@@ -286,7 +286,7 @@ def _phantom_like_manifest(tmp_path) -> pd.DataFrame:
 
 
 def test_sample_rows_are_train_only_and_pass_the_leakage_check(tmp_path):
-    from cxrlib.diffusion_stage import DIFFUSION, add_diffusion_rows, diffusion_rows
+    from cxrlib.stages.diffusion_reader_study import DIFFUSION, add_diffusion_rows, diffusion_rows
 
     manifest = _phantom_like_manifest(tmp_path)
     images = np.zeros((4, 16, 16), np.uint8)
@@ -305,8 +305,8 @@ def test_sample_rows_are_train_only_and_pass_the_leakage_check(tmp_path):
 
 
 def test_real_diffusion_condition_uses_only_train_diffusion_covid_rows(tmp_path):
-    from cxrlib import experiments as ex
-    from cxrlib.diffusion_stage import add_diffusion_rows, diffusion_rows
+    from cxrlib.stages import classifiers as ex
+    from cxrlib.stages.diffusion_reader_study import add_diffusion_rows, diffusion_rows
 
     manifest = _phantom_like_manifest(tmp_path)
     assert "real_diffusion" in ex.available_conditions(manifest, ["real_diffusion"])

@@ -10,7 +10,7 @@ import torch
 from cxrlib.data.classification import ClassificationDataset, make_label_map
 from cxrlib.data.io import write_png
 from cxrlib.explain import embed
-from cxrlib.explain import stage as st
+from cxrlib.stages import umap_gradcam as st
 from cxrlib.models.classifiers import build_classifier, penultimate_features
 from cxrlib.train.classifier import ClassifierTrainConfig, ClassifierTrainResult
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlib import experiments as ex
+from cxrlib.stages import classifiers as ex
 from cxrlib.data import cohort
 from cxrlib.data import manifest as mf
 from cxrlib.data.oracle import oracle_synthetic

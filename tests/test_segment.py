@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxrlib import segment
+from cxrlib.stages import lung_segmentation as segment
 from cxrlib.data import manifest as mf
 from cxrlib.data.io import read_image, read_mask, write_png
 from cxrlib.data.masks import LUNG_LEFT, LUNG_RIGHT

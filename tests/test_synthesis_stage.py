@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrlib import synthesis as syn
+from cxrlib.stages import cyclegan as syn
 from cxrlib.data import manifest as mf
 from cxrlib.data.io import read_image, write_png
 from cxrlib.models.cyclegan import CycleGANConfig, build_generator
@@ -167,7 +167,7 @@ def test_judges_and_evaluate_translator(cohort, generator, tmp_path, monkeypatch
     assert untouched["fd_cxr"] == pytest.approx(untouched["fd_cxr_untranslated"])
 
     # notebook 06's report: the same judge on the covid-conditioned samples, memorisation over every sample
-    from cxrlib import diffusion_stage as ds
+    from cxrlib.stages import diffusion_reader_study as ds
 
     real = dict(real_covid_train=syn.load_images(covid["train"], SIZE), real_covid_test=syn.load_images(covid["test"], SIZE),
                 real_covid_heldout=syn.load_images(heldout, SIZE), real_covid_heldout_groups=heldout["patient_id"],

@@ -5,7 +5,7 @@ G_NC would translate it) and every train-split ``pneumonia`` image (as G_PC woul
 new phantom with COVID-19 lesions from the same acquisition site and view, and appends
 the rows as notebook 03 does: label ``covid``, ``source`` ``"synthetic"``, ``origin``
 ``"G_NC:<checkpoint>:<source image id>"`` (or ``G_PC``), the source image's split and
-patient. The classifier stage (:mod:`cxrlib.experiments`) can thus be tested and timed
+patient. The classifier stage (:mod:`cxrlib.stages.classifiers`) can thus be tested and timed
 before a CycleGAN has been trained.
 
 These images are not what a CycleGAN makes: they come from the generator that made the

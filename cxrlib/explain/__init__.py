@@ -7,7 +7,7 @@
   patch Grad-CAM;
 - :mod:`cxrlib.explain.saliency`: lung overlap, pointing game and lesion energy against
   random-map and centre-prior baselines; ROAD and CAM-multiplied confidence change;
-- :mod:`cxrlib.explain.stage`: which classifier, rows and masks the notebook uses.
+- :mod:`cxrlib.stages.umap_gradcam`: which classifier, rows and masks the notebook uses.
 
 Submodules are imported on use (umap-learn alone takes seconds to import).
 """

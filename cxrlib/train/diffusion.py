@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cxrlib import synthesis as syn
+    from cxrlib.stages import cyclegan as syn
     from cxrlib.data import manifest as mf
 
     args = build_parser().parse_args(argv)

@@ -1,8 +1,8 @@
 """Figures and an ipywidgets explorer for the classifier experiments (notebook 04).
 
-Inputs are the tables of :mod:`cxrlib.experiments`: the grid's results (one row per cell),
-its long test-prediction table (:func:`~cxrlib.experiments.read_predictions`) and the
-seed-pooled summary (:func:`~cxrlib.experiments.summarize_over_seeds`).
+Inputs are the tables of :mod:`cxrlib.stages.classifiers`: the grid's results (one row per cell),
+its long test-prediction table (:func:`~cxrlib.stages.classifiers.read_predictions`) and the
+seed-pooled summary (:func:`~cxrlib.stages.classifiers.summarize_over_seeds`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cxrlib.evaluate.classification import (
     reliability_curve,
     roc_pr_curves,
 )
-from cxrlib.experiments import CONDITIONS, POSITIVE, TASKS
+from cxrlib.stages.classifiers import CONDITIONS, POSITIVE, TASKS
 
 #: One colour per condition (Okabe-Ito), used by every figure of notebook 04.
 CONDITION_COLORS: dict[str, str] = {
@@ -43,7 +43,7 @@ def sensitivity_figure(summary: pd.DataFrame, *, metric: str = "sensitivity", co
                        ylabel: str | None = None):
     """Zunair & Hamza (2021) Fig. 2 layout: COVID-19 sensitivity per architecture and condition.
 
-    ``summary``: :func:`~cxrlib.experiments.summarize_over_seeds` output. One panel per task
+    ``summary``: :func:`~cxrlib.stages.classifiers.summarize_over_seeds` output. One panel per task
     (columns) and imbalance ratio (rows); within a panel, a group of bars per
     architecture, one bar per condition: the seed-mean with its 95 % interval over test
     patients as the error bar, and the value written in the bar. ``companion`` (when in

@@ -13,7 +13,7 @@ from matplotlib.patches import Patch, Rectangle
 from cxrlib.data import manifest as mf
 from cxrlib.data.io import read_image
 from cxrlib.data.masks import LUNG_LEFT, LUNG_RIGHT, LungPatchSampler
-from cxrlib.segment import (
+from cxrlib.stages.lung_segmentation import (
     CROP_COLUMN,
     ERROR_CLASSES,
     MASKED_COLUMN,
@@ -26,7 +26,7 @@ from cxrlib.viz.figures import CLASS_ORDER, show_with_masks
 
 #: Contour colours (Okabe-Ito): the reference in green, the prediction in vermilion.
 TRUTH_COLOR, PRED_COLOR = "#009E73", "#D55E00"
-#: Colours of the :data:`cxrlib.segment.ERROR_CLASSES` codes, in code order.
+#: Colours of the :data:`cxrlib.stages.lung_segmentation.ERROR_CLASSES` codes, in code order.
 ERROR_COLORS = ("#000000", "#7f7f7f", "#E69F00", "#0072B2", "#CC79A7")
 
 
@@ -110,7 +110,7 @@ def predictions_by_class(df: pd.DataFrame, *, n_per_class: int = 3, seed: int = 
                          classes: Sequence[str] = CLASS_ORDER):
     """Per class, images of a segmented manifest: predicted lungs, lung crop, lungs only.
 
-    ``df`` is the manifest :func:`cxrlib.segment.segment_manifest` returns (its root holds
+    ``df`` is the manifest :func:`cxrlib.stages.lung_segmentation.segment_manifest` returns (its root holds
     the written files). Images come from distinct patients, drawn with ``seed``.
     """
     root = df.attrs.get("root")

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from cxrlib.synthesis import blend
+from cxrlib.stages.cyclegan import blend
 
 
 def loss_curves(histories: Mapping[str, pd.DataFrame]):

@@ -6,10 +6,10 @@ This module holds the parts of notebook 06 that are more than a few lines:
   manifest rows (``origin = "diffusion:<checkpoint>"``, the conditioning class as ``label``,
   split ``train``: made from noise, they inherit no split and may only ever train);
 - :func:`train_judges`: the feature network and the oracle of notebook 03
-  (:func:`cxrlib.synthesis.train_feature_network`, :func:`cxrlib.synthesis.train_oracle`),
+  (:func:`cxrlib.stages.cyclegan.train_feature_network`, :func:`cxrlib.stages.cyclegan.train_oracle`),
   trained on real images at the resolution every generator is compared at;
-- :func:`generator_report`: notebook 03's :func:`cxrlib.synthesis.judge_generator` and
-  :func:`cxrlib.synthesis.memorisation` for any generator (FD / KID with the real-vs-real
+- :func:`generator_report`: notebook 03's :func:`cxrlib.stages.cyclegan.judge_generator` and
+  :func:`cxrlib.stages.cyclegan.memorisation` for any generator (FD / KID with the real-vs-real
   floor, oracle rate per conditioning class, memorisation against the real training images,
   detectability), so ``G_NC``, ``G_PC`` and the diffusion model land in one table with one
   judge;
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrlib import synthesis as syn
+from cxrlib.stages import cyclegan as syn
 from cxrlib.data import manifest as mf
 from cxrlib.data.io import pixel_hash, write_png
 from cxrlib.evaluate import synthesis as synth
