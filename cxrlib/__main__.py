@@ -108,6 +108,8 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxrlib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cxrlib import __version__
+    parser.add_argument("--version", action="version", version=f"cxrlib {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantom", help="write a phantom chest X-ray cohort")
