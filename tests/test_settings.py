@@ -1,0 +1,100 @@
+"""Settings helpers: dataclasses from mappings, notebook parameters and command lines."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from cxrlib.settings import add_arguments, from_arguments, from_mapping, from_params, option_name
+
+
+@dataclass
+class Inner:
+    channels: tuple[int, ...] = (8, 16)
+    name: str = "unet"
+
+
+@dataclass
+class Outer:
+    epochs: int = field(default=10, metadata={"help": "passes over the data"})
+    lr: float = 1e-3
+    schedule: Literal["cosine", "step"] = "cosine"
+    amp: bool = True
+    classes: list[str] | None = None
+    cap: int | None = None
+    sizes: tuple[int, ...] = field(default=(32, 64), metadata={"aliases": ("--levels",)})
+    arch: str = field(default="a", metadata={"choices": ("a", "b")})
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_from_mapping_builds_nested_and_tuples() -> None:
+    config = from_mapping(Outer, {"epochs": 3, "sizes": [1, 2], "inner": {"channels": [4, 8, 16]}})
+    assert config.epochs == 3 and config.lr == 1e-3
+    assert config.sizes == (1, 2) and isinstance(config.sizes, tuple)
+    assert isinstance(config.inner, Inner) and config.inner.channels == (4, 8, 16)
+    assert from_mapping(Outer, {}) == Outer()
+    assert from_mapping(Outer, {"classes": ["x", "y"]}).classes == ["x", "y"]  # a list field stays a list
+
+
+def test_from_mapping_unknown_keys() -> None:
+    with pytest.raises(ValueError, match=r"unknown Outer settings: bogus, runtime"):
+        from_mapping(Outer, {"epochs": 3, "runtime": {}, "bogus": 1})
+    with pytest.raises(ValueError, match="unknown Inner settings: depth"):
+        from_mapping(Outer, {"inner": {"depth": 3}})
+    loose = from_mapping(Outer, {"epochs": 3, "runtime": {}, "inner": {"depth": 3, "name": "x"}}, strict=False)
+    assert loose.epochs == 3 and loose.inner.name == "x"
+    with pytest.raises(TypeError, match="dataclass"):
+        from_mapping(dict, {})
+
+
+def test_from_params_upper_case_and_names() -> None:
+    params = {"EPOCHS": 7, "LEARNING_RATE": 0.5, "LR": 9.0, "SEED": 1, "SIZES": [3]}
+    config = from_params(Outer, params, names={"lr": "LEARNING_RATE"})
+    assert config.epochs == 7 and config.lr == 0.5 and config.sizes == (3,)
+    assert config.schedule == "cosine"  # absent parameters keep the default
+    assert from_params(Outer, {}) == Outer()
+
+
+def _parser(**kwargs) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Outer, exclude=("inner",), **kwargs)
+    return parser
+
+
+def test_add_arguments_defaults_types_and_help() -> None:
+    parser = _parser()
+    args = parser.parse_args([])
+    assert from_arguments(Outer, args) == Outer()
+    assert args.sizes == [32, 64]
+    help_text = parser.format_help()
+    assert "passes over the data" in help_text and "--no-amp" in help_text and "--max" not in help_text
+    assert "--lr" in help_text and "--inner" not in help_text
+
+
+def test_add_arguments_parses_every_kind() -> None:
+    args = _parser().parse_args(["--epochs", "3", "--lr", "0.1", "--schedule", "step", "--no-amp",
+                                 "--classes", "Normal", "COVID-19", "--cap", "5", "--levels", "1", "2", "4",
+                                 "--arch", "b"])
+    config = from_arguments(Outer, args, inner=Inner(name="z"))
+    assert config == Outer(epochs=3, lr=0.1, schedule="step", amp=False, classes=["Normal", "COVID-19"], cap=5,
+                           sizes=(1, 2, 4), arch="b", inner=Inner(name="z"))
+    assert _parser().parse_args(["--amp"]).amp is True
+
+
+def test_add_arguments_rejects_bad_values_and_fields() -> None:
+    for argv in (["--schedule", "linear"], ["--arch", "c"], ["--epochs", "x"]):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(argv)
+    with pytest.raises(TypeError, match="Outer.inner"):
+        add_arguments(argparse.ArgumentParser(), Outer)
+    with pytest.raises(ValueError, match="no fields nope"):
+        add_arguments(argparse.ArgumentParser(), Outer, exclude=("inner", "nope"))
+
+
+def test_add_arguments_defaults_override() -> None:
+    args = _parser(defaults={"epochs": 99, "sizes": (5,)}).parse_args([])
+    assert args.epochs == 99 and from_arguments(Outer, args).sizes == (5,)
+    assert option_name("max_steps_per_epoch") == "--max-steps-per-epoch"
