@@ -11,7 +11,8 @@ few real COVID-19 images. :func:`run_grid` answers it for every cell of
   ``real_gnc`` (+ G_NC synthetic COVID-19), ``real_gnc_gpc`` (+ G_NC + G_PC),
   ``synthetic_only`` (synthetic COVID-19, no real COVID-19 image in training) and
   ``real_diffusion`` (+ COVID-19-conditioned samples of notebook 06's diffusion model; not in
-  the default grid, since notebook 06 runs after notebook 04);
+  the default grid, since notebook 06 runs after notebook 04: asking for it makes notebook 04
+  read notebook 06's manifest, the optional edge declared in :data:`cxrlib.stages.STAGES`);
 - imbalance: ``ratios`` r give 1 real COVID-19 training image per r images of the largest
   other class of the task; whole COVID-19 *patients* are drawn in a seeded order (the same
   order for every ratio, task and condition of a seed, so smaller sets are nested in
@@ -51,7 +52,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +81,12 @@ from cxrlib.evaluate.classification import (
 )
 from cxrlib.evaluate.stats import bootstrap_indices
 from cxrlib.models.classifiers import ARCHITECTURES
+from cxrlib.settings import from_mapping
 from cxrlib.train.classifier import ClassifierTrainConfig, predict_proba, train_classifier
 
 #: The class every task is about (the binary tasks' positive class).
 POSITIVE = "covid"
 #: Stages whose manifest notebook 04 can read, latest first.
-INPUT_STAGES: tuple[str, ...] = ("06_diffusion", "03_cyclegan", "02_segmentation", "01_data")
 #: Generators that make images from noise, not from a source image (``origin`` ``<generator>:<checkpoint>``).
 SOURCELESS_GENERATORS: tuple[str, ...] = ("diffusion",)
 #: Notebook that makes each generator's images (for the messages of :func:`available_conditions`).
@@ -237,22 +238,32 @@ class GridConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> GridConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        """:func:`cxrlib.settings.from_mapping`, ignoring keys that are not fields (notebook 06 calls it)."""
+        return from_mapping(cls, values, strict=False)
 
 
 # --------------------------------------------------------------------------- input
 
 
-def input_manifest(run_dir: str | os.PathLike, stages: Sequence[str] = INPUT_STAGES) -> tuple[Path, str]:
-    """``(path, stage)`` of the latest earlier stage's manifest in ``run_dir`` (06 when notebook 06 has
-    added its diffusion rows, else 03, else 02, else 01)."""
-    for stage in stages:
-        path = Path(run_dir) / stage / "manifest.csv"
-        if path.is_file():
-            return path, stage
-    raise FileNotFoundError(f"no manifest in {run_dir} (looked for {', '.join(f'{s}/manifest.csv' for s in stages)}); "
-                            "run notebook 01 with the same RUN_DIR first")
+def grid_config_from_params(params: Mapping[str, Any], **overrides: Any) -> GridConfig:
+    """Notebook 04's parameters (its UPPER_CASE names) -> :class:`GridConfig`, the one mapping.
+
+    ``params`` holds at least ``SEED, DEVICE, TASKS, ARCHS, CONDITIONS, RATIOS, N_SEEDS,
+    IMAGE_SIZE, INPUT_MODE, EPOCHS, STEPS_PER_EPOCH, BATCH_SIZE, LEARNING_RATE,
+    LOSS_IMBALANCE, N_BOOT`` (notebook 04's globals, or
+    ``cxrlib.stages.runtime.stage_parameters("04", profile)`` from another notebook).
+    Seeds are ``SEED, SEED + 1, ...``; ``STEPS_PER_EPOCH = 0`` means whole passes.
+    ``overrides`` replace fields afterwards (e.g. the tasks and conditions that can run).
+    """
+    seed = int(params["SEED"])
+    values: dict[str, Any] = dict(
+        tasks=params["TASKS"], archs=params["ARCHS"], conditions=params["CONDITIONS"], ratios=params["RATIOS"],
+        seeds=[seed + k for k in range(int(params["N_SEEDS"]))], image_size=params["IMAGE_SIZE"],
+        input_mode=params["INPUT_MODE"], epochs=params["EPOCHS"], steps_per_epoch=params["STEPS_PER_EPOCH"] or None,
+        batch_size=params["BATCH_SIZE"], lr=params["LEARNING_RATE"], loss_imbalance=params["LOSS_IMBALANCE"],
+        device=params["DEVICE"], n_boot=params["N_BOOT"], boot_seed=seed)
+    values.update(overrides)
+    return GridConfig(**values)
 
 
 def _read(manifest: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
@@ -811,7 +822,7 @@ def run_grid(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig | Ma
     they are trained once per seed (folder ``synthetic_only/all/``) and repeated in the
     rows of every ratio.
     """
-    config = config if isinstance(config, GridConfig) else GridConfig.from_dict(config)
+    config = config if isinstance(config, GridConfig) else from_mapping(GridConfig, config, strict=False)
     manifest = _leakage_checked(_read(manifest))
     root = root if root is not None else manifest.attrs.get("root")
     run_dir = Path(run_dir)
