@@ -4,6 +4,7 @@ Commands:
   phantom   write a phantom chest X-ray cohort (images, masks, manifest.csv)
   pipeline  run the numbered notebooks in order with papermill
   data      list known public datasets (data list) and fetch the open ones (data download)
+  docs      regenerate docs/references.md from the adapters' metadata (docs references)
 """
 
 from __future__ import annotations
@@ -105,6 +106,17 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_docs(args: argparse.Namespace) -> int:
+    from cxrlib.references import references_differ, write_references
+
+    if args.check:
+        problem = references_differ()
+        print(problem or "docs/references.md is up to date", file=sys.stderr if problem else sys.stdout)
+        return 1 if problem else 0
+    print(f"wrote {write_references()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxrlib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
     q.add_argument("--quiet", action="store_true", help="no progress bar or notes")
     q.set_defaults(func=_cmd_data_download)
+
+    p = sub.add_parser("docs", help="regenerate a generated docs page (docs/references.md)")
+    p.add_argument("page", choices=["references"], help="references: works, datasets, licenses")
+    p.add_argument("--check", action="store_true", help="only compare; exit status 1 if it differs")
+    p.set_defaults(func=_cmd_docs)
     return parser
 
 

@@ -39,6 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from cxrlib.data.sources import ADAPTERS
+
 #: Archive formats :func:`safe_extract` unpacks; ``None`` in a :class:`RemoteFile` = a plain file.
 ARCHIVE_FORMATS: tuple[str, ...] = ("zip", "tar", "tar.gz")
 #: Bytes read per chunk while downloading and hashing.
@@ -169,6 +171,7 @@ Source = DirectSource | ManualSource
 
 
 #: Known sources by name (the names of their adapters in :data:`cxrlib.data.sources.ADAPTERS`).
+#: License and citation are the adapter's (written once, on the adapter class).
 SOURCES: dict[str, Source] = {
     source.name: source
     for source in (
@@ -182,9 +185,8 @@ SOURCES: dict[str, Source] = {
             ),),
             homepage="https://github.com/ieee8023/covid-chestxray-dataset",
             size="several hundred MB (the whole repository, CT volumes included)",
-            license="per image, column 'license' of metadata.csv",
-            citation="J.P. Cohen et al., COVID-19 image data collection: Prospective predictions "
-                     "are the future, MELBA 1 (2020)",
+            license=ADAPTERS["ieee8023"].license,
+            citation=ADAPTERS["ieee8023"].citation,
             adapter="ieee8023",
             notes="The archive of a moving branch: no published checksum (the computed SHA-256 "
                   "is recorded so a run can name the exact snapshot).",
@@ -209,9 +211,8 @@ SOURCES: dict[str, Source] = {
             ),
             homepage="https://github.com/hasibzunair/synthetic-covid-cxr-dataset/releases/tag/v0.1",
             size="21,295 PNG images in two archives",
-            license="as stated in the repository (research use; cite the paper)",
-            citation="H. Zunair, A.B. Hamza, Synthesis of COVID-19 chest X-rays using unpaired "
-                     "image-to-image translation, Soc. Netw. Anal. Min. 11, 23 (2021)",
+            license=ADAPTERS["zunair2021"].license,
+            citation=ADAPTERS["zunair2021"].citation,
             adapter="zunair2021",
             notes="G_NC: made from Normal images, G_PC: from Pneumonia images. No SHA-256 is "
                   "published; the MD5 sums are checked.",
@@ -227,9 +228,8 @@ SOURCES: dict[str, Source] = {
             homepage="https://data.lhncbc.nlm.nih.gov/public/Tuberculosis-Chest-X-ray-Datasets/"
                      "Montgomery-County-CXR-Set/MontgomerySet/index.html",
             size="138 PNG images with lung masks, about 0.6 GB",
-            license="public, free to use with the citation (U.S. National Library of Medicine)",
-            citation="S. Jaeger et al., Two public chest X-ray datasets for computer-aided "
-                     "screening of pulmonary diseases, Quant. Imaging Med. Surg. 4(6) (2014)",
+            license=ADAPTERS["montgomery"].license,
+            citation=ADAPTERS["montgomery"].citation,
             adapter="montgomery",
             notes="The long-standing Open-i address; if it fails, the same files are listed "
                   "one by one on the NLM page (homepage).",
@@ -245,8 +245,8 @@ SOURCES: dict[str, Source] = {
             homepage="https://data.lhncbc.nlm.nih.gov/public/Tuberculosis-Chest-X-ray-Datasets/"
                      "Shenzhen-Hospital-CXR-Set/index.html",
             size="662 PNG images, several GB",
-            license="public, free to use with the citation (U.S. National Library of Medicine)",
-            citation="S. Jaeger et al., Quant. Imaging Med. Surg. 4(6) (2014)",
+            license=ADAPTERS["shenzhen"].license,
+            citation=ADAPTERS["shenzhen"].citation,
             adapter="shenzhen",
             notes="The long-standing Open-i address; if it fails, use the NLM page (homepage).",
         ),
@@ -260,9 +260,8 @@ SOURCES: dict[str, Source] = {
             layout="COVID-19_Radiography_Dataset/\n"
                    "  COVID/images/COVID-1.png ...   COVID/masks/COVID-1.png ...\n"
                    "  Normal/  Lung_Opacity/  Viral Pneumonia/   (same images/ + masks/)",
-            license="CC BY 4.0 as stated by the database",
-            citation="M.E.H. Chowdhury et al., IEEE Access 8 (2020); T. Rahman et al., "
-                     "Comput. Biol. Med. 132 (2021)",
+            license=ADAPTERS["covid19-radiography"].license,
+            citation=ADAPTERS["covid19-radiography"].citation,
             adapter="covid19-radiography",
         ),
         ManualSource(
@@ -275,9 +274,8 @@ SOURCES: dict[str, Source] = {
             layout="stage_2_train_labels.csv\n"
                    "stage_2_detailed_class_info.csv\n"
                    "stage_2_train_images/<patientId>.dcm   (26,684 DICOM files)",
-            license="competition data: RSNA / Kaggle competition rules (non-commercial research)",
-            citation="G. Shih et al., Augmenting the NIH chest radiograph dataset with expert "
-                     "annotations of possible pneumonia, Radiol. Artif. Intell. 1(1) (2019)",
+            license=ADAPTERS["rsna-pneumonia"].license,
+            citation=ADAPTERS["rsna-pneumonia"].citation,
             adapter="rsna-pneumonia",
         ),
         ManualSource(
@@ -290,8 +288,8 @@ SOURCES: dict[str, Source] = {
             layout="CheXpert-v1.0-small/\n"
                    "  train.csv  valid.csv\n"
                    "  train/patient00001/study1/view1_frontal.jpg ...",
-            license="Stanford University School of Medicine CheXpert Dataset Research Use Agreement",
-            citation="J. Irvin et al., CheXpert, AAAI 2019",
+            license=ADAPTERS["chexpert"].license,
+            citation=ADAPTERS["chexpert"].citation,
             adapter="chexpert",
             adapter_subfolder="CheXpert-v1.0-small",
         ),
@@ -305,8 +303,8 @@ SOURCES: dict[str, Source] = {
                   "unpack every archive in the same folder (each holds images/).",
             layout="Data_Entry_2017_v2020.csv   (or Data_Entry_2017.csv)\n"
                    "images/00000001_000.png ...",
-            license="free use without restriction (NIH Clinical Center); cite the paper",
-            citation="X. Wang et al., ChestX-ray8, CVPR 2017",
+            license=ADAPTERS["nih-cxr14"].license,
+            citation=ADAPTERS["nih-cxr14"].citation,
             adapter="nih-cxr14",
         ),
         ManualSource(
@@ -319,8 +317,8 @@ SOURCES: dict[str, Source] = {
             layout="chest_xray/\n"
                    "  train/NORMAL/*.jpeg   train/PNEUMONIA/*.jpeg\n"
                    "  test/...   val/...",
-            license="CC BY 4.0",
-            citation="D.S. Kermany et al., Cell 172(5), 1122-1131 (2018)",
+            license=ADAPTERS["kermany"].license,
+            citation=ADAPTERS["kermany"].citation,
             adapter="kermany",
         ),
         ManualSource(
@@ -332,9 +330,8 @@ SOURCES: dict[str, Source] = {
                   "https://www.isi.uu.nl/Research/Databases/SCR/ and unpack them in the same folder.",
             layout="All247images/JPCLN001.IMG ... JPCNN093.IMG   (raw 2048x2048 12-bit)\n"
                    "masks/left lung/*.gif   masks/right lung/*.gif   masks/heart/*.gif",
-            license="JSRT terms of use (research and education); SCR masks free for research",
-            citation="J. Shiraishi et al., AJR 174, 71-74 (2000); B. van Ginneken et al., "
-                     "Med. Image Anal. 10, 19-40 (2006)",
+            license=ADAPTERS["jsrt"].license,
+            citation=ADAPTERS["jsrt"].citation,
             adapter="jsrt",
         ),
     )

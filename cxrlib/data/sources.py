@@ -139,6 +139,13 @@ class DatasetAdapter(ABC):
 
     #: Short registry name, also used as the manifest's ``source`` value.
     name: ClassVar[str] = ""
+    #: Reference metadata, rendered into docs/references.md by :mod:`cxrlib.references`
+    #: (the one place a dataset's citation and terms are written): full name, how to
+    #: cite it, its license or terms of use, where to get it.
+    title: ClassVar[str] = ""
+    citation: ClassVar[str] = ""
+    license: ClassVar[str] = ""
+    url: ClassVar[str] = ""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).expanduser().resolve()
@@ -233,6 +240,15 @@ class Covid19RadiographyDatabase(DatasetAdapter):
     """
 
     name: ClassVar[str] = "covid19-radiography"
+    title: ClassVar[str] = "COVID-19 Radiography Database (Kaggle)"
+    citation: ClassVar[str] = ('M.E.H. Chowdhury et al., "Can AI help in screening viral and '
+                               'COVID-19 pneumonia?", IEEE Access 8, 132665-132676 (2020); T. '
+                               'Rahman et al., "Exploring the effect of image enhancement '
+                               'techniques on COVID-19 detection using chest X-ray images", '
+                               "Computers in Biology and Medicine 132, 104319 (2021)")
+    license: ClassVar[str] = ("CC BY 4.0 as stated by the database; its images come from other "
+                              "public collections, each of which keeps its own terms (mixed)")
+    url: ClassVar[str] = "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database"
     #: Class folder (normalised by :func:`_key`) -> canonical label.
     LABELS: ClassVar[dict[str, str]] = {
         "covid": "covid",
@@ -338,6 +354,17 @@ class CovidChestXrayDataset(DatasetAdapter):
     """
 
     name: ClassVar[str] = "ieee8023"
+    title: ClassVar[str] = ('COVID-19 image data collection ("covid-chestxray-dataset", '
+                            "ieee8023)")
+    citation: ClassVar[str] = ("J.P. Cohen, P. Morrison, L. Dao, K. Roth, T.Q. Duong, M. "
+                               'Ghassemi, "COVID-19 image data collection: Prospective '
+                               'predictions are the future", Machine Learning for Biomedical '
+                               "Imaging 1 (2020)")
+    license: ClassVar[str] = ("mixed, per image (column license of metadata.csv, kept in the "
+                              "manifest): CC BY, CC BY-SA, CC BY-NC-SA, CC BY-NC-ND "
+                              "(non-commercial, no derivatives) and others, blank where "
+                              "unknown; check each image's license before reuse")
+    url: ClassVar[str] = "https://github.com/ieee8023/covid-chestxray-dataset"
     METADATA: ClassVar[str] = "metadata.csv"
     REQUIRED: ClassVar[tuple[str, ...]] = ("patientid", "finding", "view", "modality", "filename")
     #: Extra columns carried into the manifest when present.
@@ -435,6 +462,14 @@ class NIHChestXray14(DatasetAdapter):
     """
 
     name: ClassVar[str] = "nih-cxr14"
+    title: ClassVar[str] = "NIH ChestX-ray14 (NIH Clinical Center)"
+    citation: ClassVar[str] = ("X. Wang, Y. Peng, L. Lu, Z. Lu, M. Bagheri, R.M. Summers, "
+                               '"ChestX-ray8: Hospital-scale chest X-ray database and '
+                               "benchmarks on weakly-supervised classification and localization "
+                               'of common thorax diseases", CVPR 2017')
+    license: ClassVar[str] = ("free use without restriction as stated by the NIH Clinical "
+                              "Center; cite the paper and acknowledge the NIH Clinical Center")
+    url: ClassVar[str] = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
     LABEL_FILES: ClassVar[tuple[str, ...]] = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
     REQUIRED: ClassVar[tuple[str, ...]] = ("Image Index", "Finding Labels", "Patient ID", "View Position")
     KEEP: ClassVar[dict[str, str]] = {"Follow-up #": "follow_up", "Patient Age": "age", "Patient Gender": "sex"}
@@ -512,6 +547,12 @@ class KermanyPediatricPneumonia(DatasetAdapter):
     """
 
     name: ClassVar[str] = "kermany"
+    title: ClassVar[str] = "Guangzhou paediatric pneumonia chest X-rays (Kermany et al. 2018)"
+    citation: ClassVar[str] = ('D.S. Kermany et al., "Identifying medical diagnoses and '
+                               'treatable diseases by image-based deep learning", Cell 172(5), '
+                               "1122-1131 (2018)")
+    license: ClassVar[str] = "CC BY 4.0 (Mendeley Data)"
+    url: ClassVar[str] = "https://data.mendeley.com/datasets/rscbjbr9sj/2"
     SPLITS: ClassVar[tuple[str, ...]] = ("train", "val", "test")
     LABELS: ClassVar[dict[str, str]] = {"normal": "normal", "pneumonia": "pneumonia"}
     PERSON: ClassVar[re.Pattern] = re.compile(r"^person(\d+)_(bacteria|virus)_\d+", re.IGNORECASE)
@@ -590,6 +631,12 @@ class CheXpert(DatasetAdapter):
     """
 
     name: ClassVar[str] = "chexpert"
+    title: ClassVar[str] = "CheXpert (Stanford ML Group)"
+    citation: ClassVar[str] = ('J. Irvin et al., "CheXpert: A large chest radiograph dataset '
+                               'with uncertainty labels and expert comparison", AAAI 2019')
+    license: ClassVar[str] = ("Stanford University School of Medicine CheXpert Dataset Research "
+                              "Use Agreement (registration required; no redistribution)")
+    url: ClassVar[str] = "https://stanfordmlgroup.github.io/competitions/chexpert/"
     TABLES: ClassVar[dict[str, str]] = {"train": "train.csv", "valid": "valid.csv"}
     OBSERVATIONS: ClassVar[tuple[str, ...]] = (
         "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
@@ -727,6 +774,14 @@ class MontgomeryTB(_TuberculosisCollection):
     """
 
     name: ClassVar[str] = "montgomery"
+    title: ClassVar[str] = "Montgomery County tuberculosis chest X-ray set (NLM)"
+    citation: ClassVar[str] = ("S. Jaeger, S. Candemir, S. Antani, Y.-X.J. Wang, P.-X. Lu, G. "
+                               'Thoma, "Two public chest X-ray datasets for computer-aided '
+                               'screening of pulmonary diseases", Quant. Imaging Med. Surg. '
+                               "4(6), 475-477 (2014)")
+    license: ClassVar[str] = ("public, free to use with the citation (U.S. National Library of "
+                              "Medicine)")
+    url: ClassVar[str] = "https://lhncbc.nlm.nih.gov/LHC-downloads/downloads.html#tuberculosis-image-data-sets"
     STEM: ClassVar[re.Pattern] = re.compile(r"^MCUCXR_(\d+)_([01])$", re.IGNORECASE)
     FOLDERS: ClassVar[tuple[str, ...]] = ("MontgomerySet",)
 
@@ -775,6 +830,15 @@ class ShenzhenTB(_TuberculosisCollection):
     """
 
     name: ClassVar[str] = "shenzhen"
+    title: ClassVar[str] = ("Shenzhen tuberculosis chest X-ray set (NLM / Shenzhen No.3 "
+                            "People's Hospital)")
+    citation: ClassVar[str] = ("S. Jaeger, S. Candemir, S. Antani, Y.-X.J. Wang, P.-X. Lu, G. "
+                               'Thoma, "Two public chest X-ray datasets for computer-aided '
+                               'screening of pulmonary diseases", Quant. Imaging Med. Surg. '
+                               "4(6), 475-477 (2014)")
+    license: ClassVar[str] = ("public, free to use with the citation (U.S. National Library of "
+                              "Medicine)")
+    url: ClassVar[str] = "https://lhncbc.nlm.nih.gov/LHC-downloads/downloads.html#tuberculosis-image-data-sets"
     STEM: ClassVar[re.Pattern] = re.compile(r"^CHNCXR_(\d+)_([01])$", re.IGNORECASE)
     FOLDERS: ClassVar[tuple[str, ...]] = ("ChinaSet_AllFiles",)
 
@@ -834,6 +898,17 @@ class JSRT(DatasetAdapter):
     """
 
     name: ClassVar[str] = "jsrt"
+    title: ClassVar[str] = "JSRT chest X-ray database with the SCR lung and heart masks"
+    citation: ClassVar[str] = ('J. Shiraishi et al., "Development of a digital image database '
+                               'for chest radiographs with and without a lung nodule", AJR 174, '
+                               "71-74 (2000); B. van Ginneken, M.B. Stegmann, M. Loog, "
+                               '"Segmentation of anatomical structures in chest radiographs '
+                               'using supervised methods", Medical Image Analysis 10, 19-40 '
+                               "(2006)")
+    license: ClassVar[str] = ("JSRT terms of use (free for research and education, registration "
+                              "required); SCR masks free for research")
+    url: ClassVar[str] = ("http://db.jsrt.or.jp/eng.php (images); "
+                          "https://www.isi.uu.nl/Research/Databases/SCR/ (SCR masks)")
     STEM: ClassVar[re.Pattern] = re.compile(r"^JPC(LN|NN)\d+$", re.IGNORECASE)
     MASK_KINDS: ClassVar[dict[str, str]] = {"left lung": "mask_lung_left", "right lung": "mask_lung_right",
                                             "heart": "mask_heart"}
@@ -916,6 +991,13 @@ class ZunairSyntheticCovid(DatasetAdapter):
     """
 
     name: ClassVar[str] = "zunair2021"
+    title: ClassVar[str] = ("Synthetic COVID-19 chest X-rays of Zunair & Hamza (2021), release "
+                            "v0.1")
+    citation: ClassVar[str] = ('H. Zunair, A.B. Hamza, "Synthesis of COVID-19 chest X-rays '
+                               'using unpaired image-to-image translation", Social Network '
+                               "Analysis and Mining 11, 23 (2021)")
+    license: ClassVar[str] = "as stated in the repository (research use; cite the paper)"
+    url: ClassVar[str] = "https://github.com/hasibzunair/synthetic-covid-cxr-dataset/releases/tag/v0.1"
     CHECKPOINT: ClassVar[str] = "zunair2021"
     GENERATORS: ClassVar[dict[str, str]] = {"G_NC": "normal", "G_PC": "pneumonia"}
 
@@ -968,6 +1050,10 @@ class ImageFolderDataset(DatasetAdapter):
     """
 
     name: ClassVar[str] = "image-folder"
+    title: ClassVar[str] = "any collection stored one folder per class (e.g. Kaggle re-packs)"
+    citation: ClassVar[str] = "that of the collection read"
+    license: ClassVar[str] = "that of the collection read"
+    url: ClassVar[str] = "the collection's own page"
     ALIASES: ClassVar[dict[str, str]] = {
         "covid": "covid", "covid_19": "covid", "covid19": "covid",
         "normal": "normal", "no_finding": "normal", "healthy": "normal",
@@ -1076,6 +1162,16 @@ class RSNAPneumonia(DatasetAdapter):
     """
 
     name: ClassVar[str] = "rsna-pneumonia"
+    title: ClassVar[str] = ("RSNA Pneumonia Detection Challenge (Kaggle, 2018), stage 2 "
+                            "training set")
+    citation: ClassVar[str] = ('G. Shih et al., "Augmenting the National Institutes of Health '
+                               "chest radiograph dataset with expert annotations of possible "
+                               'pneumonia", Radiology: Artificial Intelligence 1(1), e180041 '
+                               "(2019)")
+    license: ClassVar[str] = ("Kaggle competition rules, accepted on download (non-commercial "
+                              "research); the images are NIH ChestX-ray14 images (NIH Clinical "
+                              "Center terms); do not redistribute")
+    url: ClassVar[str] = "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge/data"
     LABELS_CSV: ClassVar[str] = "stage_2_train_labels.csv"
     CLASS_CSV: ClassVar[str] = "stage_2_detailed_class_info.csv"
     IMAGES: ClassVar[str] = "stage_2_train_images"
