@@ -46,6 +46,9 @@ SALT_ENV = "CXR_ID_SALT"
 #: Ages above this are reported as this value (HIPAA Safe Harbor: ages over 89 identify).
 MAX_AGE_YEARS = 90
 
+#: Values longer than this stay on disk when :func:`dicom_record` reads a header.
+_DEFER_BYTES = 4096
+
 _AGE_RE = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
 _DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 
@@ -61,8 +64,13 @@ def _name(source: Any) -> str:
     return str(name) if isinstance(name, (str, os.PathLike)) else "<DICOM stream>"
 
 
-def _read_dataset(source: str | os.PathLike | IO[bytes], *, stop_before_pixels: bool):
-    """``pydicom.dcmread`` with every failure turned into :class:`DicomReadError`."""
+def _read_dataset(
+    source: str | os.PathLike | IO[bytes], *, stop_before_pixels: bool, defer_size: int | None = None
+):
+    """``pydicom.dcmread`` with every failure turned into :class:`DicomReadError`.
+
+    ``defer_size``: values longer than this many bytes are not read (their length and file
+    offset are kept), so a header can be checked without loading the pixel data."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -74,7 +82,7 @@ def _read_dataset(source: str | os.PathLike | IO[bytes], *, stop_before_pixels: 
         if path.is_dir():
             raise DicomReadError(name, "is a directory, not a DICOM file")
     try:
-        return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
+        return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
     except InvalidDicomError:
         raise DicomReadError(
             name, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
@@ -85,6 +93,12 @@ def _read_dataset(source: str | os.PathLike | IO[bytes], *, stop_before_pixels: 
         raise
     except Exception as error:  # noqa: BLE001 - a truncated or garbled header is a bad file
         raise DicomReadError(name, f"unreadable DICOM header ({type(error).__name__}: {error})") from error
+
+
+def _max_pixels() -> int:
+    from cxrlib.data import io as image_io
+
+    return image_io.MAX_PIXELS
 
 
 def _check_single_grayscale(ds: Any, name: str) -> None:
@@ -105,6 +119,71 @@ def _check_single_grayscale(ds: Any, name: str) -> None:
             f"colour DICOM (PhotometricInterpretation {photometric or 'missing'}, "
             f"SamplesPerPixel {samples}); chest X-rays are MONOCHROME1 / MONOCHROME2",
         )
+
+
+def _check_pixel_count(ds: Any, name: str, max_pixels: int) -> None:
+    """Refuse a header whose ``Rows`` x ``Columns`` exceed ``max_pixels`` (before decoding)."""
+    rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
+    if not rows or not columns or rows < 0 or columns < 0:
+        raise DicomReadError(name, f"DICOM header lacks a valid Rows / Columns ({rows} x {columns})")
+    if rows * columns > max_pixels:
+        raise DicomReadError(
+            name, f"image is {columns} x {rows} = {rows * columns / 1e6:.0f} megapixels, above the "
+            f"limit of {max_pixels / 1e6:g} megapixels (cxrlib.data.io.MAX_PIXELS); refused before "
+            "decoding")
+
+
+def _stream_size(source: str | os.PathLike | IO[bytes]) -> int | None:
+    """Size in bytes of a path or seekable stream (position kept), ``None`` when unknown."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            return os.path.getsize(source)
+        position = source.tell()
+        size = source.seek(0, os.SEEK_END)
+        source.seek(position)
+        return int(size)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_pixel_length(ds: Any, name: str, file_size: int | None) -> None:
+    """Refuse native (uncompressed) pixel data that is cut short, without reading it.
+
+    ``ds`` must come from :func:`_read_dataset` with a ``defer_size`` so the pixel data's
+    declared length and offset are known. Encapsulated (compressed) data has no declared
+    length; a truncated one loses its delimiter and pydicom drops the element, which
+    :func:`_check_single_grayscale` reports as missing pixel data."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.pixels.utils import get_expected_length
+
+    if "PixelData" not in ds:
+        return
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_encapsulated:
+        return
+    element = ds.get_item("PixelData", keep_deferred=True)
+    if isinstance(element, RawDataElement):
+        length = int(element.length)
+        available = len(element.value) if element.value is not None else (
+            file_size - int(element.value_tell) if file_size is not None else length)
+    else:
+        length = available = len(element.value or b"")
+    if length == 0xFFFFFFFF:  # undefined length in a native syntax: malformed
+        raise DicomReadError(name, "native pixel data with undefined length (malformed file)")
+    if available < length:
+        raise DicomReadError(
+            name, f"truncated DICOM: pixel data declares {length} bytes but the file holds "
+            f"{max(available, 0)}")
+    try:
+        expected = int(get_expected_length(ds))
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - missing / garbled Rows, BitsAllocated, ...
+        raise DicomReadError(name, f"inconsistent image header ({type(error).__name__}: {error})") from error
+    if length < expected:
+        raise DicomReadError(
+            name, f"truncated DICOM: pixel data holds {length} bytes, its Rows / Columns / "
+            f"BitsAllocated need {expected}")
 
 
 def _decode_pixels(ds: Any, name: str) -> np.ndarray:
@@ -165,6 +244,7 @@ def read_dicom(
     *,
     window: tuple[float, float] | None = None,
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Read a single-frame grayscale DICOM as an ``(H, W)`` ``uint8`` display image.
 
@@ -181,6 +261,9 @@ def read_dicom(
         given): these percentiles of the image's own values become 0 and 255. The default
         (0.5, 99.5) ignores the few extreme pixels (collimator edges, burned-in labels)
         that a plain min-max would stretch the image for. ``(0, 100)`` is min-max.
+    max_pixels
+        Refuse a header whose ``Rows`` x ``Columns`` exceed this before decoding (default
+        :data:`cxrlib.data.io.MAX_PIXELS`).
 
     Returns
     -------
@@ -196,8 +279,8 @@ def read_dicom(
     ------
     DicomReadError
         (an :class:`~cxrlib.data.io.ImageReadError`) naming the file: not DICOM, no pixel
-        data, multi-frame, colour, compressed with no installed decoder, truncated pixel
-        data, an invalid window in the file.
+        data, multi-frame, colour, too many pixels, compressed with no installed decoder,
+        truncated pixel data, an invalid window in the file.
     ValueError
         For a bad ``window`` / ``percentiles`` argument.
     """
@@ -214,6 +297,7 @@ def read_dicom(
     name = _name(source)
     ds = _read_dataset(source, stop_before_pixels=False)
     _check_single_grayscale(ds, name)
+    _check_pixel_count(ds, name, _max_pixels() if max_pixels is None else int(max_pixels))
     stored = _decode_pixels(ds, name)
     try:
         modality = apply_modality_lut(stored, ds)
@@ -286,19 +370,40 @@ def default_salt() -> str:
     Deleting the file changes every pseudonym made afterwards.
     """
     from cxrlib.config import data_dir
-    from cxrlib.runs import atomic_write
 
     value = os.environ.get(SALT_ENV, "").strip()
     if value:
         return value
     path = data_dir() / ".id_salt"
     if not path.exists():
-        token = secrets.token_hex(32)
-        atomic_write(path, lambda stream: stream.write(token + "\n"), mode="w")
+        _create_private(path, secrets.token_hex(32) + "\n")
     value = path.read_text().strip()
     if not value:
         raise ValueError(f"salt file {path} is empty; delete it to make a new one, or set ${SALT_ENV}")
     return value
+
+
+def _create_private(path: Path, text: str) -> None:
+    """Create ``path`` holding ``text``, readable by its owner only (mode 0600), unless it exists.
+
+    The file is born 0600 (``os.open`` with the mode: no moment where others can read it),
+    written under a temporary name and linked into place, so a reader never sees it half
+    written and two processes creating it at once agree on one content (the second link fails
+    and the first file stays)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # made by another process meanwhile: keep theirs
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def parse_age(value: Any) -> int | None:
@@ -336,7 +441,11 @@ RECORD_FIELDS: tuple[str, ...] = (
 
 
 def dicom_record(source: str | os.PathLike | IO[bytes], *, salt: str | bytes) -> dict[str, Any]:
-    """The de-identified header fields of a DICOM file (pixel data is not read).
+    """The de-identified header fields of a DICOM file (pixel values are not read).
+
+    The file is checked as :func:`read_dicom` checks it, short of decoding: it must hold
+    one grayscale frame of at most :data:`cxrlib.data.io.MAX_PIXELS` pixels whose pixel
+    data is all there, so an adapter never accepts a row for a file it cannot show.
 
     Parameters
     ----------
@@ -360,12 +469,19 @@ def dicom_record(source: str | os.PathLike | IO[bytes], *, salt: str | bytes) ->
     Raises
     ------
     DicomReadError
-        Naming the file when it is not a readable DICOM file.
+        Naming the file when it is not a readable DICOM image: not DICOM, truncated, no
+        pixel data, multi-frame, colour, too many pixels.
     ValueError
         When ``salt`` is empty.
     """
     salt_bytes = _salt_bytes(salt)  # check before reading anything
-    ds = _read_dataset(source, stop_before_pixels=True)
+    name = _name(source)
+    # pixel values stay on disk (deferred), but their presence and length are checked, so a
+    # truncated or pixel-less file is refused here as read_dicom refuses it
+    ds = _read_dataset(source, stop_before_pixels=False, defer_size=_DEFER_BYTES)
+    _check_single_grayscale(ds, name)
+    _check_pixel_count(ds, name, _max_pixels())
+    _check_pixel_length(ds, name, _stream_size(source))
     with warnings.catch_warnings():
         # RSNA and others write PatientAge as a bare "58"; parse_age reads that on purpose,
         # so pydicom's "Invalid value for VR AS" warning (one per distinct value) is noise

@@ -27,12 +27,14 @@ import os
 import re
 import shutil
 import socket
+import struct
 import sys
 import tarfile
 import urllib.error
 import urllib.request
 import uuid
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +42,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from cxrlib.data.sources import ADAPTERS
+from cxrlib.errors import CxrInputError
 
 #: Archive formats :func:`safe_extract` unpacks; ``None`` in a :class:`RemoteFile` = a plain file.
 ARCHIVE_FORMATS: tuple[str, ...] = ("zip", "tar", "tar.gz")
@@ -73,7 +76,15 @@ class ChecksumError(DownloadError):
     """A downloaded file whose SHA-256 / MD5 differs from the published one."""
 
 
-class UnsafeArchiveError(DownloadError):
+class ArchiveError(DownloadError, CxrInputError):
+    """An archive :func:`safe_extract` refuses or cannot read; the message names it and why."""
+
+
+class ArchiveLimitError(ArchiveError):
+    """An archive over a :class:`ExtractLimits` bound (size, compression ratio, member count)."""
+
+
+class UnsafeArchiveError(ArchiveError):
     """An archive member that would be written outside the target folder (or is a device)."""
 
     def __init__(self, archive: str | os.PathLike, member: str, reason: str) -> None:
@@ -543,18 +554,127 @@ def _inside(base: Path, relative: str) -> bool:
 def _check_space(archive: Path, needed: int, folder: Path) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise DownloadError(
-            f"unpacking {archive} needs {needed / 1e9:.1f} GB, only {free / 1e9:.1f} GB free in {folder}"
+        raise ArchiveLimitError(
+            f"refusing to unpack {archive}: it declares {needed / 1e9:.1f} GB, only "
+            f"{free / 1e9:.1f} GB free in {folder}"
         )
 
 
-def _extract_zip(archive: Path, into: Path) -> None:
+@dataclass(frozen=True)
+class ExtractLimits:
+    """Bounds :func:`safe_extract` enforces on an archive, counted on the bytes actually written.
+
+    ``max_total_bytes``: everything unpacked together. ``max_ratio``: bytes written per byte of
+    compressed input, for each zip member (against its compressed size) and for the whole
+    archive (against the archive file's size); only checked once more than
+    ``ratio_floor_bytes`` are written, so small, very compressible files (a CSV of zeros)
+    pass. ``max_members``: entries in the archive. The defaults hold every open chest X-ray
+    archive this project knows (the largest, NIH's, is 4 GB per part at ratio ~1; text and
+    repository archives stay below 20:1) and stop a 1000:1 deflate bomb after
+    ``ratio_floor_bytes``.
+    """
+
+    max_total_bytes: int = 100 * 1024**3
+    max_ratio: float = 200.0
+    max_members: int = 500_000
+    ratio_floor_bytes: int = 16 * 1024**2
+
+    def __post_init__(self) -> None:
+        if min(self.max_total_bytes, self.max_members, self.ratio_floor_bytes) < 0 \
+                or not self.max_ratio >= 1:
+            raise ValueError(f"ExtractLimits needs non-negative sizes and max_ratio >= 1, got {self}")
+
+
+#: The limits :func:`safe_extract` and :func:`download` use unless told otherwise.
+DEFAULT_LIMITS = ExtractLimits()
+
+
+class _Budget:
+    """Counts bytes as they are written and refuses the archive the moment a limit is crossed."""
+
+    def __init__(self, archive: Path, into: Path, limits: ExtractLimits) -> None:
+        self.archive, self.into, self.limits = archive, into, limits
+        self.archive_bytes = max(1, archive.stat().st_size)
+        self.total = 0
+
+    def refuse(self, member: str, reason: str) -> ArchiveLimitError:
+        return ArchiveLimitError(f"refusing to unpack {self.archive}: member {member!r} {reason}")
+
+    def count_members(self, count: int, member: str = "") -> None:
+        if count > self.limits.max_members:
+            raise ArchiveLimitError(
+                f"refusing to unpack {self.archive}: more than {self.limits.max_members} members "
+                f"(ExtractLimits.max_members)")
+
+    def add(self, member: str, written: int, chunk: int, *, declared: int | None,
+            compressed: int | None) -> int:
+        """Account for ``chunk`` more bytes of ``member`` (``written`` so far); returns the new count."""
+        written += chunk
+        self.total += chunk
+        limits = self.limits
+        if self.total > limits.max_total_bytes:
+            raise self.refuse(member, f"takes the unpacked size past the limit of "
+                                      f"{limits.max_total_bytes} bytes (ExtractLimits.max_total_bytes)")
+        if declared is not None and written > declared:
+            raise self.refuse(member, f"writes more than its declared {declared} bytes (the archive "
+                                      "header lies)")
+        if written > limits.ratio_floor_bytes and compressed is not None \
+                and written > limits.max_ratio * max(1, compressed):
+            raise self.refuse(member, f"expands more than {limits.max_ratio:g}:1 ({written} bytes "
+                                      f"from {compressed} compressed; ExtractLimits.max_ratio): a "
+                                      "decompression bomb")
+        if self.total > limits.ratio_floor_bytes \
+                and self.total > limits.max_ratio * self.archive_bytes:
+            raise self.refuse(member, f"takes the archive past {limits.max_ratio:g}:1 ({self.total} "
+                                      f"bytes from a {self.archive_bytes}-byte file; "
+                                      "ExtractLimits.max_ratio): a decompression bomb")
+        return written
+
+
+def _write_counted(source: IO[bytes], dest: Path, budget: _Budget, member: str, *,
+                   declared: int | None, compressed: int | None) -> None:
+    """Copy ``source`` to the new file ``dest`` chunk by chunk, checking ``budget`` after each.
+
+    ``dest``'s folder is resolved on disk first: links unpacked earlier must not lead outside."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    folder, base = Path(os.path.realpath(dest.parent)), budget.into.resolve()
+    if folder != base and base not in folder.parents:
+        raise UnsafeArchiveError(budget.archive, member, "would be written through a link outside "
+                                                         "the target folder")
+    written = 0
+    with open(dest, "xb") as out:
+        while True:
+            chunk = source.read(CHUNK_SIZE)
+            if not chunk:
+                break
+            written = budget.add(member, written, len(chunk), declared=declared, compressed=compressed)
+            out.write(chunk)
+
+
+def _zip_entry_count(archive: Path) -> int | None:
+    """Entries the zip's end record declares, read before the central directory is parsed."""
+    try:
+        with open(archive, "rb") as stream:
+            record = zipfile._EndRecData(stream)  # type: ignore[attr-defined]
+    except (OSError, ValueError, struct.error):
+        return None
+    return None if not record else int(record[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
+
+
+def _extract_zip(archive: Path, into: Path, limits: ExtractLimits) -> None:
+    budget = _Budget(archive, into, limits)
+    declared_entries = _zip_entry_count(archive)
+    if declared_entries is not None:
+        budget.count_members(declared_entries)
     try:
         handle = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise DownloadError(f"{archive} is not a readable zip archive ({error})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError,
+            struct.error, NotImplementedError, UnicodeDecodeError) as error:
+        raise ArchiveError(f"{archive} is not a readable zip archive ({error})") from None
     with handle:
-        members = [info for info in handle.infolist() if not _JUNK.search(info.filename)]
+        infos = handle.infolist()
+        budget.count_members(len(infos))
+        members = [info for info in infos if not _JUNK.search(info.filename)]
         for info in members:
             problem = _member_problem(info.filename)
             if problem is None and (info.external_attr >> 16) & 0o170000 == 0o120000:
@@ -566,9 +686,18 @@ def _extract_zip(archive: Path, into: Path) -> None:
         _check_space(archive, sum(info.file_size for info in members), into)
         try:
             for info in members:
-                handle.extract(info, into)
-        except (zipfile.BadZipFile, RuntimeError, OSError, EOFError) as error:
-            raise DownloadError(f"cannot unpack {archive}: {error}") from error
+                dest = into / info.filename
+                if info.is_dir():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    continue
+                with handle.open(info) as source:
+                    _write_counted(source, dest, budget, info.filename, declared=info.file_size,
+                                   compressed=info.compress_size)
+        except ArchiveError:
+            raise
+        except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, ValueError, struct.error,
+                NotImplementedError, zlib.error, LookupError) as error:
+            raise ArchiveError(f"cannot unpack {archive}: {type(error).__name__}: {error}") from error
 
 
 def _tar_problem(member: tarfile.TarInfo, into: Path) -> str | None:
@@ -590,29 +719,51 @@ def _tar_problem(member: tarfile.TarInfo, into: Path) -> str | None:
     return None
 
 
-def _extract_tar(archive: Path, into: Path) -> None:
-    try:
-        handle = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as error:
-        raise DownloadError(f"{archive} is not a readable tar archive ({error})") from None
-    with handle:
+def _extract_tar(archive: Path, into: Path, limits: ExtractLimits) -> None:
+    budget = _Budget(archive, into, limits)
+    with open(archive, "rb") as raw:
         try:
-            members = [m for m in handle.getmembers() if not _JUNK.search(m.name)]
-        except (tarfile.TarError, OSError, EOFError) as error:
-            raise DownloadError(f"cannot read {archive}: {error}") from error
-        for member in members:
-            problem = _tar_problem(member, into)
-            if problem:
-                raise UnsafeArchiveError(archive, member.name, problem)
-        _check_space(archive, sum(m.size for m in members if m.isfile()), into)
-        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        try:
-            handle.extractall(into, members=members, **extra)
-        except tarfile.FilterError as error:  # the stdlib's own check, as a second line
-            member = getattr(error, "tarinfo", None)
-            raise UnsafeArchiveError(archive, getattr(member, "name", "?"), str(error)) from error
-        except (tarfile.TarError, OSError, EOFError) as error:
-            raise DownloadError(f"cannot unpack {archive}: {error}") from error
+            handle = tarfile.open(fileobj=raw, mode="r:*")
+        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as error:
+            raise ArchiveError(f"{archive} is not a readable tar archive ({error})") from None
+        with handle:
+            # headers one by one (getmembers would read a million of them before counting)
+            members: list[tarfile.TarInfo] = []
+            try:
+                for count, member in enumerate(handle, start=1):
+                    budget.count_members(count)
+                    if not _JUNK.search(member.name):
+                        members.append(member)
+            except ArchiveError:
+                raise
+            except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as error:
+                raise ArchiveError(f"cannot read {archive}: {type(error).__name__}: {error}") from error
+            for member in members:
+                problem = _tar_problem(member, into)
+                if problem:
+                    raise UnsafeArchiveError(archive, member.name, problem)
+            _check_space(archive, sum(m.size for m in members if m.isfile()), into)
+            try:
+                for member in members:
+                    if member.isfile():
+                        source = handle.extractfile(member)
+                        _write_counted(source, into / member.name, budget, member.name,
+                                       declared=member.size, compressed=None)
+                    else:
+                        # directories and links (checked above) through the stdlib's data filter,
+                        # which also drops unsafe permission bits; a hard link copied instead of
+                        # linked costs its target's size again
+                        if member.islnk():
+                            budget.add(member.name, 0, member.size, declared=None, compressed=None)
+                        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                        handle.extract(member, into, **extra)
+            except ArchiveError:
+                raise
+            except tarfile.FilterError as error:  # the stdlib's own check, as a second line
+                member = getattr(error, "tarinfo", None)
+                raise UnsafeArchiveError(archive, getattr(member, "name", "?"), str(error)) from error
+            except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as error:
+                raise ArchiveError(f"cannot unpack {archive}: {type(error).__name__}: {error}") from error
 
 
 def archive_format(filename: str) -> str:
@@ -627,15 +778,22 @@ def archive_format(filename: str) -> str:
     raise ValueError(f"cannot tell the archive format of {filename!r} (expected .zip, .tar, .tar.gz)")
 
 
-def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *, fmt: str | None = None) -> Path:
-    """Unpack ``archive`` into the new folder ``target``; no member may escape it.
+def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *, fmt: str | None = None,
+                 limits: ExtractLimits | None = None) -> Path:
+    """Unpack ``archive`` into the new folder ``target``; no member may escape it, and the
+    unpacked size is bounded.
 
     Every member is checked before anything is written: absolute paths, ``..``
     components, symbolic / hard links whose target lies outside, device files and (in
     zip archives) any symbolic link raise :class:`UnsafeArchiveError` naming the member.
-    Tar archives are then unpacked with the standard library's ``filter="data"``
+    Tar directories and links then go through the standard library's ``filter="data"``
     (Python >= 3.11.4), which repeats those checks and drops unsafe permission bits.
     ``__MACOSX/`` and ``.DS_Store`` entries are skipped.
+
+    ``limits`` (default :data:`DEFAULT_LIMITS`): the member count is checked before anything
+    is written; file data is copied chunk by chunk and counted as it is written, because
+    declared sizes can lie, so an archive that unpacks past ``max_total_bytes``, expands
+    beyond ``max_ratio`` or writes more than a member declares is stopped at that chunk.
 
     Unpacking happens in a temporary folder next to ``target`` that is renamed to
     ``target`` at the end, so ``target`` either does not exist or is complete. If the
@@ -645,20 +803,24 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *, fmt: 
     ------
     FileExistsError
         ``target`` exists already.
-    UnsafeArchiveError, DownloadError
-        Unsafe member, unreadable archive, not enough disk space.
+    UnsafeArchiveError, ArchiveLimitError, ArchiveError
+        Unsafe member; over a limit or the free disk space; unreadable archive. All are
+        :class:`~cxrlib.errors.CxrInputError` whose one-line message names the archive.
     """
     archive, target = Path(archive), Path(target)
+    limits = DEFAULT_LIMITS if limits is None else limits
     fmt = fmt or archive_format(archive.name)
     if fmt not in ARCHIVE_FORMATS:
         raise ValueError(f"fmt must be one of {ARCHIVE_FORMATS}, got {fmt!r}")
     if target.exists():
         raise FileExistsError(f"{target} exists already; remove it to unpack {archive.name} again")
+    if not archive.is_file():
+        raise ArchiveError(f"{archive}: no such archive file")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.unpacking"
     staging.mkdir()
     try:
-        (_extract_zip if fmt == "zip" else _extract_tar)(archive, staging)
+        (_extract_zip if fmt == "zip" else _extract_tar)(archive, staging, limits)
         entries = list(staging.iterdir())
         root = entries[0] if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink() else staging
         os.replace(root, target)

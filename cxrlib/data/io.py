@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cxrlib.errors import CxrInputError
 from cxrlib.runs import atomic_write
 
 #: What :func:`read_image` accepts: a path, an open binary file, or the encoded bytes.
@@ -35,9 +37,25 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 #: Most bad files a :class:`LoadReport` lists in its text form.
 _MAX_LISTED = 20
 
+#: Project limit on width x height, checked from the header before any pixel is decoded.
+#: About 2.7x the largest flat-panel chest detector (43 cm at 100 um = 4300 x 4300 px), far
+#: below what a few hundred KB of compressed zeros can claim. Pillow's own guard only warns
+#: between 89 and 179 megapixels.
+MAX_PIXELS = 50_000_000
+#: Smallest side, in pixels, of an image a cohort accepts (:func:`image_problem`).
+MIN_SIDE = 32
+#: Smallest intensity standard deviation (0..255 grey levels) of an image a cohort accepts:
+#: below it the image is blank or nearly so (a failed export, a constant fill).
+MIN_SPREAD = 2.0
+#: Samples converted at a time when scaling high-bit-depth images, to bound temporary memory.
+_BLOCK_PIXELS = 1 << 20
 
-class ImageReadError(OSError):
-    """An image that could not be read; ``path`` names it and the message says why."""
+
+class ImageReadError(CxrInputError, OSError):
+    """An image that could not be read; ``path`` names it and the message says why.
+
+    A :class:`~cxrlib.errors.CxrInputError` (a ``ValueError``) and, as before, an ``OSError``.
+    """
 
     def __init__(self, path: str, reason: str) -> None:
         self.path = str(path)
@@ -90,18 +108,42 @@ def _high_depth_to_uint8(pixels: np.ndarray, mode: str, normalize: str) -> np.nd
     ``minmax`` stretches the image's own range (a constant image falls back to ``dtype``
     scaling because it has no range); ``dtype`` maps the type's nominal range: 0..65535 for
     16-bit and 32-bit integer modes (PNG / TIFF store at most 16 significant bits there)
-    and 0..1 for float, clipping anything outside.
+    and 0..1 for float, clipping anything outside. NaN / inf carry no intensity and count
+    as the image's finite minimum.
+
+    Memory: the result plus one block of :data:`_BLOCK_PIXELS` float64 samples; the image is
+    never copied to float64 as a whole (a 50-megapixel 16-bit image would take 400 MB).
     """
-    values = pixels.astype(np.float64)
-    finite = np.isfinite(values)
-    if not finite.all():
-        # NaN / inf would poison the min-max; they carry no intensity, so they become the minimum
-        values[~finite] = values[finite].min() if finite.any() else 0.0
-    low, high = float(values.min()), float(values.max())
-    if normalize == "dtype" or high <= low:
+    rows = pixels.shape[0]
+    step = max(1, _BLOCK_PIXELS // max(1, int(np.prod(pixels.shape[1:], dtype=np.int64))))
+    blocks = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+    floating = pixels.dtype.kind == "f"
+    low = high = None
+    if normalize == "minmax" or floating:
+        lows, highs = [], []
+        for block in blocks:
+            values = pixels[block]
+            if floating:
+                values = values[np.isfinite(values)]
+            if values.size:
+                lows.append(float(values.min()))
+                highs.append(float(values.max()))
+        low, high = (min(lows), max(highs)) if lows else (0.0, 0.0)
+    fill = low if low is not None else 0.0  # what NaN / inf become
+    if normalize == "dtype" or low is None or high <= low:
         low, high = (0.0, 1.0) if mode == "F" else (0.0, 65535.0)
-    scaled = (values - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    scale = 255.0 / (high - low)
+    out = np.empty(pixels.shape, dtype=np.uint8)
+    for block in blocks:
+        values = pixels[block].astype(np.float64)
+        if floating:
+            values[~np.isfinite(values)] = fill
+        values -= low
+        values *= scale
+        np.rint(values, out=values)
+        np.clip(values, 0, 255, out=values)
+        out[block] = values
+    return out
 
 
 def _to_gray_uint8(image: Image.Image, normalize: str) -> np.ndarray:
@@ -129,7 +171,9 @@ def _to_gray_uint8(image: Image.Image, normalize: str) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.uint8).copy()
 
 
-def read_image(source: ImageSource, *, normalize: str = "minmax") -> np.ndarray:
+def read_image(
+    source: ImageSource, *, normalize: str = "minmax", max_pixels: int | None = None
+) -> np.ndarray:
     """Read an image file as grayscale.
 
     ``source`` is a path, an open binary file object (left open) or the encoded bytes.
@@ -144,16 +188,22 @@ def read_image(source: ImageSource, *, normalize: str = "minmax") -> np.ndarray:
     to :func:`cxrlib.data.dicom.read_dicom`, which applies the file's modality LUT, VOI LUT
     or window and MONOCHROME1 inversion; ``normalize`` does not apply to them.
 
+    Images larger than ``max_pixels`` (default :data:`MAX_PIXELS`) are refused from their
+    header, before any pixel is decoded. High-bit-depth scaling works block by block, so
+    reading takes about the decoded image's size in memory, not eight times that.
+
     Raises :class:`ImageReadError` naming the file for anything that goes wrong: missing
-    file, unknown format, truncated or corrupt data, zero-size image.
+    file, unknown format, truncated or corrupt data, zero-size image, too many pixels.
+    Degenerate but readable images (tiny, blank) are returned; :func:`image_problem` flags them.
     """
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
     name = _source_name(source)
     if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in (".dcm", ".dicom"):
         from cxrlib.data.dicom import read_dicom
 
-        return read_dicom(source)
+        return read_dicom(source, max_pixels=limit)
     try:
         stream, owned = _open_source(source)
     except FileNotFoundError:
@@ -165,29 +215,47 @@ def read_image(source: ImageSource, *, normalize: str = "minmax") -> np.ndarray:
     except OSError as error:
         raise ImageReadError(name, f"cannot open ({error})") from error
     try:
-        return _decode(stream, name, normalize)
+        return _decode(stream, name, normalize, limit)
     finally:
         if owned:
             stream.close()
 
 
-def _decode(stream: IO[bytes], name: str, normalize: str) -> np.ndarray:
+def _too_large(width: int, height: int, max_pixels: int) -> str | None:
+    """Why a ``width`` x ``height`` image is refused, or ``None`` when it is within the limit."""
+    if width * height <= max_pixels:
+        return None
+    return (f"image is {width} x {height} = {width * height / 1e6:.0f} megapixels, above the "
+            f"limit of {max_pixels / 1e6:g} megapixels (cxrlib.data.io.MAX_PIXELS); refused "
+            "before decoding")
+
+
+def _decode(stream: IO[bytes], name: str, normalize: str, max_pixels: int) -> np.ndarray:
     try:
-        with Image.open(stream) as image:
+        with warnings.catch_warnings():
+            # the project's own limit (checked below, from the header) replaces Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(stream)
+        with opened as image:
+            too_large = _too_large(image.width, image.height, max_pixels)
+            if too_large:
+                raise ImageReadError(name, too_large)
             image.load()  # decode now, so truncated data fails here and not later
             image = ImageOps.exif_transpose(image)
             pixels = _to_gray_uint8(image, normalize)
     except UnidentifiedImageError:
         if _looks_like_dicom(stream):
-            return _decode_dicom(stream, name)
+            return _decode_dicom(stream, name, max_pixels)
         if _is_empty(stream):
             reason = "file is empty (0 bytes)"
         else:
             reason = "unknown image format or corrupt header"
         raise ImageReadError(name, reason) from None
     except Image.DecompressionBombError as error:
-        raise ImageReadError(name, f"image too large ({error})") from error
-    except MemoryError:
+        raise ImageReadError(
+            name, f"image too large, refused before decoding ({error}); the project limit is "
+            f"{max_pixels / 1e6:g} megapixels (cxrlib.data.io.MAX_PIXELS)") from None
+    except (MemoryError, ImageReadError):
         raise
     except (OSError, SyntaxError, EOFError) as error:
         # PIL reports truncated streams and bad chunks as OSError / SyntaxError / EOFError
@@ -199,13 +267,13 @@ def _decode(stream: IO[bytes], name: str, normalize: str) -> np.ndarray:
     return pixels
 
 
-def _decode_dicom(stream: IO[bytes], name: str) -> np.ndarray:
+def _decode_dicom(stream: IO[bytes], name: str, max_pixels: int) -> np.ndarray:
     """A DICOM stream without a ``.dcm`` name (bytes, file object, extension-less file)."""
     from cxrlib.data.dicom import DicomReadError, read_dicom
 
     stream.seek(0)
     try:
-        return read_dicom(stream)
+        return read_dicom(stream, max_pixels=max_pixels)
     except DicomReadError as error:
         raise ImageReadError(name, error.reason) from error
 
@@ -228,6 +296,35 @@ def read_mask(source: ImageSource, *, threshold: int = 127) -> np.ndarray:
     if pixels.max(initial=0) <= 1:
         return pixels.astype(bool)
     return pixels > threshold
+
+
+def image_problem(
+    image: np.ndarray, *, min_side: int = MIN_SIDE, min_spread: float = MIN_SPREAD
+) -> str | None:
+    """Why a decoded image is unfit for a cohort, or ``None`` when it is fine.
+
+    ``image``: ``(H, W)`` ``uint8`` (what :func:`read_image` returns). Refused: a side below
+    ``min_side`` pixels (a 1 x 1 file resized to 256 x 256 is a blank square), and a
+    near-constant image whose intensity standard deviation is below ``min_spread`` grey
+    levels (blank, a constant fill, a failed export). Computed from the 256-bin histogram,
+    so it takes no memory beyond the image. Masks are not images: do not apply it to them.
+    """
+    pixels = np.asarray(image)
+    if pixels.ndim != 2:
+        return f"expected a 2-D grayscale image, got shape {pixels.shape}"
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"image_problem expects a uint8 image (read_image's output), got {pixels.dtype}")
+    height, width = pixels.shape
+    if min(height, width) < min_side:
+        return f"image is {width} x {height} pixels, below the minimum side of {min_side}"
+    counts = np.bincount(pixels.ravel(), minlength=256).astype(np.float64)
+    levels = np.arange(256, dtype=np.float64)
+    mean = counts @ levels / counts.sum()
+    spread = float(np.sqrt(counts @ (levels - mean) ** 2 / counts.sum()))
+    if spread < min_spread:
+        return (f"near-constant image (intensity standard deviation {spread:.2f} < {min_spread:g} "
+                "grey levels): blank or a failed export")
+    return None
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
@@ -285,6 +382,13 @@ class LoadReport:
         return pd.DataFrame(
             [(item.path, item.error) for item in self.bad], columns=["path", "error"]
         )
+
+    def write_csv(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_frame` (``path``, ``error``) as CSV, atomically; returns the path."""
+        target = Path(path)
+        frame = self.to_frame()
+        atomic_write(target, lambda stream: frame.to_csv(stream, index=False), mode="w")
+        return target
 
     def __str__(self) -> str:
         total = self.n_ok + self.n_bad
