@@ -4,6 +4,7 @@ Commands:
   phantom   write a phantom chest X-ray cohort (images, masks, manifest.csv)
   pipeline  run the numbered notebooks in order with papermill
   data      list known public datasets (data list) and fetch the open ones (data download)
+  reader    the reader study as a web app (reader prepare / serve / export)
   docs      regenerate docs/references.md from the adapters' metadata (docs references)
 """
 
@@ -117,6 +118,49 @@ def _cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reader_prepare(args: argparse.Namespace) -> int:
+    from cxrlib.reader_web import prepare_from_run
+
+    try:
+        out = prepare_from_run(args.run, args.out, n_images=args.images, seed=args.seed, session=args.session,
+                               image_size=args.image_size, display_size=args.display_size)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"reader prepare failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"study folder ready: {out}; serve it with: python -m cxrlib reader serve --study {out}")
+    return 0
+
+
+def _cmd_reader_serve(args: argparse.Namespace) -> int:
+    from cxrlib.reader_web import serve
+
+    try:
+        serve(args.study, host=args.host or ("0.0.0.0" if args.expose else "127.0.0.1"), port=args.port,
+              expose=args.expose, new_token=args.new_token)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f"reader serve failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_reader_export(args: argparse.Namespace) -> int:
+    from cxrlib.reader_study import collect_answers, score_table
+    from cxrlib.reader_web import export_answers
+
+    try:
+        copied = export_answers(args.study, args.to)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"reader export failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"copied {len(copied)} answer file(s) to {args.to}")
+    answers, problems = collect_answers(args.to)
+    for problem in problems:
+        print(f"unreadable: {problem}", file=sys.stderr)
+    if len(answers):
+        print(score_table(answers).round(3).to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxrlib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,6 +217,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("page", choices=["references"], help="references: works, datasets, licenses")
     p.add_argument("--check", action="store_true", help="only compare; exit status 1 if it differs")
     p.set_defaults(func=_cmd_docs)
+    p = sub.add_parser("reader", help="the reader study as a web app: prepare, serve, export")
+    reader_sub = p.add_subparsers(dest="reader_command", required=True)
+    q = reader_sub.add_parser("prepare", help="make a self-contained study folder from a finished run")
+    q.add_argument("--run", required=True, help="run folder (or its notebook 06 folder) of a finished notebook 06")
+    q.add_argument("--out", required=True, help="new study folder (images under opaque names, study.json)")
+    q.add_argument("--images", type=int, default=None, help="images per reader (default: READER_IMAGES of the run)")
+    q.add_argument("--seed", type=int, default=None, help="sequence seed (default: SEED of the run)")
+    q.add_argument("--session", default=None, help="session name (default: READER_SESSION of the run)")
+    q.add_argument("--image-size", type=int, default=None,
+                   help="side every image is shrunk to before display (default: IMAGE_SIZE of the run)")
+    q.add_argument("--display-size", type=int, default=256, help="side of the images shown")
+    q.set_defaults(func=_cmd_reader_prepare)
+    q = reader_sub.add_parser("serve", help="serve a study folder to readers' browsers")
+    q.add_argument("--study", required=True, help="study folder made by 'reader prepare'")
+    q.add_argument("--port", type=int, default=8866, help="port (0: any free port)")
+    q.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; 0.0.0.0 with --expose)")
+    q.add_argument("--expose", action="store_true",
+                   help="allow serving on interfaces other than loopback (anyone with the link can read)")
+    q.add_argument("--new-token", action="store_true", help="replace the study's link secret (old links stop)")
+    q.set_defaults(func=_cmd_reader_serve)
+    q = reader_sub.add_parser("export", help="copy every reader's answers to a folder notebook 06 reads")
+    q.add_argument("--study", required=True, help="study folder")
+    q.add_argument("--to", required=True, help="e.g. RUN_DIR/<notebook 06 folder>/reader_study")
+    q.set_defaults(func=_cmd_reader_export)
     return parser
 
 

@@ -14,8 +14,9 @@ same study on any generators of the project (``G_NC``, ``G_PC``, ``diffusion``):
   specificity (real called real) with Wilson 95% intervals, overall and per generator;
   :func:`agreement` gives Cohen's kappa between every pair of readers of the same sequence;
 - :func:`scripted_reader` answers a session from a detectability classifier
-  (:func:`fit_detector` on images :func:`outside_sequence`), so the study runs headless (papermill, tests); :func:`cxrlib.viz.reader_study.reader_app` is the
-  ipywidgets app for people.
+  (:func:`fit_detector` on images :func:`outside_sequence`), so the study runs headless
+  (papermill, tests); :func:`cxrlib.viz.diffusion.reader_app` is the ipywidgets app for people
+  in JupyterLab, :mod:`cxrlib.reader_web` the web app for readers given a link.
 
 Answer file format (one CSV per reader and session, ``<folder>/<reader>__<session>.csv``,
 UTF-8, comma-separated, header first, one row appended per answer):
@@ -39,7 +40,9 @@ column          meaning
 
 The sequence itself is written next to it as ``<folder>/<session>__sequence.csv`` (columns
 ``trial, image_id, path, generator, truth, label``) so every reader of a session sees the
-same images in the same order, and the study can be rescored without the manifest.
+same images in the same order, and the study can be rescored without the manifest. The web app
+(:mod:`cxrlib.reader_web`) gives each reader the session's images in an order of their own, saved
+as ``<folder>/<reader>__<session>__sequence.csv``.
 """
 
 from __future__ import annotations
@@ -147,11 +150,14 @@ def _check_name(kind: str, value: str) -> str:
     return value
 
 
-def session_paths(folder: str | os.PathLike, reader: str, session: str) -> tuple[Path, Path]:
-    """``(answer file, sequence file)`` of a reader's session in ``folder``."""
+def session_paths(folder: str | os.PathLike, reader: str, session: str, *,
+                  own_sequence: bool = False) -> tuple[Path, Path]:
+    """``(answer file, sequence file)`` of a reader's session in ``folder``; with ``own_sequence``
+    the sequence file is the reader's own (``<reader>__<session>__sequence.csv``)."""
     folder = Path(folder)
-    return (folder / f"{_check_name('reader', reader)}__{_check_name('session', session)}.csv",
-            folder / f"{_check_name('session', session)}__sequence.csv")
+    reader, session = _check_name("reader", reader), _check_name("session", session)
+    return (folder / f"{reader}__{session}.csv",
+            folder / (f"{reader}__{session}__sequence.csv" if own_sequence else f"{session}__sequence.csv"))
 
 
 def read_answers(path: str | os.PathLike) -> pd.DataFrame:
@@ -185,13 +191,14 @@ class ReaderSession:
     :func:`make_sequence` (``None``: read the session's saved sequence). A session whose
     answer file exists continues after its last answered trial (``resumed`` is True); a
     saved sequence that differs from the one given raises, so two readers of one session
-    always see the same images.
+    always see the same images. ``own_sequence``: this reader's sequence is kept in a file of its
+    own (the web app shows every reader the session's images in an order of their own).
     """
 
     def __init__(self, folder: str | os.PathLike, reader: str, session: str,
-                 sequence: pd.DataFrame | None = None) -> None:
+                 sequence: pd.DataFrame | None = None, *, own_sequence: bool = False) -> None:
         self.reader, self.session = _check_name("reader", reader), _check_name("session", session)
-        self.path, self.sequence_path = session_paths(folder, reader, session)
+        self.path, self.sequence_path = session_paths(folder, reader, session, own_sequence=own_sequence)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.sequence_path.is_file():
             saved = pd.read_csv(self.sequence_path, dtype=str, keep_default_na=False)
