@@ -7,7 +7,8 @@ These helpers build such a dataclass from the other places a setting arrives fro
 - :func:`from_mapping`: a plain mapping of field names (``config.json``, a YAML profile);
 - :func:`from_params`: a notebook's UPPER_CASE parameters (``EPOCHS`` -> ``epochs``);
 - :func:`add_arguments` / :func:`from_arguments`: one ``--kebab-case`` command-line option
-  per field, with type, default and help taken from the field.
+  per field, with type, default and help taken from the field;
+- :func:`setting`: a field with its help text, ``lr: float = setting(1e-3, "AdamW learning rate")``.
 
 Field metadata the command-line helpers read: ``help`` (text), ``choices`` (allowed values;
 a ``Literal`` annotation gives them too) and ``aliases`` (further option strings that
@@ -105,6 +106,21 @@ def from_params(cls: type[T], params: Mapping[str, Any], names: Mapping[str, str
         if key in params:
             values[field.name] = params[key]
     return from_mapping(cls, values)
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+            choices: Sequence[Any] | None = None, aliases: Sequence[str] = ()) -> Any:
+    """A dataclass field with its help text (and optional ``choices`` / option ``aliases``).
+
+    ``epochs: int = setting(10, "passes over the training images")``; ``factory`` instead of
+    ``default`` for mutable defaults (``setting(factory=dict, help=...)``).
+    """
+    metadata: dict[str, Any] = {"help": help} if help else {}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if aliases:
+        metadata["aliases"] = tuple(aliases)
+    return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 
 def option_name(field_name: str) -> str:

@@ -98,3 +98,21 @@ def test_add_arguments_defaults_override() -> None:
     args = _parser(defaults={"epochs": 99, "sizes": (5,)}).parse_args([])
     assert args.epochs == 99 and from_arguments(Outer, args).sizes == (5,)
     assert option_name("max_steps_per_epoch") == "--max-steps-per-epoch"
+
+
+def test_setting_carries_help_choices_and_aliases() -> None:
+    from dataclasses import fields
+
+    from cxrlib.settings import setting
+
+    @dataclass
+    class Knobs:
+        mode: str = setting("a", "how it runs", choices=("a", "b"), aliases=("--how",))
+        extra: dict = setting(factory=dict, help="free-form")
+
+    mode, extra = fields(Knobs)
+    assert mode.metadata == {"help": "how it runs", "choices": ("a", "b"), "aliases": ("--how",)}
+    assert Knobs().extra == {} and Knobs().extra is not Knobs().extra
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Knobs, exclude=("extra",))
+    assert parser.parse_args(["--how", "b"]).mode == "b"

@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrlib.settings import setting
+
 GeneratorKind = Literal["unet", "resnet"]
 Norm = Literal["instance", "none"]
 
@@ -80,18 +82,18 @@ class CycleGANConfig:
     - ``image_size``: side of the square training images; checked against the networks.
     """
 
-    generator: GeneratorKind = "unet"
-    in_channels: int = 1
-    out_channels: int = 1
-    ngf: int = 32
-    ndf: int = 64
-    n_blocks: int = 9
-    unet_depth: int = 4
-    n_layers_d: int = 3
-    norm: Norm = "instance"
-    dropout: float = 0.0
-    init_gain: float = 0.02
-    image_size: int = 256
+    generator: GeneratorKind = setting("unet", "generator architecture")
+    in_channels: int = setting(1, "image channels of both domains")
+    out_channels: int = setting(1, "channels the generators make")
+    ngf: int = setting(32, "generator channels of the first level")
+    ndf: int = setting(64, "discriminator channels of the first layer")
+    n_blocks: int = setting(9, "residual blocks of the ResNet generator")
+    unet_depth: int = setting(4, "stride-2 levels of the U-Net generator")
+    n_layers_d: int = setting(3, "stride-2 layers of the PatchGAN (3: 70x70 patches)")
+    norm: Norm = setting("instance", "normalisation of generators and discriminators")
+    dropout: float = setting(0.0, "dropout in the residual blocks / U-Net decoder")
+    init_gain: float = setting(0.02, "standard deviation of the initial convolution weights")
+    image_size: int = setting(256, "side of the square training images")
 
     def __post_init__(self) -> None:
         if self.generator not in ("unet", "resnet"):

@@ -39,13 +39,15 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from cxrlib.settings import from_mapping, setting
 
 #: Conditioning classes, in embedding order (the null class comes after them).
 CLASS_NAMES: tuple[str, ...] = ("normal", "pneumonia", "covid")
@@ -81,19 +83,21 @@ class DiffusionConfig:
       deviation by :func:`cxrlib.train.diffusion.train_diffusion`).
     """
 
-    image_size: int = 32
-    class_names: tuple[str, ...] = CLASS_NAMES
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    layers_per_block: int = 1
-    attention: bool = False
-    norm_num_groups: int = 8
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "v_prediction"
-    latent: bool = False
-    latent_channels: int = 4
-    vae_block_out_channels: tuple[int, ...] = (32, 64, 64)
-    vae_scaling_factor: float = 1.0
+    image_size: int = setting(32, "image side in pixels")
+    class_names: tuple[str, ...] = setting(CLASS_NAMES, "conditioning classes (manifest labels), in embedding order")
+    block_out_channels: tuple[int, ...] = setting((32, 64, 64), "denoiser channels per level",
+                                                  aliases=("--channels",))
+    layers_per_block: int = setting(1, "ResNet blocks per denoiser level")
+    attention: bool = setting(False, "self-attention at the lowest resolution level")
+    norm_num_groups: int = setting(8, "GroupNorm groups (must divide every channel count)")
+    num_train_timesteps: int = setting(1000, "steps of the noise process")
+    beta_schedule: str = setting("squaredcos_cap_v2", "noise schedule (diffusers name)")
+    prediction_type: str = setting("v_prediction", "what the denoiser predicts: the velocity v (stable at the "
+                                   "noisiest step) or the noise", choices=("v_prediction", "epsilon"))
+    latent: bool = setting(False, "latent diffusion with a trained AutoencoderKL")
+    latent_channels: int = setting(4, "channels of the autoencoder's latents")
+    vae_block_out_channels: tuple[int, ...] = setting((32, 64, 64), "autoencoder channels per level")
+    vae_scaling_factor: float = setting(1.0, "latent scale (set from the training latents)")
 
     def __post_init__(self) -> None:
         self.class_names = tuple(str(name) for name in self.class_names)
@@ -156,12 +160,6 @@ class DiffusionConfig:
                 raise ValueError(f"unknown class {label!r}; the model knows {list(self.class_names)}")
         return torch.tensor(out, dtype=torch.long)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DiffusionConfig:
-        """Build from a saved dict, ignoring keys this version does not know."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{key: (tuple(value) if isinstance(value, list) else value)
-                      for key, value in values.items() if key in names})
 
 
 def build_unet(config: DiffusionConfig) -> nn.Module:
@@ -483,7 +481,7 @@ class DiffusionModel(nn.Module):
             ) from exc
         saved = folder / CONFIG_FILE if is_local else None
         if saved is not None and saved.is_file():
-            config = DiffusionConfig.from_dict(json.loads(saved.read_text()))
+            config = from_mapping(DiffusionConfig, json.loads(saved.read_text()), strict=False)
         else:
             names = tuple(class_names) if class_names else CLASS_NAMES
             config = DiffusionConfig(image_size=int(unet.config.sample_size if isinstance(unet.config.sample_size, int)
@@ -494,7 +492,7 @@ class DiffusionModel(nn.Module):
                                      prediction_type=_saved_prediction_type(folder if is_local else source,
                                                                             local_files_only))
         if class_names is not None:
-            config = DiffusionConfig.from_dict({**asdict(config), "class_names": tuple(class_names)})
+            config = replace(config, class_names=tuple(class_names))
         vae = load(AutoencoderKL, "vae") if config.latent else None
         model = cls(config, unet=unet, vae=vae)
         return model.eval()

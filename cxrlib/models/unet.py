@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrlib.settings import setting
+
 Norm = Literal["batch", "instance", "group"]
 Upsample = Literal["transpose", "bilinear"]
 
@@ -51,13 +53,13 @@ class UNetConfig:
       (bilinear 2x up-sampling + 1x1 conv; avoids checkerboard artefacts).
     """
 
-    in_channels: int = 1
-    num_classes: int = 3
-    depth: int = 4
-    base_channels: int = 16
-    norm: Norm = "batch"
-    dropout: float = 0.0
-    upsample: Upsample = "transpose"
+    in_channels: int = setting(1, "image channels")
+    num_classes: int = setting(3, "output channels (label values 0..num_classes-1)")
+    depth: int = setting(4, "U-Net down-sampling steps")
+    base_channels: int = setting(16, "U-Net channels of the first level")
+    norm: Norm = setting("batch", "U-Net normalisation")
+    dropout: float = setting(0.0, "U-Net channel dropout in the decoder")
+    upsample: Upsample = setting("transpose", "U-Net up-sampling: learned transposed conv or bilinear + 1x1 conv")
 
     def __post_init__(self) -> None:
         if self.norm not in ("batch", "instance", "group"):

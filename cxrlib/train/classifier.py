@@ -36,7 +36,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +61,7 @@ from cxrlib.data.classification import (
 from cxrlib.data.masks import LungPatchSampler
 from cxrlib.evaluate.classification import choose_thresholds
 from cxrlib.models.classifiers import ARCHITECTURES, Classifier, build_classifier
+from cxrlib.settings import add_arguments, from_arguments, from_mapping, setting
 from cxrlib.train.engine import (
     DistContext,
     MetricLogger,
@@ -132,34 +133,37 @@ class ClassifierTrainConfig:
       (CUDA only); ``num_workers``; ``max_steps_per_epoch`` (quick runs); ``progress``.
     """
 
-    arch: str = "resnet18"
-    num_classes: int = 2
-    classes: list[str] | None = None
-    weights: str | None = None
-    dropout: float = 0.0
-    image_size: int = 224
-    input_mode: str = "whole"
-    mask_column: str | None = None
-    patch_size: int = 224
-    patch_reference_size: int = 1024
-    patch_source_size: int = 512
-    eval_patches: int = 10
-    augment: str = "light"
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
-    imbalance: Literal["weighted_loss", "balanced_sampler", "none"] = "weighted_loss"
-    patience: int | None = 5
-    select_metric: Literal["auc", "balanced_accuracy", "loss"] = "auc"
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    num_workers: int = 0
-    max_steps_per_epoch: int | None = None
-    progress: bool = True
+    arch: str = setting("resnet18", "network architecture", choices=sorted(ARCHITECTURES))
+    num_classes: int = setting(2, "number of classes (follows classes when given)")
+    classes: list[str] | None = setting(None, "class names in index order (binary: the second is positive); "
+                                              "rows with other labels are left out. Default: every label, sorted")
+    weights: str | None = setting(None, "'imagenet' (from the torch hub cache) or a weights file; default random")
+    dropout: float = setting(0.0, "dropout before the last layer")
+    image_size: int = setting(224, "side of the network input in pixels")
+    input_mode: str = setting("whole", "what the classifier sees", choices=INPUT_MODES)
+    mask_column: str | None = setting(None, "lung mask column for the lung modes ('ground_truth': reference masks)")
+    patch_size: int = setting(224, "patch side at --patch-reference-size")
+    patch_reference_size: int = setting(1024, "image side patch-size refers to")
+    patch_source_size: int = setting(512, "side patches are cut from")
+    eval_patches: int = setting(10, "patches averaged per image when validating")
+    augment: str = setting("light", "training augmentation", choices=("none", "light", "heavy"))
+    epochs: int = setting(20, "most epochs to train")
+    batch_size: int = setting(16, "images per step and process")
+    lr: float = setting(3e-4, "AdamW learning rate")
+    weight_decay: float = setting(1e-4, "AdamW weight decay")
+    schedule: Literal["cosine", "step", "constant"] = setting("cosine", "learning-rate schedule")
+    imbalance: Literal["weighted_loss", "balanced_sampler", "none"] = setting(
+        "weighted_loss", "how class imbalance is handled")
+    patience: int | None = setting(5, "early stopping: epochs without improvement (None, or 0 on the "
+                                      "command line: never)")
+    select_metric: Literal["auc", "balanced_accuracy", "loss"] = setting("auc", "validation metric to select by")
+    seed: int = setting(0, "random seed for weights, data order, augmentation")
+    device: str = setting("auto", "auto, cpu, cuda or mps (torchrun: GPU of the local rank)")
+    amp: bool = setting(True, "float16 autocast and gradient scaling (CUDA only)")
+    channels_last: bool = setting(True, "NHWC memory layout (CUDA only)")
+    num_workers: int = setting(0, "DataLoader worker processes per process")
+    max_steps_per_epoch: int | None = setting(None, "cap on steps per epoch (quick runs)")
+    progress: bool = setting(True, "progress bars")
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -214,12 +218,6 @@ class ClassifierTrainConfig:
     def patch_sampler(self) -> LungPatchSampler:
         return LungPatchSampler(patch_size=self.patch_size, scale_with_image=True,
                                 reference_size=self.patch_reference_size)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> ClassifierTrainConfig:
-        """Build from a dict such as ``config.json``; keys that are not fields are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in names})
 
 
 @dataclass
@@ -444,7 +442,7 @@ def train_classifier(
     if config is None:
         config = ClassifierTrainConfig()
     elif isinstance(config, Mapping):
-        config = ClassifierTrainConfig.from_dict(config)
+        config = from_mapping(ClassifierTrainConfig, config, strict=False)
     train_labels_raw = train_df["label"].astype(str).tolist() if isinstance(train_df, pd.DataFrame) else None
     if config.classes is None and train_labels_raw is None:
         raise ValueError("config.classes must be set when training from Datasets")
@@ -635,7 +633,7 @@ def load_classifier(run_dir_or_ckpt: str | Path, device: str | torch.device = "c
     if "arch" not in settings:
         raise ValueError(f"checkpoint {path} has no 'arch' in its config; not a classifier run")
     # The weights are in the checkpoint: do not look for pretrained files again.
-    config = ClassifierTrainConfig.from_dict({**settings, "weights": None})
+    config = from_mapping(ClassifierTrainConfig, {**settings, "weights": None}, strict=False)
     model = build_classifier(config.arch, config.num_classes, dropout=config.dropout)
     load_checkpoint(checkpoint, model=model)
     extra = checkpoint.get("extra") or {}
@@ -768,8 +766,8 @@ def predict_patches(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of ``python -m cxrlib.train.classifier`` (defaults: ClassifierTrainConfig)."""
-    d = ClassifierTrainConfig()
+    """Command-line options of ``python -m cxrlib.train.classifier``: the data options, then one per
+    :class:`ClassifierTrainConfig` field (``num_classes`` follows the classes)."""
     parser = argparse.ArgumentParser(
         prog="python -m cxrlib.train.classifier",
         description="Train an image classifier on the manifest's train split; choose the best epoch, early "
@@ -783,34 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the manifest's folder)")
     add("--train-split", default="train", help="value of the split column used for training")
     add("--val-split", default="val", help="value of the split column used for model selection")
-    add("--classes", nargs="+", default=None, help="class names in index order (binary: the second is "
-        "positive); rows with other labels are left out. Default: every label, sorted")
-    add("--arch", default=d.arch, choices=sorted(ARCHITECTURES), help="network architecture")
-    add("--weights", default=None, help="'imagenet' (from the torch hub cache) or a weights file; default random")
-    add("--dropout", type=float, default=d.dropout, help="dropout before the last layer")
-    add("--image-size", type=int, default=d.image_size, help="side of the network input in pixels")
-    add("--input-mode", default=d.input_mode, choices=INPUT_MODES, help="what the classifier sees")
-    add("--mask-column", default=None, help="lung mask column for the lung modes ('ground_truth': reference masks)")
-    add("--patch-size", type=int, default=d.patch_size, help="patch side at --patch-reference-size")
-    add("--patch-reference-size", type=int, default=d.patch_reference_size, help="image side patch-size refers to")
-    add("--patch-source-size", type=int, default=d.patch_source_size, help="side patches are cut from")
-    add("--eval-patches", type=int, default=d.eval_patches, help="patches averaged per image when validating")
-    add("--augment", default=d.augment, choices=("none", "light", "heavy"), help="training augmentation")
-    add("--epochs", type=int, default=d.epochs, help="most epochs to train")
-    add("--batch-size", type=int, default=d.batch_size, help="images per step and process")
-    add("--lr", type=float, default=d.lr, help="AdamW learning rate")
-    add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    add("--schedule", default=d.schedule, choices=("cosine", "step", "constant"), help="learning-rate schedule")
-    add("--imbalance", default=d.imbalance, choices=_IMBALANCE, help="how class imbalance is handled")
-    add("--patience", type=int, default=d.patience, help="early stopping: epochs without improvement (0: never)")
-    add("--select-metric", default=d.select_metric, choices=_SELECT_METRICS, help="validation metric to select by")
-    add("--seed", type=int, default=d.seed, help="random seed for weights, data order, augmentation")
-    add("--device", default=d.device, help="auto, cpu, cuda or mps (torchrun: GPU of the local rank)")
-    add("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes per process")
-    add("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick runs)")
-    add("--no-amp", action="store_true", help="train in float32 on CUDA too")
-    add("--no-channels-last", action="store_true", help="keep the NCHW memory layout on CUDA")
-    add("--no-progress", action="store_true", help="no progress bars")
+    add_arguments(parser, ClassifierTrainConfig, exclude=("num_classes",))
     add("--no-resume", action="store_true", help="start over even if --run-dir holds last.pt")
     return parser
 
@@ -825,17 +796,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = manifest[manifest["label"].isin(args.classes)]
     train_df = manifest[manifest["split"] == args.train_split]
     val_df = manifest[manifest["split"] == args.val_split]
-    config = ClassifierTrainConfig(
-        arch=args.arch, classes=args.classes, num_classes=len(args.classes or train_df["label"].unique()),
-        weights=args.weights, dropout=args.dropout, image_size=args.image_size, input_mode=args.input_mode,
-        mask_column=args.mask_column, patch_size=args.patch_size, patch_reference_size=args.patch_reference_size,
-        patch_source_size=args.patch_source_size, eval_patches=args.eval_patches, augment=args.augment,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, imbalance=args.imbalance, patience=args.patience or None,
-        select_metric=args.select_metric, seed=args.seed, device=args.device, num_workers=args.num_workers,
-        max_steps_per_epoch=args.max_steps_per_epoch, amp=not args.no_amp, channels_last=not args.no_channels_last,
-        progress=not args.no_progress,
-    )
+    config = from_arguments(ClassifierTrainConfig, args, num_classes=len(args.classes or train_df["label"].unique()),
+                            patience=args.patience or None)
     ctx = init_distributed(config.device)
     try:
         result = train_classifier(train_df, val_df, args.run_dir, config,

@@ -52,7 +52,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cxrlib.config import resolve_device, seed_everything
 from cxrlib.models.cyclegan import CycleGAN, CycleGANConfig, build_generator
+from cxrlib.settings import add_arguments, from_arguments, from_mapping, setting
 from cxrlib.train.engine import (
     CheckpointError,
     DistContext,
@@ -129,27 +130,27 @@ class CycleGANTrainConfig:
       none); ``n_samples``: images per direction in a grid.
     """
 
-    epochs: int = 50
-    epochs_decay: int = 50
-    batch_size: int = 16
-    lr: float = 2e-4
-    beta1: float = 0.5
-    lambda_cyc: float = 10.0
-    lambda_id: float = 1.0
-    pool_size: int = 50
-    image_size: int = 256
-    model: dict[str, Any] = field(default_factory=dict)
-    hflip: bool = True
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
-    amp: bool = True
-    channels_last: bool = True
-    max_steps_per_epoch: int | None = None
-    log_every: int = 10
-    progress: bool = True
-    sample_every: int = 1
-    n_samples: int = 4
+    epochs: int = setting(50, "epochs at the full learning rate")
+    epochs_decay: int = setting(50, "further epochs over which the learning rate falls linearly to 0")
+    batch_size: int = setting(16, "image pairs per step and process")
+    lr: float = setting(2e-4, "Adam learning rate of generators and discriminators")
+    beta1: float = setting(0.5, "Adam beta1 (beta2 is 0.999)")
+    lambda_cyc: float = setting(10.0, "weight of each cycle-consistency L1 loss")
+    lambda_id: float = setting(1.0, "identity L1 weight relative to --lambda-cyc (0: no identity loss)")
+    pool_size: int = setting(50, "generated images kept for the discriminators")
+    image_size: int = setting(256, "side of the square training images")
+    model: dict[str, Any] = setting(factory=dict, help="CycleGANConfig fields (image_size follows the above)")
+    hflip: bool = setting(True, "random horizontal flips of training images")
+    seed: int = setting(0, "random seed for weights, pairing, flips and pools")
+    device: str = setting("auto", "auto, cpu, cuda or mps (torchrun: GPU of the local rank)")
+    num_workers: int = setting(0, "DataLoader worker processes per process")
+    amp: bool = setting(True, "float16 autocast and gradient scaling (CUDA only)")
+    channels_last: bool = setting(True, "NHWC memory layout (CUDA only)")
+    max_steps_per_epoch: int | None = setting(None, "cap on steps per epoch (quick runs)")
+    log_every: int = setting(10, "steps between progress-bar loss updates")
+    progress: bool = setting(True, "progress bars")
+    sample_every: int = setting(1, "epochs between sample grids in RUN_DIR/samples (0: none)")
+    n_samples: int = setting(4, "images per direction in a sample grid")
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.epochs_decay < 0 or self.epochs + self.epochs_decay < 1:
@@ -179,12 +180,6 @@ class CycleGANTrainConfig:
     def resolved(self) -> CycleGANTrainConfig:
         """A copy whose ``model`` lists every CycleGANConfig field (what ``config.json`` shows)."""
         return replace(self, model=asdict(self.model_config()))
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> CycleGANTrainConfig:
-        """Build from a dict such as ``config.json``; keys that are not fields are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in names})
 
 
 def lr_factor(epoch_index: int, epochs: int, epochs_decay: int) -> float:
@@ -603,7 +598,7 @@ def train_cyclegan(
     if config is None:
         config = CycleGANTrainConfig()
     elif isinstance(config, Mapping):
-        config = CycleGANTrainConfig.from_dict(config)
+        config = from_mapping(CycleGANTrainConfig, config, strict=False)
     config = config.resolved()
     ctx = ctx or init_distributed(config.device)
     device = ctx.device
@@ -810,10 +805,13 @@ def domain_rows(manifest: pd.DataFrame, label: str, split: str = "train", label_
     return rows
 
 
+#: CycleGANConfig fields the command line does not offer (one grey channel; the size is the config's).
+_CLI_MODEL_EXCLUDED = ("in_channels", "out_channels", "image_size")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of ``python -m cxrlib.train.cyclegan`` (defaults: CycleGANTrainConfig)."""
-    defaults = CycleGANTrainConfig()
-    model_defaults = CycleGANConfig()
+    """Command-line options of ``python -m cxrlib.train.cyclegan``: the data options, then one per
+    :class:`CycleGANTrainConfig` and :class:`~cxrlib.models.cyclegan.CycleGANConfig` field."""
     parser = argparse.ArgumentParser(
         prog="python -m cxrlib.train.cyclegan",
         description="Train a CycleGAN between two labels of a manifest (e.g. Normal -> COVID-19) on its "
@@ -829,35 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the manifest's folder)")
     add("--split", default="train", help="value of the split column whose images are used")
     add("--label-column", default="label", help="manifest column that holds the domain labels")
-    add("--epochs", type=int, default=defaults.epochs, help="epochs at the full learning rate")
-    add("--epochs-decay", type=int, default=defaults.epochs_decay,
-        help="further epochs over which the learning rate falls linearly to 0")
-    add("--batch-size", type=int, default=defaults.batch_size, help="image pairs per step and process")
-    add("--lr", type=float, default=defaults.lr, help="Adam learning rate of generators and discriminators")
-    add("--beta1", type=float, default=defaults.beta1, help="Adam beta1 (beta2 is 0.999)")
-    add("--lambda-cyc", type=float, default=defaults.lambda_cyc, help="weight of each cycle-consistency L1 loss")
-    add("--lambda-id", type=float, default=defaults.lambda_id,
-        help="identity L1 weight relative to --lambda-cyc (0: no identity loss)")
-    add("--pool-size", type=int, default=defaults.pool_size, help="generated images kept for the discriminators")
-    add("--image-size", type=int, default=defaults.image_size, help="side of the square training images")
-    add("--generator", choices=("unet", "resnet"), default=model_defaults.generator, help="generator architecture")
-    add("--ngf", type=int, default=model_defaults.ngf, help="generator channels of the first level")
-    add("--ndf", type=int, default=model_defaults.ndf, help="discriminator channels of the first layer")
-    add("--n-blocks", type=int, default=model_defaults.n_blocks, help="residual blocks of the ResNet generator")
-    add("--unet-depth", type=int, default=model_defaults.unet_depth, help="stride-2 levels of the U-Net generator")
-    add("--n-layers-d", type=int, default=model_defaults.n_layers_d,
-        help="stride-2 layers of the PatchGAN (3: 70x70 patches)")
-    add("--no-hflip", action="store_true", help="train without random horizontal flips")
-    add("--seed", type=int, default=defaults.seed, help="random seed for weights, pairing, flips and pools")
-    add("--device", default=defaults.device, help="auto, cpu, cuda or mps (torchrun: GPU of the local rank)")
-    add("--num-workers", type=int, default=defaults.num_workers, help="DataLoader worker processes per process")
-    add("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick runs)")
-    add("--log-every", type=int, default=defaults.log_every, help="steps between progress-bar loss updates")
-    add("--sample-every", type=int, default=defaults.sample_every,
-        help="epochs between sample grids in RUN_DIR/samples (0: none)")
-    add("--no-amp", action="store_true", help="train in float32 on CUDA too")
-    add("--no-channels-last", action="store_true", help="keep the NCHW memory layout on CUDA")
-    add("--no-progress", action="store_true", help="no progress bars")
+    add_arguments(parser, CycleGANTrainConfig, exclude=("model",))
+    add_arguments(parser, CycleGANConfig, exclude=_CLI_MODEL_EXCLUDED)
     add("--no-resume", action="store_true", help="start over even if --run-dir holds last.pt")
     return parser
 
@@ -865,16 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m cxrlib.train.cyclegan`` (and of torchrun)."""
     args = build_parser().parse_args(argv)
-    config = CycleGANTrainConfig(
-        epochs=args.epochs, epochs_decay=args.epochs_decay, batch_size=args.batch_size, lr=args.lr,
-        beta1=args.beta1, lambda_cyc=args.lambda_cyc, lambda_id=args.lambda_id, pool_size=args.pool_size,
-        image_size=args.image_size,
-        model={"generator": args.generator, "ngf": args.ngf, "ndf": args.ndf, "n_blocks": args.n_blocks,
-               "unet_depth": args.unet_depth, "n_layers_d": args.n_layers_d},
-        hflip=not args.no_hflip, seed=args.seed, device=args.device, num_workers=args.num_workers,
-        amp=not args.no_amp, channels_last=not args.no_channels_last, max_steps_per_epoch=args.max_steps_per_epoch,
-        log_every=args.log_every, progress=not args.no_progress, sample_every=args.sample_every,
-    )
+    model = {f.name: getattr(args, f.name) for f in fields(CycleGANConfig) if f.name not in _CLI_MODEL_EXCLUDED}
+    config = from_arguments(CycleGANTrainConfig, args, model=model)
     from cxrlib.data.manifest import read_manifest
 
     manifest = read_manifest(args.manifest)

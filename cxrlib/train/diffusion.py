@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from cxrlib.config import seed_everything
 from cxrlib.models.diffusion import DiffusionConfig, DiffusionModel, training_scheduler
 from cxrlib.runs import to_plain
+from cxrlib.settings import add_arguments, from_arguments, from_mapping, setting
 from cxrlib.train.engine import (
     DistContext,
     MetricLogger,
@@ -79,30 +80,31 @@ class DiffusionTrainConfig:
     - ``seed``, ``device``, ``num_workers``, ``amp`` (CUDA float16), ``progress``.
     """
 
-    model: DiffusionConfig = field(default_factory=DiffusionConfig)
-    epochs: int = 10
-    max_steps_per_epoch: int | None = None
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    grad_clip: float = 1.0
-    cond_drop_prob: float = 0.1
-    ema_decay: float = 0.999
-    hflip: bool = False
-    vae_epochs: int = 10
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    max_train_seconds: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
-    amp: bool = True
-    progress: bool = True
+    model: DiffusionConfig = setting(factory=DiffusionConfig, help="networks and noise process")
+    epochs: int = setting(10, "passes over the training images")
+    max_steps_per_epoch: int | None = setting(None, "cap on steps per epoch (0 or none: whole passes)")
+    batch_size: int = setting(16, "images per step and process")
+    lr: float = setting(1e-3, "AdamW learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    schedule: str = setting("constant", "learning-rate schedule over epochs", choices=("constant", "cosine"))
+    grad_clip: float = setting(1.0, "max gradient norm (0: off)")
+    cond_drop_prob: float = setting(0.1, "probability that a training label becomes the null class")
+    ema_decay: float = setting(0.999, "ceiling of the EMA decay")
+    hflip: bool = setting(False, "random horizontal flips (a flipped CXR has its heart on the wrong side)")
+    vae_epochs: int = setting(10, "autoencoder epochs (latent only)")
+    vae_lr: float = setting(1e-3, "autoencoder learning rate (latent only)")
+    vae_kl_weight: float = setting(1e-6, "autoencoder KL weight (latent only)")
+    max_train_seconds: float | None = setting(None, "wall-clock budget of the denoiser's training, summed "
+                                                    "over resumes (none: no limit)")
+    seed: int = setting(0, "seed of weights, batches and noise")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    num_workers: int = setting(0, "DataLoader worker processes per process")
+    amp: bool = setting(True, "float16 autocast (CUDA only)")
+    progress: bool = setting(True, "progress bars")
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):
-            self.model = DiffusionConfig.from_dict(dict(self.model))
+            self.model = from_mapping(DiffusionConfig, self.model, strict=False)
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
@@ -113,11 +115,6 @@ class DiffusionTrainConfig:
             self.max_steps_per_epoch = None
         if self.max_train_seconds is not None and self.max_train_seconds <= 0:
             self.max_train_seconds = None
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> DiffusionTrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in names})
 
 
 @dataclass
@@ -209,7 +206,7 @@ def train_diffusion(
     if config is None:
         config = DiffusionTrainConfig()
     elif isinstance(config, Mapping):
-        config = DiffusionTrainConfig.from_dict(config)
+        config = from_mapping(DiffusionTrainConfig, config, strict=False)
     ctx = ctx or init_distributed(config.device)
     device = ctx.device
     amp = config.amp and device.type == "cuda"
@@ -422,42 +419,34 @@ def load_diffusion(run_dir_or_model: str | Path, *, device: str | torch.device =
 # --------------------------------------------------------------------------- command line
 
 
+#: DiffusionConfig fields the command line does not offer (set from the training images).
+_CLI_MODEL_EXCLUDED = ("vae_scaling_factor",)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of ``python -m cxrlib.train.diffusion``: manifest and run folder, then one
+    per :class:`DiffusionTrainConfig` and :class:`~cxrlib.models.diffusion.DiffusionConfig` field."""
     parser = argparse.ArgumentParser(prog="python -m cxrlib.train.diffusion",
                                      description="Train the class-conditional diffusion model on a manifest's "
                                                  "train split (torchrun-ready).")
-    d, m = DiffusionTrainConfig(), DiffusionConfig()
     parser.add_argument("manifest", help="manifest CSV / Parquet (its train split is used)")
     parser.add_argument("run_dir", help="output folder (checkpoints, history, model/)")
-    parser.add_argument("--image-size", type=int, default=m.image_size, help="image side in pixels")
-    parser.add_argument("--channels", type=int, nargs="+", default=list(m.block_out_channels),
-                        help="denoiser channels per level")
-    parser.add_argument("--latent", action="store_true", help="latent diffusion with a trained AutoencoderKL")
-    parser.add_argument("--prediction-type", choices=("v_prediction", "epsilon"), default=m.prediction_type,
-                        help="what the denoiser predicts: the velocity v (stable at the noisiest step) or the noise")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training images")
-    parser.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap on steps per epoch (0: none)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step and process")
-    parser.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
-    parser.add_argument("--vae-epochs", type=int, default=d.vae_epochs, help="autoencoder epochs (latent only)")
+    add_arguments(parser, DiffusionTrainConfig, exclude=("model", "max_train_seconds"))
+    add_arguments(parser, DiffusionConfig, exclude=_CLI_MODEL_EXCLUDED)
     parser.add_argument("--max-train-minutes", type=float, default=0,
                         help="wall-clock budget of the denoiser's training, summed over resumes (0: none)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of weights, batches and noise")
-    parser.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming last.pt")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cxrlib.stages import cyclegan as syn
     from cxrlib.data import manifest as mf
+    from cxrlib.stages import cyclegan as syn
 
     args = build_parser().parse_args(argv)
-    model = DiffusionConfig(image_size=args.image_size, block_out_channels=tuple(args.channels), latent=args.latent,
-                            prediction_type=args.prediction_type)
-    config = DiffusionTrainConfig(model=model, epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch or None,
-                                  batch_size=args.batch_size, lr=args.lr, vae_epochs=args.vae_epochs, seed=args.seed,
-                                  device=args.device, max_train_seconds=60 * args.max_train_minutes or None)
+    model = from_arguments(DiffusionConfig, args)
+    config = from_arguments(DiffusionTrainConfig, args, model=model,
+                            max_train_seconds=60 * args.max_train_minutes or None)
     manifest = mf.read_manifest(args.manifest)
     rows = syn.real_rows(manifest, "train", list(model.class_names))
     images = syn.load_images(rows, model.image_size)

@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cxrlib.config import resolve_device, seed_everything
 from cxrlib.models.unet import UNet, UNetConfig
+from cxrlib.settings import add_arguments, from_arguments, from_mapping, setting
 from cxrlib.train.engine import (
     DistContext,
     MetricLogger,
@@ -94,24 +95,25 @@ class SegTrainConfig:
     - ``max_steps_per_epoch``: cap on optimizer steps per epoch (quick runs); ``None``: all.
     """
 
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    schedule: Literal["cosine", "step"] = "cosine"
-    dice_weight: float = 1.0
-    ce_weight: float = 1.0
-    image_size: int = 256
-    include_heart: bool = False
-    unet: dict[str, Any] = field(default_factory=dict)
-    augment: bool = True
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
-    progress: bool = True
-    amp: bool = True
-    channels_last: bool = True
-    max_steps_per_epoch: int | None = None
+    epochs: int = setting(10, "number of epochs")
+    batch_size: int = setting(8, "images per step and process")
+    lr: float = setting(1e-3, "AdamW learning rate")
+    weight_decay: float = setting(1e-4, "AdamW weight decay")
+    schedule: Literal["cosine", "step"] = setting(
+        "cosine", "learning-rate schedule: cosine decay, or /10 after half and three quarters of the epochs")
+    dice_weight: float = setting(1.0, "weight of the soft Dice loss")
+    ce_weight: float = setting(1.0, "weight of the cross-entropy loss")
+    image_size: int = setting(256, "side of the square training images")
+    include_heart: bool = setting(False, "also segment the heart (label 3)")
+    unet: dict[str, Any] = setting(factory=dict, help="UNetConfig fields (num_classes, in_channels follow the task)")
+    augment: bool = setting(True, "random flips, affine and intensity changes of training pairs")
+    seed: int = setting(0, "random seed for weights, data order, augmentation")
+    device: str = setting("auto", "auto, cpu, cuda or mps (torchrun: GPU of the local rank)")
+    num_workers: int = setting(0, "DataLoader worker processes per process")
+    progress: bool = setting(True, "progress bars")
+    amp: bool = setting(True, "float16 autocast and gradient scaling (CUDA only)")
+    channels_last: bool = setting(True, "NHWC memory layout (CUDA only)")
+    max_steps_per_epoch: int | None = setting(None, "cap on steps per epoch (quick runs)")
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "step"):
@@ -143,12 +145,6 @@ class SegTrainConfig:
     def resolved(self) -> SegTrainConfig:
         """A copy whose ``unet`` lists every UNetConfig field (what ``config.json`` shows)."""
         return replace(self, unet=asdict(self.unet_config()))
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> SegTrainConfig:
-        """Build from a dict such as ``config.json``; keys that are not fields are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in names})
 
 
 @dataclass
@@ -297,7 +293,7 @@ def train_segmentation(
     if config is None:
         config = SegTrainConfig()
     elif isinstance(config, Mapping):
-        config = SegTrainConfig.from_dict(config)
+        config = from_mapping(SegTrainConfig, config, strict=False)
     config = config.resolved()
     ctx = ctx or init_distributed(config.device)
     device = ctx.device
@@ -518,10 +514,13 @@ def _rows_with_masks(manifest: pd.DataFrame) -> pd.DataFrame:
     return manifest[keep]
 
 
+#: UNetConfig fields the command line does not offer (fixed by the task: one grey channel, the labels).
+_CLI_UNET_EXCLUDED = ("in_channels", "num_classes")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of ``python -m cxrlib.train.segmentation`` (defaults: SegTrainConfig)."""
-    defaults = SegTrainConfig()
-    unet_defaults = UNetConfig()
+    """Command-line options of ``python -m cxrlib.train.segmentation``: the data options, then one
+    per :class:`SegTrainConfig` and :class:`~cxrlib.models.unet.UNetConfig` field."""
     parser = argparse.ArgumentParser(
         prog="python -m cxrlib.train.segmentation",
         description="Train the U-Net lung segmenter on the manifest's train split, choose the best epoch "
@@ -535,30 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the manifest's folder)")
     add("--train-split", default="train", help="value of the split column used for training")
     add("--val-split", default="val", help="value of the split column used to choose the best epoch")
-    add("--epochs", type=int, default=defaults.epochs, help="number of epochs")
-    add("--batch-size", type=int, default=defaults.batch_size, help="images per step and process")
-    add("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
-    add("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
-    add("--schedule", choices=("cosine", "step"), default=defaults.schedule,
-        help="learning-rate schedule: cosine decay, or /10 after 50%% and 75%% of the epochs")
-    add("--dice-weight", type=float, default=defaults.dice_weight, help="weight of the soft Dice loss")
-    add("--ce-weight", type=float, default=defaults.ce_weight, help="weight of the cross-entropy loss")
-    add("--image-size", type=int, default=defaults.image_size, help="side of the square training images")
-    add("--include-heart", action="store_true", help="also segment the heart (label 3)")
-    add("--depth", type=int, default=unet_defaults.depth, help="U-Net down-sampling steps")
-    add("--base-channels", type=int, default=unet_defaults.base_channels, help="U-Net channels of the first level")
-    add("--norm", choices=("batch", "instance", "group"), default=unet_defaults.norm, help="U-Net normalisation")
-    add("--dropout", type=float, default=unet_defaults.dropout, help="U-Net channel dropout in the decoder")
-    add("--upsample", choices=("transpose", "bilinear"), default=unet_defaults.upsample,
-        help="U-Net up-sampling: learned transposed conv or bilinear + 1x1 conv")
-    add("--no-augment", action="store_true", help="train without random flips, affine and intensity changes")
-    add("--seed", type=int, default=defaults.seed, help="random seed for weights, data order, augmentation")
-    add("--device", default=defaults.device, help="auto, cpu, cuda or mps (torchrun: GPU of the local rank)")
-    add("--num-workers", type=int, default=defaults.num_workers, help="DataLoader worker processes per process")
-    add("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick runs)")
-    add("--no-amp", action="store_true", help="train in float32 on CUDA too")
-    add("--no-channels-last", action="store_true", help="keep the NCHW memory layout on CUDA")
-    add("--no-progress", action="store_true", help="no progress bars")
+    add_arguments(parser, SegTrainConfig, exclude=("unet",))
+    add_arguments(parser, UNetConfig, exclude=_CLI_UNET_EXCLUDED)
     add("--no-resume", action="store_true", help="start over even if --run-dir holds last.pt")
     return parser
 
@@ -566,16 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m cxrlib.train.segmentation`` (and of torchrun)."""
     args = build_parser().parse_args(argv)
-    config = SegTrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, dice_weight=args.dice_weight, ce_weight=args.ce_weight,
-        image_size=args.image_size, include_heart=args.include_heart,
-        unet={"depth": args.depth, "base_channels": args.base_channels, "norm": args.norm,
-              "dropout": args.dropout, "upsample": args.upsample},
-        augment=not args.no_augment, seed=args.seed, device=args.device, num_workers=args.num_workers,
-        progress=not args.no_progress, amp=not args.no_amp, channels_last=not args.no_channels_last,
-        max_steps_per_epoch=args.max_steps_per_epoch,
-    )
+    unet = {f.name: getattr(args, f.name) for f in fields(UNetConfig) if f.name not in _CLI_UNET_EXCLUDED}
+    config = from_arguments(SegTrainConfig, args, unet=unet)
     from cxrlib.data.manifest import read_manifest
 
     manifest = read_manifest(args.manifest)
