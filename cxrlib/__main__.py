@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="run the numbered notebooks with papermill")
     p.add_argument("--dataset", default="phantom",
-                   help="'phantom' or a real-data recipe name / path (see README)")
+                   help="'phantom' or a real-data recipe name / path (see docs/data.md)")
     p.add_argument("--profile", default="default",
                    help="run size: quick (CI smoke), default (CPU demo), full (GPU), real-cpu")
     p.add_argument("--run-dir", default=None,
