@@ -7,7 +7,7 @@ train-split normal / pneumonia image, from the same site and view). They come fr
 generator that made the real COVID-19 phantoms, so the synthetic-condition numbers are an
 upper bound, not CycleGAN results.
 
-The grid settings are the notebook's for ``--profile`` (``cxrlib.pipeline.PROFILES``);
+The grid settings are the notebook's for ``--profile`` (its parameters cell and ``cxrlib/profiles/<name>.yaml``);
 cells are trained into ``--run-dir`` (a fresh temporary folder by default, so nothing is
 loaded from an earlier run).
 
@@ -32,28 +32,19 @@ from pathlib import Path
 
 import torch
 
-from cxrlib.stages import classifiers as ex
 from cxrlib import runs
 from cxrlib.data import manifest as mf
 from cxrlib.data.oracle import oracle_synthetic
-from cxrlib.pipeline import stage_params
+from cxrlib.stages import classifiers as ex
+from cxrlib.stages.runtime import stage_parameters
 
 HERE = Path(__file__).resolve().parent
 
 
 def grid_config(profile: str, seed: int, device: str, conditions: list[str] | None) -> ex.GridConfig:
-    """The notebook's grid for a profile (its parameter-cell defaults, then the profile's values)."""
-    params = {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid"], "ARCHS": ["small_cnn"],
-              "CONDITIONS": list(ex.CONDITIONS), "RATIOS": [20], "N_SEEDS": 3, "IMAGE_SIZE": 48,
-              "EPOCHS": 20, "STEPS_PER_EPOCH": 16, "BATCH_SIZE": 16, "LEARNING_RATE": 3e-3,
-              "LOSS_IMBALANCE": "none", "N_BOOT": 1000}
-    params.update(stage_params(profile, "04_classifiers"))
-    return ex.GridConfig(
-        tasks=params["TASKS"], archs=params["ARCHS"], conditions=conditions or params["CONDITIONS"],
-        ratios=params["RATIOS"], seeds=[seed + k for k in range(params["N_SEEDS"])], image_size=params["IMAGE_SIZE"],
-        epochs=params["EPOCHS"], steps_per_epoch=params["STEPS_PER_EPOCH"] or None, batch_size=params["BATCH_SIZE"],
-        lr=params["LEARNING_RATE"], loss_imbalance=params["LOSS_IMBALANCE"], n_boot=params["N_BOOT"],
-        boot_seed=seed, device=device)
+    """Notebook 04's grid for a profile (its parameters cell, then the profile's overrides)."""
+    params = stage_parameters("04", profile, SEED=seed, DEVICE=device)
+    return ex.grid_config_from_params(params, conditions=conditions or params["CONDITIONS"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,166 +1,84 @@
 """Run the numbered notebooks in order with papermill.
 
-Profiles are the one table of run sizes in the project: ``quick`` is the CI smoke size,
-``default`` the CPU demo, ``full`` paper scale for a GPU, and ``real-cpu`` the real-data
-run on a CPU. Each profile maps a notebook stem to the parameters it receives on top of
-the common ones (``DATASET``, ``PROFILE``, ``SEED``, ``RUN_DIR``, ``DEVICE``). A notebook
-reads the value for its own stage from ``cxrlib.pipeline.PROFILES`` too, so running a
-notebook by hand in JupyterLab with ``PROFILE = "quick"`` gives the same sizes.
+The pipeline passes each notebook the common parameters (``DATASET``, ``PROFILE``, ``SEED``,
+``RUN_DIR``, ``DEVICE``) and the user's ``--param NAME=VALUE`` values, each only to the
+notebooks whose ``parameters`` cell declares it. It does not pass the profile's sizes: the
+notebook's own :func:`cxrlib.stages.open_stage` call applies the profile named by ``PROFILE``
+(``cxrlib/profiles/<name>.yaml``), so a notebook run by hand in JupyterLab with
+``PROFILE = "quick"`` runs exactly as it does here. Values given with ``--param`` are pinned:
+the profile does not override them. Executed notebooks keep their widgets' state, so the
+explorers of a finished run show their last state in JupyterLab without a kernel.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxrlib import config
-
-#: Run sizes per profile and notebook stage. Budgets (CPU, 2 cores): quick <= 5 min for all
-#: notebooks together; default <= 35 min (data 1, segmentation 5, CycleGAN 15, classifiers 10,
-#: analysis 3).
-PROFILES: dict[str, dict[str, dict]] = {
-    "quick": {
-        # 30 patients: the smallest seed-0 cohort with COVID-19 patients in val and test (24 had none in val)
-        "01_data_assembly": {"N_PATIENTS": 30, "IMAGE_SIZE": 128, "UPDATE_FIGURES": False},
-        "02_lung_segmentation": {"IMAGE_SIZE": 64, "BASE_CHANNELS": 4, "DEPTH": 3, "EPOCHS": 2,
-                                 "BATCH_SIZE": 8, "MAX_STEPS_PER_EPOCH": 3, "N_BOOT": 200},
-        "03_cyclegan": {"IMAGE_SIZE": 32, "NGF": 8, "NDF": 8, "UNET_DEPTH": 3, "N_LAYERS_D": 1, "EPOCHS": 1,
-                        "EPOCHS_DECAY": 0, "BATCH_SIZE": 4, "MAX_STEPS_PER_EPOCH": 2, "JUDGE_EPOCHS": 1,
-                        "N_BOOT": 50, "UPDATE_FIGURES": False},
-        # one task, two conditions, one seed, 2 x 4 steps at 32 px, plus the controls: ~20-40 s
-        "04_classifiers": {"TASKS": ["normal_vs_covid"], "CONDITIONS": ["real", "real_gnc_gpc"], "RATIOS": [5],
-                           "N_SEEDS": 1, "IMAGE_SIZE": 32, "EPOCHS": 2, "STEPS_PER_EPOCH": 4, "BATCH_SIZE": 8,
-                           "N_BOOT": 200, "UPDATE_FIGURES": False},
-        # PCA only (UMAP's first call compiles for ~30 s), a few images and resamples: seconds; every COVID-19
-        # test image is scored (the quick classifiers get few right)
-        "05_umap_gradcam": {"EMBEDDING": "pca", "MAX_SYNTHETIC": 40, "N_GALLERY": 2, "SALIENCY_IMAGES": "all",
-                            "MAX_CAM_IMAGES": 6,
-                            "SALIENCY_SIZE": 128, "N_RANDOM_MAPS": 3, "ROAD_PERCENTILES": [50], "CV_FOLDS": 3,
-                            "PATCH_K": 4, "N_BOOT": 100, "UPDATE_FIGURES": False},
-        # a 16 px denoiser for 2 steps, 2-step samplers, 1-epoch judges: seconds
-        "06_diffusion_reader_study": {"IMAGE_SIZE": 16, "CHANNELS": [8, 16], "EPOCHS": 1, "MAX_STEPS_PER_EPOCH": 2,
-                                      "BATCH_SIZE": 8, "N_SAMPLES_PER_CLASS": 4, "DDIM_STEPS": 2, "JUDGE_EPOCHS": 1,
-                                      "TEXT_SEG_EPOCHS": 1, "TEXT_SEG_STEPS": 2, "TEXT_EVAL_IMAGES": 2,
-                                      "INPAINT_STEPS": 2, "READER_IMAGES": 8, "N_BOOT": 50, "UPDATE_FIGURES": False},
-    },
-    "default": {
-        "01_data_assembly": {"N_PATIENTS": 400, "IMAGE_SIZE": 256},
-        # 128 px input (logits resized to the 256 px masks), width 8, 5 x 50 steps of 8 images:
-        # under three passes over the ~720 training images; test Dice ~0.97, ~1.5-3 min of training.
-        "02_lung_segmentation": {"IMAGE_SIZE": 128, "BASE_CHANNELS": 8, "DEPTH": 4, "EPOCHS": 5,
-                                 "BATCH_SIZE": 8, "LEARNING_RATE": 2e-3, "MAX_STEPS_PER_EPOCH": 50},
-        # U-Net gf 16 (depth 3) at 48 px, 2-layer PatchGAN (34 px patches), batch 4, lr 2e-4, weak identity
-        # loss, 8 + 7 epochs of 66 steps = 990 steps (~15 passes over the ~260 images per class), one CPU
-        # thread (two threads on 2 busy cores were ~7x slower): ~145 s of CPU time per translator; judges
-        # 10 epochs each (validation AUC ~0.96-0.97). Measured: 218 + 303 s of training, 12 min for the
-        # notebook on 2 CPU cores shared at load 3-5.
-        "03_cyclegan": {"IMAGE_SIZE": 48, "GENERATOR": "unet", "NGF": 16, "NDF": 32, "UNET_DEPTH": 3,
-                        "N_LAYERS_D": 2, "EPOCHS": 8, "EPOCHS_DECAY": 7, "BATCH_SIZE": 4, "LEARNING_RATE": 2e-4,
-                        "LAMBDA_ID": 0.1, "MAX_STEPS_PER_EPOCH": 66, "JUDGE_EPOCHS": 10, "NUM_THREADS": 1},
-        # small CNN at 48 px, 20 epochs x 16 steps of 16 images per cell, 2 binary tasks x 5 conditions x
-        # 3 seeds at 1:20 (30 cells) + 3 control models: ~15-25 s per cell on 2 CPU cores, depending on load
-        "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid"], "ARCHS": ["small_cnn"],
-                           "RATIOS": [20], "N_SEEDS": 3, "IMAGE_SIZE": 48, "EPOCHS": 20, "STEPS_PER_EPOCH": 16,
-                           "BATCH_SIZE": 16, "LEARNING_RATE": 3e-3, "NUM_THREADS": 1},
-        # UMAP of ~1,300 images in two feature spaces, 4 CAM methods on up to 30 COVID-19 test images with
-        # ROAD at 3 percentiles: ~2.5 min on 2 busy CPU cores (155 s measured at load 4, 82 s of CPU)
-        "05_umap_gradcam": {"EMBEDDING": "umap", "MAX_SYNTHETIC": 300, "MAX_CAM_IMAGES": 30, "N_GALLERY": 4,
-                            "SALIENCY_SIZE": 256, "ROAD_PERCENTILES": [25, 50, 75], "NUM_THREADS": 1},
-        # pixel-space v-prediction denoiser (16, 32, 64) at 32 px, 8 x 45 steps of 16 images (~3.5-4 min of
-        # training on one busy thread; 5 epochs left half the normal samples called COVID-19), 32 samples per
-        # class with 10 DDIM steps at guidance 4 (guidance 2 and 3: 38% / 21% of 24 normal samples called
-        # COVID-19, 4: 4%), judges at 32 px, width-4 text U-Net; one thread (two threads on a shared 2-core CPU
-        # ran ~10x slower)
-        "06_diffusion_reader_study": {"IMAGE_SIZE": 32, "CHANNELS": [16, 32, 64], "EPOCHS": 8,
-                                      "MAX_STEPS_PER_EPOCH": 50, "BATCH_SIZE": 16, "LEARNING_RATE": 1.5e-3,
-                                      "PREDICTION_TYPE": "v_prediction", "N_SAMPLES_PER_CLASS": 32,
-                                      "DDIM_STEPS": 10, "GUIDANCE_SCALE": 4.0, "JUDGE_EPOCHS": 10,
-                                      "NUM_THREADS": 1},
-    },
-    "full": {
-        "01_data_assembly": {"N_PATIENTS": 4000, "IMAGE_SIZE": 256},
-        "02_lung_segmentation": {"IMAGE_SIZE": 256, "BASE_CHANNELS": 16, "DEPTH": 4, "EPOCHS": 30,
-                                 "BATCH_SIZE": 16, "LEARNING_RATE": 1e-3, "MAX_STEPS_PER_EPOCH": 0},
-        # the paper's translators: U-Net gf 32, 70x70 PatchGAN df 64, batch 16, 50 + 50 epochs at 256 px (GPU)
-        "03_cyclegan": {"IMAGE_SIZE": 256, "GENERATOR": "unet", "NGF": 32, "NDF": 64, "UNET_DEPTH": 8,
-                        "N_LAYERS_D": 3, "EPOCHS": 50, "EPOCHS_DECAY": 50, "BATCH_SIZE": 16, "LAMBDA_ID": 1.0,
-                        "MAX_STEPS_PER_EPOCH": 0, "JUDGE_ARCH": "resnet18", "JUDGE_EPOCHS": 20},
-        # Zunair & Hamza's grid at 224 px on a GPU: 3 tasks x 5 architectures x 5 conditions x 3 ratios x
-        # 3 seeds; 30 epochs capped at 80 steps of 32 images (about one pass over the real training set)
-        "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid", "three_class"],
-                           "ARCHS": ["small_cnn", "resnet18", "resnet50", "densenet121", "vgg16"],
-                           "RATIOS": [10, 20, 50], "N_SEEDS": 3, "IMAGE_SIZE": 224, "EPOCHS": 30,
-                           "STEPS_PER_EPOCH": 80, "BATCH_SIZE": 32, "LEARNING_RATE": 1e-3, "NUM_THREADS": 0,
-                           "LUNG_CONTROL_MODES": ["whole", "lung_masked", "lungs_removed"]},
-        # every test COVID-19 image the classifier got right (up to 500), ROAD at nine percentiles
-        "05_umap_gradcam": {"EMBEDDING": "umap", "MAX_SYNTHETIC": 2000, "MAX_CAM_IMAGES": 500, "N_GALLERY": 6,
-                            "SALIENCY_SIZE": 256, "ROAD_PERCENTILES": [10, 20, 30, 40, 50, 60, 70, 80, 90],
-                            "NUM_THREADS": 0},
-        # the latent model (GPU): AutoencoderKL 128 px -> 32 px latents, attention denoiser, 100 epochs
-        "06_diffusion_reader_study": {"IMAGE_SIZE": 128, "LATENT": True, "VAE_EPOCHS": 20,
-                                      "CHANNELS": [64, 128, 256, 256], "ATTENTION": True, "EPOCHS": 100,
-                                      "MAX_STEPS_PER_EPOCH": 0, "BATCH_SIZE": 32, "LEARNING_RATE": 2e-4,
-                                      "N_SAMPLES_PER_CLASS": 500, "DDIM_STEPS": 50, "JUDGE_EPOCHS": 20,
-                                      "TEXT_SEG_CHANNELS": 16, "TEXT_SEG_DEPTH": 4, "TEXT_SEG_EPOCHS": 10,
-                                      "TEXT_SEG_STEPS": 200, "TEXT_EVAL_IMAGES": 200, "INPAINT_STEPS": 50,
-                                      "NUM_THREADS": 0},
-    },
-    "real-cpu": {
-        "01_data_assembly": {"IMAGE_SIZE": 256, "UPDATE_FIGURES": False},
-        # SEG_DATA (a COVID-19 Radiography Database folder) is given at run time: --param SEG_DATA=...
-        # 400 training patients (15% of them for validation), 100 test patients, 20 full epochs
-        # at 128 px (metrics on the 256 px masks): test Dice ~0.96 after ~5-8 min of CPU training.
-        "02_lung_segmentation": {"N_TRAIN_PATIENTS": 400, "N_TEST_PATIENTS": 100, "VAL_FRACTION": 0.15,
-                                 "IMAGE_SIZE": 128, "BASE_CHANNELS": 8, "DEPTH": 4, "EPOCHS": 20,
-                                 "BATCH_SIZE": 8, "LEARNING_RATE": 2e-3, "MAX_STEPS_PER_EPOCH": 0},
-        # 128 px (the issue's real-data size), U-Net gf 16 with 5 levels, 3-layer PatchGAN (70 px patches),
-        # lr 2e-4, identity 0.5, 2 + 2 epochs of 80 steps = 320 steps of 4 pairs per translator, one thread:
-        # ~18 min of training for both translators on 2 CPU cores shared at load 3-7 (realdata recipe).
-        # Real images have no lesion masks, so no lesion / anatomy check.
-        "03_cyclegan": {"IMAGE_SIZE": 128, "GENERATOR": "unet", "NGF": 16, "NDF": 32, "UNET_DEPTH": 5,
-                        "N_LAYERS_D": 3, "EPOCHS": 2, "EPOCHS_DECAY": 2, "BATCH_SIZE": 4, "LEARNING_RATE": 2e-4,
-                        "LAMBDA_ID": 0.5, "MAX_STEPS_PER_EPOCH": 80, "JUDGE_EPOCHS": 8, "NUM_THREADS": 1,
-                        "UPDATE_FIGURES": False},
-        # resnet18 (random init offline) at 96 px, real only vs real + G_NC + G_PC, both binary tasks, 3 seeds
-        # at 1:20: 12 cells of 6 epochs x 16 steps of 16 images, plus the site and lung controls
-        "04_classifiers": {"TASKS": ["normal_vs_covid", "pneumonia_vs_covid"], "ARCHS": ["resnet18"],
-                           "CONDITIONS": ["real", "real_gnc_gpc"], "RATIOS": [20], "N_SEEDS": 3,
-                           "IMAGE_SIZE": 96, "EPOCHS": 6, "STEPS_PER_EPOCH": 16, "BATCH_SIZE": 16,
-                           "LEARNING_RATE": 1e-3, "NUM_THREADS": 1, "UPDATE_FIGURES": False},
-        # the default sizes without ScoreCAM (~11 s per image for ResNet-18 at 96 px on one thread,
-        # benchmarks/bench_cam.py) and on 20 images (ROAD costs ~2 s per image and map there); real images
-        # have no lesion masks, so lung overlap and faithfulness only; 303 s on the realdata recipe (load ~3)
-        "05_umap_gradcam": {"EMBEDDING": "umap", "MAX_SYNTHETIC": 300, "MAX_CAM_IMAGES": 20, "N_GALLERY": 4,
-                            "CAM_METHODS": ["gradcam", "gradcam++", "eigencam"], "SALIENCY_SIZE": 256,
-                            "ROAD_PERCENTILES": [25, 50, 75], "NUM_THREADS": 2, "UPDATE_FIGURES": False},
-        # 64 px pixel model, up to 60 epochs of <= 60 steps within a 28 min training budget (MAX_TRAIN_MINUTES:
-        # training ends at the last epoch that fits); real images have no text masks, so the text section is
-        # skipped (run the phantom notebook with REAL_IMAGES to see removal on real images)
-        "06_diffusion_reader_study": {"IMAGE_SIZE": 64, "CHANNELS": [16, 32, 64, 64], "EPOCHS": 60,
-                                      "MAX_TRAIN_MINUTES": 28, "MAX_STEPS_PER_EPOCH": 60, "BATCH_SIZE": 16,
-                                      "LEARNING_RATE": 1.5e-3,
-                                      "N_SAMPLES_PER_CLASS": 48, "DDIM_STEPS": 25, "JUDGE_EPOCHS": 10,
-                                      "NUM_THREADS": 1, "UPDATE_FIGURES": False},
-    },
-}
+from cxrlib import config, runs
+from cxrlib.stages.runtime import (
+    PINNED_ENV,
+    load_profile,
+    notebook_parameters,
+    profile_names,
+)
 
 
-def stage_params(profile: str, stage: str) -> dict:
-    """Parameters of one notebook stage for a profile (a copy; raises on an unknown profile)."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    return dict(PROFILES[profile].get(stage, {}))
+def check_dataset(dataset: str, extra_params: Mapping[str, object] | None = None) -> None:
+    """Refuse an unknown dataset, or a recipe without ``DATA_ROOT``, before any kernel starts.
+
+    ``dataset`` is ``"phantom"``, a shipped recipe name or the path of a recipe YAML file.
+    Raises ``ValueError`` with a one-line message.
+    """
+    from cxrlib.data.recipes import available_recipes, is_recipe_path
+
+    if dataset == "phantom":
+        return
+    if is_recipe_path(dataset):
+        if not Path(dataset).is_file():
+            raise ValueError(f"dataset {dataset!r}: recipe file not found")
+    elif dataset not in available_recipes():
+        raise ValueError(f"unknown dataset {dataset!r}; choose 'phantom', a recipe "
+                         f"({', '.join(available_recipes())}) or the path of a recipe .yaml file")
+    if not (extra_params or {}).get("DATA_ROOT"):
+        raise ValueError(f"dataset {dataset!r} is a recipe: give the folder holding its sources with "
+                         "--param DATA_ROOT=PATH (e.g. --param DATA_ROOT=../shared/realdata)")
+
+
+def route_parameters(notebooks: Sequence[Path], extra_params: Mapping[str, object]) -> dict[str, dict[str, object]]:
+    """``{notebook stem: the extra parameters it declares}``; a parameter no notebook declares raises.
+
+    Each parameter reaches only the notebooks that declare it, so papermill never warns about
+    an unknown parameter. One that none of ``notebooks`` declares raises ``ValueError`` naming
+    the notebooks (of all numbered ones) that do declare it.
+    """
+    declared = {path.stem: set(notebook_parameters(path)) for path in notebooks}
+    unknown = sorted(name for name in extra_params if not any(name in names for names in declared.values()))
+    if unknown:
+        everywhere = {path.stem: set(notebook_parameters(path)) for path in list_notebooks(notebooks[0].parent)}
+        where = {name: [stem for stem, names in everywhere.items() if name in names] for name in unknown}
+        raise ValueError("; ".join(
+            f"no selected notebook declares --param {name}"
+            + (f" (declared by {', '.join(stems)})" if stems else " (no notebook declares it)")
+            for name, stems in where.items()))
+    return {stem: {k: v for k, v in extra_params.items() if k in names} for stem, names in declared.items()}
 
 
 def list_notebooks(directory: Path | None = None) -> list[Path]:
     """The numbered notebooks (``NN_name.ipynb``) in run order."""
     directory = Path(directory) if directory is not None else config.notebooks_dir()
     return sorted(p for p in directory.glob("*.ipynb") if re.match(r"^\d\d_", p.name))
+
+
+def available_profiles() -> list[str]:
+    """The profile names ``--profile`` accepts."""
+    return profile_names()
 
 
 class PipelineError(RuntimeError):
@@ -212,40 +130,46 @@ def run_pipeline(
 ) -> PipelineResult:
     """Execute the numbered notebooks in order; stop at the first failure.
 
-    ``notebooks`` filters by prefix or stem (e.g. ``["01", "02_lung_segmentation"]``).
+    ``notebooks`` filters by prefix or stem (e.g. ``["01", "02"]``).
     Executed copies go to ``run_dir/notebooks/``; each stage writes its own artifacts under
-    ``run_dir/<stage>/``. A summary ``run_dir/pipeline.json`` records parameters and timings.
-    Raises :class:`PipelineError` naming the notebook and failing cell.
+    ``run_dir/<notebook stem>/``. A summary ``run_dir/pipeline.json`` records parameters,
+    timings, the library version and the machine. Bad arguments (unknown profile or dataset,
+    a parameter no selected notebook declares) raise ``ValueError`` before any kernel starts;
+    a failing notebook raises :class:`PipelineError` naming it and its failing cell.
     """
     import papermill as pm
 
     from cxrlib._kernel_client import RepollingKernelManager
 
-    stage_params(profile, "")  # validate the profile name early
-    run_dir = Path(run_dir) if run_dir is not None else config.runs_dir() / f"{dataset}-{profile}"
-    run_dir = run_dir.resolve()
-    out_dir = run_dir / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    load_profile(profile)  # an unknown profile fails here, before anything runs or is written
+    extra_params = dict(extra_params or {})
     selected = list_notebooks(notebooks_dir)
+    if not selected:
+        raise ValueError(f"no numbered notebook (NN_name.ipynb) in {notebooks_dir or config.notebooks_dir()}: "
+                         "run the pipeline from a clone of the repository (the package alone does not carry "
+                         "the notebooks)")
     if notebooks:
         selected = [p for p in selected if any(p.stem == n or p.stem.startswith(n) for n in notebooks)]
         if not selected:
-            raise PipelineError(f"no notebook matches {list(notebooks)}")
+            raise ValueError(f"no notebook matches {list(notebooks)}")
+    check_dataset(dataset, extra_params)
+    routed = route_parameters(selected, extra_params)
+    run_dir = runs.resolve_run_dir(run_dir, dataset, profile)
+    out_dir = run_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
     result = PipelineResult(run_dir=run_dir)
-    summary_path = run_dir / "pipeline.json"
+    summary = dict(dataset=dataset, profile=profile, seed=int(seed), device=device, params=extra_params)
     for nb_path in selected:
-        params = {
-            "DATASET": dataset,
-            "PROFILE": profile,
-            "SEED": int(seed),
-            "RUN_DIR": str(run_dir),
-            "DEVICE": device,
-        }
-        params.update(stage_params(profile, nb_path.stem))
-        params.update(extra_params or {})
+        declared = notebook_parameters(nb_path)
+        common = {"DATASET": dataset, "PROFILE": profile, "SEED": int(seed), "RUN_DIR": str(run_dir),
+                  "DEVICE": device}
+        params = {name: value for name, value in common.items() if name in declared}
+        params.update(routed[nb_path.stem])
         output = out_dir / nb_path.name
         start = time.perf_counter()
         print(f"[pipeline] {nb_path.name} ({profile}) ...", flush=True)
+        pinned_before = os.environ.get(PINNED_ENV)
+        os.environ[PINNED_ENV] = json.dumps(sorted(routed[nb_path.stem]))  # the kernel inherits it
         try:
             pm.execute_notebook(
                 str(nb_path),
@@ -257,31 +181,36 @@ def run_pipeline(
                 log_output=False,
                 # the stock client can wait for ever on a reply it missed (see cxrlib._kernel_client)
                 kernel_manager_class=RepollingKernelManager,
+                store_widget_state=True,
             )
         except Exception as exc:  # papermill raises PapermillExecutionError for cell errors
             seconds = time.perf_counter() - start
             message = _describe_failure(exc, nb_path)
             result.stages.append(StageResult(nb_path.name, str(output), seconds, False, message))
-            _write_summary(summary_path, result, dataset, profile, seed)
+            _write_summary(run_dir / "pipeline.json", result, summary)
             raise PipelineError(f"{message}\n  executed copy with the traceback: {output}") from exc
+        finally:
+            if pinned_before is None:
+                os.environ.pop(PINNED_ENV, None)
+            else:
+                os.environ[PINNED_ENV] = pinned_before
         seconds = time.perf_counter() - start
         result.stages.append(StageResult(nb_path.name, str(output), seconds, True))
         print(f"[pipeline] {nb_path.name} done in {seconds:.0f} s", flush=True)
-        _write_summary(summary_path, result, dataset, profile, seed)
+        _write_summary(run_dir / "pipeline.json", result, summary)
     return result
 
 
-def _write_summary(path: Path, result: PipelineResult, dataset: str, profile: str, seed: int) -> None:
-    payload = {
-        "dataset": dataset,
-        "profile": profile,
-        "seed": seed,
+def _write_summary(path: Path, result: PipelineResult, summary: Mapping[str, object]) -> None:
+    from cxrlib import __version__
+
+    runs.write_json(path, {
+        **summary,
+        "cxrlib_version": __version__,
         "python": sys.version.split()[0],
+        "cpu": config.cpu_description(),
         "stages": [s.__dict__ for s in result.stages],
-    }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    })
 
 
 def print_outputs(result: PipelineResult) -> None:

@@ -1,8 +1,8 @@
-"""Run folders: where a notebook stage writes its artifacts, metrics and resolved settings.
+"""Run folders and the files in them: JSON records and atomic writes.
 
-Layout: ``RUN_DIR/<stage>/`` per notebook stage (``01_data``, ``02_segmentation``, ...), each
+A run folder holds one folder per notebook stage (named in :data:`cxrlib.stages.STAGES`), each
 with ``metrics.json`` (headline numbers, machine-comparable across runs) and ``params.json``
-(the resolved settings that produced them).
+(the resolved settings that produced them), written by :meth:`cxrlib.stages.StageRun.finish`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +25,6 @@ def resolve_run_dir(run_dir: str | os.PathLike | None, dataset: str, profile: st
         return Path(run_dir).expanduser().resolve()
     safe_dataset = Path(str(dataset)).stem or "dataset"
     return config.runs_dir() / f"{safe_dataset}-{profile}"
-
-
-def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
-    """``RUN_DIR/<stage>/``, created if missing."""
-    path = Path(run_dir) / stage
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def to_plain(value: Any) -> Any:
@@ -88,21 +79,3 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
-
-
-def write_metrics(stage_path: str | os.PathLike, metrics: dict, params: dict | None = None) -> Path:
-    """Write ``metrics.json`` and, when given, ``params.json`` (settings + environment) into a stage folder."""
-    stage_path = Path(stage_path)
-    if params is not None:
-        import numpy
-        import torch
-
-        write_json(stage_path / "params.json", {
-            "params": params,
-            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "numpy": numpy.__version__,
-            "torch": torch.__version__,
-        })
-    return write_json(stage_path / "metrics.json", metrics)

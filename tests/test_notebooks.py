@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import nbformat
 import pytest
 
-from cxrlib import config
-from cxrlib.pipeline import PROFILES, PipelineError, list_notebooks, run_pipeline
+from cxrlib import config, stages
+from cxrlib.pipeline import PipelineError, list_notebooks, run_pipeline
 
 NOTEBOOKS = list_notebooks()
 COMMON_PARAMETERS = {"DATASET", "PROFILE", "SEED", "RUN_DIR", "DEVICE"}
@@ -32,7 +33,11 @@ def test_notebook_is_stored_clean_with_parameters(path):
     names = {line.split("=")[0].strip() for line in tagged[0].source.splitlines()
              if "=" in line and not line.lstrip().startswith("#")}
     assert COMMON_PARAMETERS <= names, f"{path.name} parameters lack {COMMON_PARAMETERS - names}"
-    assert "seed_everything(SEED)" in "".join(c.source for c in nb.cells), f"{path.name} does not seed"
+    after = nb.cells[nb.cells.index(tagged[0]) + 1:]
+    first_code = next(c for c in after if c.cell_type == "code")
+    assert first_code.source.startswith(f'stage = open_stage("{path.stem[:2]}", globals())'), \
+        f"{path.name}: the cell after the parameters must open its stage (seeds, profile, folders)"
+    assert "stage.finish(" in "".join(c.source for c in nb.cells), f"{path.name} does not record its metrics"
     assert nb.cells[-1].cell_type == "markdown" and "Exercises" in nb.cells[-1].source
 
 
@@ -50,12 +55,48 @@ def test_quick_pipeline_runs_every_notebook(tmp_path, monkeypatch):
         executed = nbformat.read(stage.output, as_version=4)
         errors = [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors
-    data_metrics = json.loads((run_dir / "01_data" / "metrics.json").read_text())
+    data_metrics = json.loads((stages.output_path(run_dir, "01", "metrics.json")).read_text())
     assert data_metrics["leakage_ok"] is True
     assert data_metrics["n_images"] > 0 and data_metrics["n_unreadable"] == 0
-    assert (run_dir / "01_data" / "gallery.png").exists()
+    assert stages.output_path(run_dir, "01", "gallery.png").exists()
     # the quick run must not overwrite the README figures
     assert (gallery.stat().st_mtime_ns if gallery.exists() else None) == before
+    # executed notebooks keep their widgets' state (the explorers show without a kernel)
+    executed = nbformat.read(result.stages[0].output, as_version=4)
+    assert executed.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state")
+    # a notebook run by hand with PROFILE = "quick" computes what the pipeline computed
+    by_hand = tmp_path / "by_hand"
+    for key in ("01", "02"):
+        _run_by_hand(key, profile="quick", run_dir=by_hand)
+        pipeline_metrics = json.loads(stages.output_path(run_dir, key, "metrics.json").read_text())
+        hand_metrics = json.loads(stages.output_path(by_hand, key, "metrics.json").read_text())
+        assert _without_timings(hand_metrics) == _without_timings(pipeline_metrics), key
+
+
+def _run_by_hand(key: str, *, profile: str, run_dir) -> None:
+    """Execute a notebook as a person would in JupyterLab: edit its parameters cell, run all cells."""
+    from nbclient import NotebookClient
+
+    stage = stages.get_stage(key)
+    nb = nbformat.read(config.notebooks_dir() / stage.notebook, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    edited = re.sub(r'^PROFILE = "default"', f'PROFILE = "{profile}"', cell.source, flags=re.M)
+    edited = re.sub(r'^RUN_DIR = ""', f"RUN_DIR = {str(run_dir)!r}", edited, flags=re.M)
+    edited = re.sub(r'^DEVICE = "auto"', 'DEVICE = "cpu"', edited, flags=re.M)
+    assert edited.count(profile) and edited.count(str(run_dir)), "the parameters cell changed its layout"
+    cell.source = edited
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(config.notebooks_dir())}}).execute()
+
+
+def _without_timings(value):
+    """``value`` without wall-clock entries (keys naming seconds or times), which differ between runs."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items()
+                if not re.search(r"seconds|_s$|time", k)}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
 
 
 def test_pipeline_failure_names_notebook_and_cell(tmp_path):
@@ -72,17 +113,3 @@ def test_pipeline_failure_names_notebook_and_cell(tmp_path):
     message = str(info.value)
     assert "01_broken.ipynb" in message and "broken on purpose" in message and "cell" in message
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"][0]["ok"] is False
-
-
-@pytest.mark.parametrize("profile", sorted(PROFILES))
-def test_profiles_set_only_parameters_their_notebooks_have(profile):
-    """A misspelt profile key would be passed to papermill, warned about and ignored."""
-    by_stem = {path.stem: path for path in NOTEBOOKS}
-    for stage, values in PROFILES[profile].items():
-        assert stage in by_stem, f"profile {profile!r} names {stage!r}, which is no notebook"
-        nb = nbformat.read(by_stem[stage], as_version=4)
-        tagged = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
-        names = {line.split("=")[0].strip() for line in tagged.source.splitlines()
-                 if "=" in line and not line.lstrip().startswith("#")}
-        unknown = set(values) - names
-        assert not unknown, f"profile {profile!r}, {stage}: {sorted(unknown)} are not parameters of the notebook"

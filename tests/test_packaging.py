@@ -106,7 +106,7 @@ def test_cli_help_lists_commands(capsys):
 
 
 def test_pipeline_rejects_unknown_profile():
-    from cxrlib.pipeline import stage_params
+    from cxrlib.stages.runtime import load_profile
 
     with pytest.raises(ValueError, match="unknown profile"):
-        stage_params("huge", "01_data_assembly")
+        load_profile("huge")

@@ -17,14 +17,6 @@ def test_write_json_converts_numpy_and_nan(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temporary file left behind
 
 
-def test_write_metrics_records_params(tmp_path):
-    stage = runs.stage_dir(tmp_path, "01_data")
-    runs.write_metrics(stage, {"n": 3}, params={"SEED": 1})
-    assert runs.read_json(stage / "metrics.json") == {"n": 3}
-    params = runs.read_json(stage / "params.json")
-    assert params["params"] == {"SEED": 1} and "torch" in params
-
-
 def test_resolve_run_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("CXR_RUNS_DIR", str(tmp_path))
     assert runs.resolve_run_dir("", "phantom", "quick") == tmp_path / "phantom-quick"
