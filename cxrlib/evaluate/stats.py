@@ -1,7 +1,17 @@
-"""Confidence intervals for metrics by the percentile bootstrap."""
+"""Confidence intervals for metrics by the percentile bootstrap.
+
+- :func:`bootstrap_ci` / :func:`bootstrap_indices`: one level, test items or whole patients
+  resampled: what varies when the *test sample* is drawn again.
+- :func:`seed_patient_resamples` / :func:`seed_patient_ci`: two levels, training runs (seeds)
+  and then test patients: what varies when the *experiment* is run again (another machine,
+  another seed). Every headline comparison uses the two-level interval; a claim is made only
+  when it excludes zero (:mod:`cxrlib.evaluate.claims`).
+- :func:`wilson_ci`: counts (rates of k out of n).
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -97,3 +107,65 @@ def bootstrap_indices(
         # A resample is how often each group is drawn; each row repeats by its group's count.
         counts = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
         yield np.repeat(rows, counts[group_index])
+
+
+def seed_patient_resamples(
+    n_seeds: int,
+    n_values: int,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    groups: npt.ArrayLike | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Two-level bootstrap: yield ``(seed_draw, rows)`` pairs, ``n_boot`` of them.
+
+    What varies between two reruns of an experiment is both the training run (its seed:
+    initial weights, batches, which minority patients were drawn) and the test sample.
+    Each replicate first draws ``n_seeds`` training runs with replacement (``seed_draw``,
+    int64 indices into the seeds, sorted) and then the test rows as
+    :func:`bootstrap_indices` does (whole ``groups``, e.g. patients, with replacement). A
+    statistic averaged over ``seed_draw`` of per-seed values computed on ``rows`` then has
+    a bootstrap distribution that covers both sources. The same stream (a function of
+    ``(n_seeds, n_values, groups, seed)``) serves every condition compared, so differences
+    are paired by seed and by patient. With one seed this is :func:`bootstrap_indices`.
+    """
+    if n_seeds < 1:
+        raise ValueError(f"need at least one seed, got {n_seeds}")
+    seed_rng = np.random.default_rng([int(seed), 1])  # a stream apart from the rows' stream
+    for rows in bootstrap_indices(n_values, n_boot=n_boot, seed=seed, groups=groups):
+        draw = np.sort(seed_rng.integers(0, n_seeds, n_seeds)) if n_seeds > 1 else np.zeros(1, dtype=np.int64)
+        yield draw, rows
+
+
+def seed_patient_ci(
+    values: npt.ArrayLike,
+    *,
+    groups: npt.ArrayLike | None = None,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Estimate and two-level percentile interval of the mean of ``values`` over seeds and items.
+
+    ``values``: shape ``(n_seeds, n_items)`` (one row per training run, e.g. one pointing-game
+    hit per test image for each seed's classifier), NaN allowed (dropped from each mean).
+    ``groups``: ``n_items`` labels (patients) resampled whole. Returns
+    ``(estimate, low, high)``: the mean over seeds of each seed's item mean, and the
+    ``alpha/2``, ``1 - alpha/2`` quantiles of the same statistic over
+    :func:`seed_patient_resamples`. All NaN when nothing is finite.
+    """
+    data = np.asarray(values, dtype=np.float64)
+    if data.ndim == 1:
+        data = data[None, :]
+    if data.ndim != 2:
+        raise ValueError(f"values must be (n_seeds, n_items), got shape {data.shape}")
+    if not np.isfinite(data).any():
+        return float("nan"), float("nan"), float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices in a resample
+        estimate = float(np.nanmean(np.nanmean(data, axis=1)))
+        boot = np.array([np.nanmean(np.nanmean(data[np.ix_(draw, rows)], axis=1))
+                         for draw, rows in seed_patient_resamples(data.shape[0], data.shape[1], n_boot=n_boot,
+                                                                  seed=seed, groups=groups)])
+    low, high = np.nanpercentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return estimate, float(low), float(high)
