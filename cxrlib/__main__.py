@@ -94,7 +94,9 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
     except ManualDownloadRequired as exc:
         print(exc, file=sys.stderr)
         return EXIT_MANUAL
-    except (DownloadError, ValueError, FileExistsError) as exc:
+    except ValueError:
+        raise  # bad input (unknown source, refused archive): main() prints it, exit status 2
+    except (DownloadError, FileExistsError) as exc:
         print(f"download failed: {exc}", file=sys.stderr)
         return 1
     for entry in result.files:
@@ -244,9 +246,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status for input the project refuses (a bad value, file, archive, manifest or recipe),
+#: the status argparse gives a malformed command line.
+EXIT_BAD_INPUT = 2
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (multi-problem messages joined with '; ')."""
+    lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
+    return "; ".join(lines) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status.
+
+    Input the project refuses (:class:`cxrlib.errors.CxrInputError`, and any ``ValueError``
+    from argument validation) ends as one line on stderr and exit status 2, with nothing
+    written: commands validate their arguments before they create files. Set
+    ``CXR_TRACEBACK=1`` to see the traceback instead.
+    """
+    import os
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ValueError as error:  # CxrInputError is a ValueError
+        if os.environ.get("CXR_TRACEBACK"):
+            raise
+        print(f"python -m cxrlib {args.command}: {_one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -365,7 +365,7 @@ def test_cli_lists_sources_and_rejects_unknown(capsys):
     out = capsys.readouterr().out
     for name in ("ieee8023", "zunair2021", "montgomery", "shenzhen", "rsna-pneumonia", "nih-cxr14"):
         assert name in out
-    assert main(["data", "download", "no-such-set", "--to", "unused"]) == 1
+    assert main(["data", "download", "no-such-set", "--to", "unused"]) == 2  # bad input: exit status 2
     assert "unknown source 'no-such-set'" in capsys.readouterr().err
 
 

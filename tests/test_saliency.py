@@ -188,3 +188,37 @@ def test_score_faithfulness_fills_methods_and_both_baselines():
     assert np.allclose(scored.loc[scored["method"] == "left", "road"], direct["road"])
     with pytest.raises(ValueError, match="row"):
         sal.score_faithfulness(per_image.iloc[1:], LeftHalfModel(), images, cams, 1, percentiles=(50,))
+
+
+def _seeded_scores(cam_hits_per_seed, random_hits=0.0, n_images=12):
+    """Per-image rows for several seeds: a CAM scoring ``cam_hits_per_seed[s]`` and a random map scoring a constant."""
+    import pandas as pd
+
+    rows = []
+    for s, hit in enumerate(cam_hits_per_seed):
+        for i in range(n_images):
+            base = {"image_id": f"i{i}", "patient_id": f"p{i // 2}", "seed": s}
+            rows.append({"method": "gradcam", **base, "pointing_game": hit})
+            rows.append({"method": sal.RANDOM, **base, "pointing_game": random_hits})
+            rows.append({"method": sal.CENTRE, **base, "pointing_game": random_hits})
+    return pd.DataFrame(rows)
+
+
+def test_versus_baseline_covers_the_spread_between_training_runs():
+    # every seed beats the random map: the interval of the difference lies above zero
+    steady = sal.versus_baseline(_seeded_scores([0.6, 0.5, 0.7]), ["pointing_game"], n_boot=400)
+    row = steady.iloc[0]
+    assert row["method"] == "gradcam" and row["difference"] == pytest.approx(0.6) and row["low"] > 0
+    assert row["per_seed"] == pytest.approx([0.6, 0.5, 0.7]) and row["n_seeds"] == 3
+    # one seed far above, two at the random level: the patient-only view would call it a win, two levels do not
+    flaky = sal.versus_baseline(_seeded_scores([0.9, 0.0, 0.0]), ["pointing_game"], n_boot=2000).iloc[0]
+    assert flaky["low"] == 0.0 and flaky["high"] > 0.5
+
+
+def test_summarize_scores_uses_two_levels_only_with_several_seeds():
+    several = sal.summarize_scores(_seeded_scores([0.0, 1.0]), ["pointing_game"], n_boot=2000)
+    gradcam = several[several["method"] == "gradcam"].iloc[0]
+    assert gradcam["n_seeds"] == 2 and gradcam["pointing_game"] == 0.5
+    assert gradcam["pointing_game_low"] == 0.0 and gradcam["pointing_game_high"] == 1.0
+    one = sal.summarize_scores(_seeded_scores([1.0]).drop(columns="seed"), ["pointing_game"], n_boot=200)
+    assert one.iloc[0]["pointing_game_low"] == one.iloc[0]["pointing_game_high"] == 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,17 @@ import pandas as pd
 
 from cxrlib import config
 from cxrlib.data import manifest as mf
-from cxrlib.data.io import BadFile, ImageReadError, LoadReport, read_image, read_mask, write_png
+from cxrlib.data.io import (
+    REPORT_COLUMNS,
+    BadFile,
+    ImageReadError,
+    LoadReport,
+    image_problem,
+    read_image,
+    read_mask,
+    write_png,
+    write_table_csv,
+)
 
 
 def phantom_cohort_dir(
@@ -71,27 +82,89 @@ def load_or_make_phantom(
 
 @dataclass
 class AssemblyReport:
-    """What the quality checks found and what the split looks like."""
+    """What the quality checks found and what the split looks like.
+
+    ``unreadable``: every file that could not be read at any step (columns ``path``,
+    ``error``, ``step``: ``"decoding"`` / ``"resizing"`` before :func:`assemble` when their
+    reports are passed to it, ``"hashing"`` in it). ``dropped``: files that were read but
+    kept out of the cohort (columns ``path``, ``image_id``, ``step``, ``reason``): images
+    too small or near-constant (:func:`cxrlib.data.io.image_problem`).
+    """
 
     n_input: int
     unreadable: pd.DataFrame
     duplicates: pd.DataFrame
     leakage: mf.LeakageReport
     summary: dict = field(default_factory=dict)
+    dropped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(DROPPED_COLUMNS)))
+
+    def excluded(self) -> pd.DataFrame:
+        """Every unreadable or dropped file, one row each: ``path, step, status, reason``
+        (``status`` = ``"unreadable"`` or ``"dropped"``), in step order."""
+        unreadable = self.unreadable.rename(columns={"error": "reason"}).assign(status="unreadable")
+        dropped = self.dropped.assign(status="dropped")
+        frames = [frame[list(REPORT_COLUMNS)] for frame in (unreadable, dropped) if len(frame)]
+        if not frames:
+            return pd.DataFrame(columns=list(REPORT_COLUMNS))
+        return pd.concat(frames, ignore_index=True)
+
+    def write_csv(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`excluded` as CSV, atomically; returns the path."""
+        return write_table_csv(self.excluded(), path)
 
     def metrics(self) -> dict:
-        """Plain-JSON numbers for ``metrics.json``."""
+        """Plain-JSON numbers for ``metrics.json``; ``n_unreadable`` counts every step."""
         groups = self.duplicates["content_hash"].nunique() if len(self.duplicates) else 0
+        by_step = self.unreadable.groupby("step").size() if len(self.unreadable) else {}
+        dropped_by_step = self.dropped.groupby("step").size() if len(self.dropped) else {}
         return {
             **self.summary,
             "n_input": int(self.n_input),
             "n_unreadable": int(len(self.unreadable)),
+            "n_unreadable_by_step": {str(k): int(v) for k, v in dict(by_step).items()},
             "unreadable_files": self.unreadable["path"].tolist() if len(self.unreadable) else [],
+            "n_dropped": int(len(self.dropped)),
+            "n_dropped_by_step": {str(k): int(v) for k, v in dict(dropped_by_step).items()},
+            "dropped_files": self.dropped["path"].tolist() if len(self.dropped) else [],
             "n_duplicate_images": int(len(self.duplicates)),
             "n_duplicate_groups": int(groups),
             "leakage": self.leakage.summary(),
             "leakage_ok": bool(self.leakage.ok),
         }
+
+
+#: Columns of :attr:`AssemblyReport.dropped`.
+DROPPED_COLUMNS: tuple[str, ...] = ("path", "image_id", "step", "reason")
+#: Columns of :attr:`AssemblyReport.unreadable`.
+UNREADABLE_COLUMNS: tuple[str, ...] = ("path", "error", "step")
+
+
+def _earlier_tables(earlier: Mapping[str, LoadReport] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Unreadable and dropped files of the steps before :func:`assemble`, as its two tables."""
+    unreadable, dropped = [], []
+    for step, load_report in (earlier or {}).items():
+        unreadable += [(item.path, item.error, step) for item in load_report.bad]
+        dropped += [(item.path, "", step, item.error) for item in load_report.dropped]
+    return (pd.DataFrame(unreadable, columns=list(UNREADABLE_COLUMNS)),
+            pd.DataFrame(dropped, columns=list(DROPPED_COLUMNS)))
+
+
+def _degenerate_rows(df: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
+    """Rows of ``df`` (readable images) whose image :func:`image_problem` refuses:
+    :data:`DROPPED_COLUMNS` with step ``"checking"``; each file is read once. Paths resolve
+    as in ``base`` (the manifest given to :func:`assemble`)."""
+    problems: dict[Path, str | None] = {}
+    rows = []
+    for value, image_id in zip(mf._column(df, "path"), mf._column(df, "image_id"), strict=True):
+        file = mf.resolve_path(base, value)
+        if file not in problems:
+            try:
+                problems[file] = image_problem(read_image(file))
+            except ImageReadError as error:  # changed since it was hashed: refuse it all the same
+                problems[file] = error.reason
+        if problems[file]:
+            rows.append((value, image_id, "checking", problems[file]))
+    return pd.DataFrame(rows, columns=list(DROPPED_COLUMNS))
 
 
 def assemble(
@@ -100,17 +173,31 @@ def assemble(
     seed: int = 0,
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     progress: bool = False,
+    earlier: Mapping[str, LoadReport] | None = None,
 ) -> tuple[pd.DataFrame, AssemblyReport]:
-    """Hash every image, drop unreadable ones, split by patient, check leakage.
+    """Hash every image, drop unreadable and degenerate ones, split by patient, check leakage.
 
     Identical images (same decoded pixels) are kept but their patients are grouped, so all
-    copies land in one split. Returns the split manifest and the report; raises
-    :class:`cxrlib.data.manifest.LeakageError` if the split leaks (it should never).
+    copies land in one split. Images :func:`cxrlib.data.io.image_problem` refuses (a side
+    below 32 pixels, near-constant) are left out and listed in ``report.dropped`` with the
+    reason. ``earlier``: the reports of the steps that read the files before (step name ->
+    :class:`~cxrlib.data.io.LoadReport`, e.g. ``{"decoding": hash_report, "resizing":
+    resize_report}``); their unreadable and dropped files join the report, so its
+    ``metrics()`` and ``write_csv`` cover every file lost on the way. Returns the split
+    manifest and the report; raises :class:`cxrlib.data.manifest.LeakageError` if the split
+    leaks (it should never).
     """
     n_input = len(df)
     hashed, load_report = mf.add_content_hashes(df, progress=progress)
-    unreadable = load_report.to_frame()
+    earlier_unreadable, earlier_dropped = _earlier_tables(earlier)
+    unreadable = load_report.to_frame().assign(step="hashing")
+    unreadable = pd.concat([earlier_unreadable, unreadable], ignore_index=True) \
+        if len(earlier_unreadable) else unreadable
     readable = hashed[hashed["content_hash"] != ""].copy()
+    degenerate = _degenerate_rows(readable, df)
+    dropped = pd.concat([earlier_dropped, degenerate], ignore_index=True) \
+        if len(earlier_dropped) else degenerate
+    readable = readable[~readable["path"].isin(set(degenerate["path"]))].copy()
     readable.attrs.update(df.attrs)
     duplicates = mf.find_duplicates(readable)
     split = mf.split_by_patient(readable, fractions=fractions, seed=seed)
@@ -122,6 +209,7 @@ def assemble(
         duplicates=duplicates,
         leakage=leakage,
         summary=mf.summarize(split),
+        dropped=dropped,
     )
     return split, report
 
@@ -163,7 +251,9 @@ def materialize(
     as they read the phantom. The aspect ratio is not kept (the images are squashed to a
     square, as in the works this project reproduces). Returns the manifest of the written
     files (``attrs["root"]`` = ``out_dir``, original paths in ``raw_path``) and a report of
-    the files that could not be read; their rows are left out. The raw files are only read.
+    the files that could not be read (``report.bad``) or were refused as degenerate by
+    :func:`cxrlib.data.io.image_problem` (``report.dropped``, with the reason); their rows are
+    left out. The raw files are only read.
     """
     out_dir = Path(out_dir).resolve()
     mask_columns = [c for c in mf.path_columns(df) if c == "mask_path" or c.startswith("mask_")]
@@ -173,7 +263,7 @@ def materialize(
         from tqdm.auto import tqdm
 
         iterator = tqdm(rows.index, desc="resizing images", unit="img")
-    report = LoadReport()
+    report = LoadReport(step="resizing")
     taken: set[str] = set()
     kept: list[int] = []
     paths: list[str] = []
@@ -189,6 +279,10 @@ def materialize(
                     written_masks[column] = _resize(read_mask(mf.resolve_path(df, value)), size, mask=True)
         except (ImageReadError, ValueError) as error:
             report.bad.append(BadFile(path=str(row["path"]), error=getattr(error, "reason", str(error))))
+            continue
+        problem = image_problem(image)  # at the file's own size: a 1 x 1 file resized is a blank square
+        if problem:
+            report.dropped.append(BadFile(path=str(row["path"]), error=problem))
             continue
         source = re.sub(r"[^A-Za-z0-9._-]+", "_", str(row.get("source", "")) or "unknown")
         stem = _file_stem(str(row["image_id"]), taken)

@@ -48,7 +48,7 @@ MIN_SIDE = 32
 #: below it the image is blank or nearly so (a failed export, a constant fill).
 MIN_SPREAD = 2.0
 #: Samples converted at a time when scaling high-bit-depth images, to bound temporary memory.
-_BLOCK_PIXELS = 1 << 20
+_BLOCK_PIXELS = 1 << 18
 
 
 class ImageReadError(CxrInputError, OSError):
@@ -253,8 +253,9 @@ def _decode(stream: IO[bytes], name: str, normalize: str, max_pixels: int) -> np
         raise ImageReadError(name, reason) from None
     except Image.DecompressionBombError as error:
         raise ImageReadError(
-            name, f"image too large, refused before decoding ({error}); the project limit is "
-            f"{max_pixels / 1e6:g} megapixels (cxrlib.data.io.MAX_PIXELS)") from None
+            name, f"image too large ({str(error).rstrip('.')}), above the limit of "
+            f"{max_pixels / 1e6:g} megapixels (cxrlib.data.io.MAX_PIXELS); refused before decoding"
+        ) from None
     except (MemoryError, ImageReadError):
         raise
     except (OSError, SyntaxError, EOFError) as error:
@@ -361,16 +362,31 @@ class BadFile:
     error: str
 
 
+#: Columns of :meth:`LoadReport.table` and of the CSV :meth:`LoadReport.write_csv` writes.
+REPORT_COLUMNS: tuple[str, ...] = ("path", "step", "status", "reason")
+
+
 @dataclass
 class LoadReport:
-    """How a batch of reads went: ``n_ok`` images read, ``bad`` the files that failed."""
+    """How a batch of reads went: ``n_ok`` images read, ``bad`` the files that failed.
+
+    ``dropped``: files that were read but refused (a degenerate image, see
+    :func:`image_problem`); they are not in ``n_ok``. ``step`` names what was being done
+    (``"decoding"``, ``"resizing"``, ``"hashing"``) in the table and the CSV.
+    """
 
     n_ok: int = 0
     bad: list[BadFile] = field(default_factory=list)
+    dropped: list[BadFile] = field(default_factory=list)
+    step: str = ""
 
     @property
     def n_bad(self) -> int:
         return len(self.bad)
+
+    @property
+    def n_dropped(self) -> int:
+        return len(self.dropped)
 
     @property
     def ok(self) -> bool:
@@ -378,27 +394,40 @@ class LoadReport:
         return not self.bad
 
     def to_frame(self) -> pd.DataFrame:
-        """The bad files as a table with columns ``path``, ``error``."""
+        """The bad (unreadable) files as a table with columns ``path``, ``error``."""
         return pd.DataFrame(
             [(item.path, item.error) for item in self.bad], columns=["path", "error"]
         )
 
+    def table(self, step: str | None = None) -> pd.DataFrame:
+        """Unreadable and dropped files, one row each: :data:`REPORT_COLUMNS`; ``status`` is
+        ``"unreadable"`` or ``"dropped"``, ``step`` is ``step`` or :attr:`step`."""
+        name = self.step if step is None else step
+        rows = [(item.path, name, "unreadable", item.error) for item in self.bad]
+        rows += [(item.path, name, "dropped", item.error) for item in self.dropped]
+        return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+
     def write_csv(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_frame` (``path``, ``error``) as CSV, atomically; returns the path."""
-        target = Path(path)
-        frame = self.to_frame()
-        atomic_write(target, lambda stream: frame.to_csv(stream, index=False), mode="w")
-        return target
+        """Write :meth:`table` as CSV, atomically; returns the path."""
+        return write_table_csv(self.table(), path)
 
     def __str__(self) -> str:
-        total = self.n_ok + self.n_bad
+        total = self.n_ok + self.n_bad + self.n_dropped
+        dropped = f"; {self.n_dropped} dropped" if self.dropped else ""
         if not self.bad:
-            return f"read {self.n_ok} of {total} images; no unreadable files"
-        lines = [f"read {self.n_ok} of {total} images; {self.n_bad} unreadable:"]
+            return f"read {self.n_ok} of {total} images; no unreadable files{dropped}"
+        lines = [f"read {self.n_ok} of {total} images; {self.n_bad} unreadable{dropped}:"]
         lines += [f"  {item.path}: {item.error}" for item in self.bad[:_MAX_LISTED]]
         if self.n_bad > _MAX_LISTED:
             lines.append(f"  ... and {self.n_bad - _MAX_LISTED} more (see .to_frame())")
         return "\n".join(lines)
+
+
+def write_table_csv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``table`` as CSV without its index, atomically (temporary file + rename)."""
+    target = Path(path)
+    atomic_write(target, lambda stream: table.to_csv(stream, index=False, lineterminator="\n"), mode="w")
+    return target
 
 
 def load_images(

@@ -182,6 +182,13 @@ class Anatomy:
     vessel_strength: float
 
 
+#: Smallest image side the generator draws (its anatomy needs a few pixels per rib).
+MIN_SIZE = 32
+#: Largest image side a cohort may ask for (texture banks grow with the square of twice the
+#: side: about 1 GB at this size); the largest chest detectors are about 4300 pixels wide.
+MAX_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class CohortConfig:
     """Settings of a phantom cohort; every field changes the images or the manifest."""
@@ -199,7 +206,11 @@ class CohortConfig:
 
     def __post_init__(self) -> None:
         if self.n_patients < 0:
-            raise ValueError("n_patients must be >= 0")
+            raise ValueError(f"n_patients must be >= 0, got {self.n_patients}")
+        if not MIN_SIZE <= self.size <= MAX_SIZE:  # here, so a bad size writes nothing
+            raise ValueError(f"size must lie in [{MIN_SIZE}, {MAX_SIZE}] pixels, got {self.size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         lo, hi = self.images_per_patient
         if not 1 <= lo <= hi:
             raise ValueError(f"images_per_patient must satisfy 1 <= lo <= hi, got {lo, hi}")
@@ -207,7 +218,7 @@ class CohortConfig:
                 or sum(self.class_weights) <= 0:
             raise ValueError("class_weights needs 3 non-negative weights with a positive sum")
         if not 0.0 <= self.site_label_correlation <= 1.0:
-            raise ValueError("site_label_correlation must lie in [0, 1]")
+            raise ValueError(f"site_label_correlation must lie in [0, 1], got {self.site_label_correlation}")
         if not 0.0 <= self.ap_fraction <= 1.0:
             raise ValueError("ap_fraction must lie in [0, 1]")
         if not self.sites:
@@ -386,8 +397,8 @@ class PhantomGenerator:
     _VESSEL_HILUM = (0.24, -0.08)
 
     def __init__(self, size: int = 256, seed: int = 0) -> None:
-        if int(size) < 32:
-            raise ValueError(f"size must be >= 32, got {size}")
+        if int(size) < MIN_SIZE:
+            raise ValueError(f"size must be >= {MIN_SIZE} pixels, got {size}")
         self.size = int(size)
         self.seed = int(seed)
         n = self.size
@@ -1479,6 +1490,8 @@ def write_cohort(out_dir: str | os.PathLike, config: CohortConfig, *,
     are POSIX, relative to ``out_dir``; columns are :data:`MANIFEST_COLUMNS`.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # refuse before any folder is made
+        raise ValueError(f"output folder {out} exists and is not a folder")
     folders = ["images", *[f"masks/{kind}" for kind in MASK_KINDS]]
     if config.text:
         folders.append("images_clean")

@@ -47,6 +47,7 @@ from cxrlib.data import manifest as mf
 from cxrlib.data.dedup import DedupReport
 from cxrlib.data.io import LoadReport
 from cxrlib.data.sources import ADAPTERS, _key, open_dataset
+from cxrlib.errors import CxrInputError
 
 #: Tests a rule condition can make on a manifest column (compared case-insensitively).
 OPERATORS: tuple[str, ...] = ("equals", "startswith", "contains", "one_of")
@@ -69,7 +70,7 @@ UNLABELED: frozenset[str] = frozenset({"", "todo", "unknown"})
 UNREAD_CLASS = "(not read)"
 
 
-class RecipeError(ValueError):
+class RecipeError(CxrInputError):
     """A recipe that cannot be used; the message names the recipe and what is wrong."""
 
 
@@ -201,6 +202,8 @@ def recipe_from_dict(data: dict[str, Any], *, where: str = "recipe") -> Recipe:
         root = str(spec["root"])
         if Path(root).is_absolute() or root.startswith("~"):
             raise RecipeError(f"{place}: root {root!r} must be relative to the base folder given at run time")
+        if ".." in Path(root.replace("\\", "/")).parts:  # would read outside the base folder
+            raise RecipeError(f"{place}: root {root!r} may not contain '..'; it must lie inside the base folder")
         options = {k: v for k, v in spec.items() if k not in ("adapter", "root")}
         sources[str(name)] = Source(str(name), str(spec["adapter"]), root, options)
     classes: dict[str, list[Rule]] = {}

@@ -39,7 +39,7 @@ import torch
 from scipy import ndimage
 
 from cxrlib.data.transforms import resize_image
-from cxrlib.evaluate.stats import bootstrap_ci
+from cxrlib.evaluate.stats import bootstrap_ci, seed_patient_ci
 
 #: Names of the two classifier-free baselines in tables.
 RANDOM = "random map"
@@ -229,29 +229,86 @@ def score_images(
                      **{k: float(np.mean([s[k] for s in random_scores])) for k in random_scores[0]}})
         rows.append({"method": CENTRE, **base, **_scores(centre_prior(grid_shape, centre_sigma), lung, lesion,
                                                          hit_region)})
-    return pd.DataFrame(rows, columns=["method", "image_id", "patient_id", "lung_overlap", "lesion_energy",
+    return pd.DataFrame(rows, columns=["method", "image_id", "patient_id", "lung_overlap", "versus_baseline", "lesion_energy",
                                        "pointing_game"])
+
+
+def _by_seed(per_image: pd.DataFrame, method: str, metric: str) -> pd.DataFrame:
+    """``metric`` of ``method`` as a (seed x image) table (NaN where a seed did not score an image)."""
+    rows = per_image[per_image["method"] == method]
+    seeds = rows["seed"] if "seed" in rows.columns else pd.Series(0, index=rows.index)
+    return rows.assign(seed=seeds).pivot_table(index="seed", columns="image_id", values=metric, aggfunc="mean",
+                                               dropna=False)
+
+
+def _patients(per_image: pd.DataFrame, image_ids: Sequence[str]) -> np.ndarray:
+    lookup = per_image.drop_duplicates("image_id").set_index("image_id")["patient_id"]
+    return lookup.loc[list(image_ids)].to_numpy()
 
 
 def summarize_scores(per_image: pd.DataFrame, metrics: Sequence[str] | None = None, *, n_boot: int = 1000,
                      seed: int = 0) -> pd.DataFrame:
-    """Mean of each metric per method with a 95 % bootstrap interval over patients.
+    """Mean of each metric per method with a 95 % bootstrap interval.
 
     ``per_image``: :func:`score_images` output (optionally with more metric columns, e.g.
-    ``road``). One row per method (order kept): ``method``, ``n_images``, and per metric
-    ``<metric>``, ``<metric>_low``, ``<metric>_high`` (NaN images are left out of that metric).
+    ``road``), optionally with a ``seed`` column when several training runs' classifiers
+    were scored (one block of rows per seed). One seed: the interval resamples patients.
+    Several seeds: the estimate is the mean over seeds of each seed's image mean, and the
+    interval resamples seeds and then patients (:func:`cxrlib.evaluate.stats.seed_patient_ci`),
+    so it covers a rerun with other training runs. One row per method (order kept):
+    ``method``, ``n_images``, ``n_seeds`` and per metric ``<metric>``, ``<metric>_low``,
+    ``<metric>_high`` (NaN images are left out of that metric).
     """
     metrics = list(metrics) if metrics is not None else [
-        c for c in per_image.columns if c not in ("method", "image_id", "patient_id")]
+        c for c in per_image.columns if c not in ("method", "image_id", "patient_id", "seed")]
+    several = "seed" in per_image.columns and per_image["seed"].nunique() > 1
     rows = []
     for method, group in per_image.groupby("method", sort=False):
-        row: dict[str, object] = {"method": method, "n_images": int(group["image_id"].nunique())}
+        row: dict[str, object] = {"method": method, "n_images": int(group["image_id"].nunique()),
+                                  "n_seeds": int(group["seed"].nunique()) if "seed" in group.columns else 1}
         for metric in metrics:
-            estimate, low, high = bootstrap_ci(group[metric].to_numpy(dtype=float), n_boot=n_boot, seed=seed,
-                                               groups=group["patient_id"].to_numpy())
+            if several:
+                table = _by_seed(per_image, method, metric)
+                estimate, low, high = seed_patient_ci(table.to_numpy(dtype=float), n_boot=n_boot, seed=seed,
+                                                      groups=_patients(per_image, table.columns))
+            else:
+                estimate, low, high = bootstrap_ci(group[metric].to_numpy(dtype=float), n_boot=n_boot, seed=seed,
+                                                   groups=group["patient_id"].to_numpy())
             row.update({metric: estimate, f"{metric}_low": low, f"{metric}_high": high})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def versus_baseline(per_image: pd.DataFrame, metrics: Sequence[str], *, baseline: str = RANDOM,
+                    n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Each CAM method minus ``baseline`` (a map made without the model), paired by seed and image.
+
+    For every method other than the two baselines and every metric: ``difference`` (mean
+    over seeds of each seed's mean per-image difference), its 95% interval resampling seeds
+    and then patients (:func:`cxrlib.evaluate.stats.seed_patient_ci`), and ``per_seed``
+    (each seed's mean difference). A method beats the baseline only where ``low > 0``
+    (:mod:`cxrlib.evaluate.claims` words it). Columns: ``method, measure, baseline,
+    difference, low, high, per_seed, n_seeds, n_images``.
+    """
+    rows = []
+    methods = [m for m in dict.fromkeys(per_image["method"]) if m not in (RANDOM, CENTRE)]
+    for method in methods:
+        for metric in metrics:
+            method_table = _by_seed(per_image, method, metric)
+            base_table = _by_seed(per_image, baseline, metric).reindex(index=method_table.index,
+                                                                        columns=method_table.columns)
+            difference = method_table.to_numpy(dtype=float) - base_table.to_numpy(dtype=float)
+            if not np.isfinite(difference).any():
+                continue
+            estimate, low, high = seed_patient_ci(difference, n_boot=n_boot, seed=seed,
+                                                  groups=_patients(per_image, method_table.columns))
+            with np.errstate(all="ignore"):
+                per_seed = [float(np.nanmean(r)) if np.isfinite(r).any() else float("nan") for r in difference]
+            rows.append({"method": method, "measure": metric, "baseline": baseline, "difference": estimate,
+                         "low": low, "high": high, "per_seed": per_seed, "n_seeds": int(difference.shape[0]),
+                         "n_images": int(np.isfinite(difference).any(axis=0).sum())})
+    return pd.DataFrame(rows, columns=["method", "measure", "baseline", "difference", "low", "high", "per_seed",
+                                       "n_seeds", "n_images"])
 
 
 # --------------------------------------------------------------------------- faithfulness
@@ -365,6 +422,6 @@ def score_faithfulness(
 __all__ = [
     "CENTRE", "RANDOM", "centre_prior", "energy_inside", "faithfulness", "lesion_energy", "lung_overlap",
     "pointing_game", "random_maps", "resize_map", "saliency_scores", "score_faithfulness", "score_images",
-    "summarize_scores",
+    "summarize_scores", "versus_baseline",
 ]
 
