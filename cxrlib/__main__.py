@@ -3,6 +3,8 @@
 Commands:
   phantom   write a phantom chest X-ray cohort (images, masks, manifest.csv)
   pipeline  run the numbered notebooks in order with papermill
+  results   write a run's results page from its metrics (or from a saved summary.json)
+  compare   the headline metrics and claims of several runs side by side
   data      list known public datasets (data list) and fetch the open ones (data download)
   reader    the reader study as a web app (reader prepare / serve / export)
   docs      regenerate docs/references.md from the adapters' metadata (docs references)
@@ -186,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="phantom",
                    help="'phantom' or a real-data recipe name / path (see docs/data.md)")
     p.add_argument("--profile", default="default",
-                   help="run size: quick (CI smoke), default (CPU demo), full (GPU), real-cpu")
+                   help="run size: quick (CI smoke), default (CPU demo), full (GPU), real-cpu "
+                        "(override files in cxrlib/profiles/; docs/profiles.md)")
     p.add_argument("--run-dir", default=None,
                    help="where executed notebooks and artifacts go (default: $CXR_RUNS_DIR/<dataset>-<profile>)")
     p.add_argument("--seed", type=int, default=0, help="seed passed to every notebook")
@@ -194,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebooks", nargs="*", default=None,
                    help="only these notebooks (prefix or stem, e.g. 01 02), in pipeline order")
     p.add_argument("--param", action="append", type=_parameter, metavar="NAME=VALUE",
-                   help="set a notebook parameter on top of the profile's, e.g. "
+                   help="set a notebook parameter (it beats the profile's value and reaches only the notebooks "
+                        "that declare it), e.g. "
                         "--param SEG_DATA=/data/COVID-19_Radiography_Dataset (repeatable; VALUE is "
                         "read as a Python literal when it is one, else as a string)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
@@ -243,7 +247,49 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--study", required=True, help="study folder")
     q.add_argument("--to", required=True, help="e.g. RUN_DIR/<notebook 06 folder>/reader_study")
     q.set_defaults(func=_cmd_reader_export)
+
+    p = sub.add_parser("results", help="write a run's results page (results.md) from its metrics, or from a summary")
+    p.add_argument("run", help="a run folder, or a summary.json written by an earlier run")
+    p.add_argument("--out", default=None, help="where to write the page (default: RUN/results.md)")
+    p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser("compare", help="every headline metric and claim of two or more runs side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders or their summary.json files")
+    p.set_defaults(func=_cmd_compare)
     return parser
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cxrlib import results, runs
+
+    source = Path(args.run)
+    if not source.exists():
+        raise ValueError(f"{source}: no such run folder or summary file")
+    if source.is_dir() and args.out is None:
+        print(results.write_results(source))
+        return 0
+    summary = runs.read_json(source) if source.is_file() else results.summarize_run(source)
+    out = Path(args.out) if args.out else source.with_name(results.RESULTS)
+    text = results.render_markdown(summary)
+    runs.atomic_write(out, lambda stream: stream.write(text), mode="w")
+    print(out)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cxrlib import results
+
+    if len(args.runs) < 2:
+        raise ValueError("compare needs at least two runs")
+    missing = [run for run in args.runs if not Path(run).exists()]
+    if missing:
+        raise ValueError(f"no such run folder or summary file: {', '.join(missing)}")
+    print(results.render_comparison(results.compare_runs(*args.runs)), end="")
+    return 0
 
 
 #: Exit status for input the project refuses (a bad value, file, archive, manifest or recipe),

@@ -133,7 +133,8 @@ def run_pipeline(
     ``notebooks`` filters by prefix or stem (e.g. ``["01", "02"]``).
     Executed copies go to ``run_dir/notebooks/``; each stage writes its own artifacts under
     ``run_dir/<notebook stem>/``. A summary ``run_dir/pipeline.json`` records parameters,
-    timings, the library version and the machine. Bad arguments (unknown profile or dataset,
+    timings, the library version and the machine; ``run_dir/results.md`` (with
+    ``summary.json``) holds the headline numbers and claims of every stage that ran. Bad arguments (unknown profile or dataset,
     a parameter no selected notebook declares) raise ``ValueError`` before any kernel starts;
     a failing notebook raises :class:`PipelineError` naming it and its failing cell.
     """
@@ -198,6 +199,9 @@ def run_pipeline(
         result.stages.append(StageResult(nb_path.name, str(output), seconds, True))
         print(f"[pipeline] {nb_path.name} done in {seconds:.0f} s", flush=True)
         _write_summary(run_dir / "pipeline.json", result, summary)
+    from cxrlib.results import write_results
+
+    print(f"[pipeline] results: {write_results(run_dir)}", flush=True)
     return result
 
 
