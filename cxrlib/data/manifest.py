@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlib.data.io import BadFile, ImageReadError, LoadReport, pixel_hash, read_image
+from cxrlib.errors import CxrInputError
 from cxrlib.runs import atomic_write
 
 COLUMNS: tuple[str, ...] = (
@@ -57,7 +58,7 @@ REQUIRED_VALUES: tuple[str, ...] = ("image_id", "path", "label", "patient_id")
 MAX_LISTED = 20
 
 
-class ManifestError(ValueError):
+class ManifestError(CxrInputError):
     """A manifest that breaks the schema; the message lists every problem found."""
 
     def __init__(self, problems: str | list[str]) -> None:
@@ -332,15 +333,19 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     ``validate(df, check_files=True)``.
     """
     path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        _require_pyarrow(path)
-        df = pd.read_parquet(path)
-        df = df.apply(lambda column: column.map(_to_str)).astype(object) if len(df.columns) else df
-    else:
-        # utf-8-sig: a manifest saved from a spreadsheet often starts with a byte-order mark
-        df = pd.read_csv(
-            path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig"
-        )
+    try:
+        if path.suffix.lower() == ".parquet":
+            _require_pyarrow(path)
+            df = pd.read_parquet(path)
+            df = df.apply(lambda column: column.map(_to_str)).astype(object) if len(df.columns) else df
+        else:
+            # utf-8-sig: a manifest saved from a spreadsheet often starts with a byte-order mark
+            df = pd.read_csv(
+                path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig"
+            )
+    except ValueError as error:  # not UTF-8, empty, malformed CSV / Parquet (pandas' errors are ValueErrors)
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ManifestError(f"{path}: not a readable manifest ({type(error).__name__}: {reason})") from None
     df.attrs["root"] = str(path.resolve().parent)
     try:
         return validate(df)
