@@ -301,3 +301,13 @@ def test_recipe_loader_on_yaml_traps(tmp_path, payload):
     path = tmp_path / "trap.yaml"
     path.write_bytes(payload)
     bounded(load_recipe, path)
+
+
+def test_unknown_transfer_syntax_is_refused():
+    """Found by the fuzzer: a file naming a UID that is no transfer syntax made pydicom raise
+    a bare ValueError while the reader built its error message."""
+    data = DICOM.replace(b"1.2.840.10008.1.2.1\x00", b"0.2.840.10008.1.2.1\x00", 1)
+    for call in (lambda: read_dicom(io.BytesIO(data)), lambda: read_image(data),
+                 lambda: dicom_record(io.BytesIO(data), salt="fuzz")):
+        with pytest.raises(CxrInputError, match="unknown transfer syntax"):
+            call()
