@@ -39,12 +39,12 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from cxrlib.data.datasets import (
-    _image_ids,
-    _listed,
-    _present,
-    _root_for,
+    has_path,
+    image_ids_of,
+    listed_ids,
     load_label_map,
     mask_layout,
+    root_for,
 )
 from cxrlib.data.io import read_image, read_mask
 from cxrlib.data.manifest import resolve_path
@@ -135,7 +135,7 @@ class ClassificationDataset(Dataset):
             raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
         self.manifest = manifest.reset_index(drop=True)
         self.manifest.attrs = dict(manifest.attrs)
-        self.root = _root_for(self.manifest, root)
+        self.root = root_for(self.manifest, root)
         self.image_size = int(image_size)
         self.label_map = {str(k): int(v) for k, v in label_map.items()}
         self.input_mode = input_mode
@@ -146,7 +146,7 @@ class ClassificationDataset(Dataset):
         self.crop_margin = float(crop_margin)
         self.patch_sampler = patch_sampler or LungPatchSampler()
         self.source_size = int(source_size)
-        self.image_ids = _image_ids(self.manifest)
+        self.image_ids = image_ids_of(self.manifest)
         self.labels = self._labels(strict_labels)
         self.mask_column = self._mask_column(mask_column)
         self._check_inputs()
@@ -173,7 +173,7 @@ class ClassificationDataset(Dataset):
         if self.input_mode == "whole":
             return False
         column = PRECOMPUTED_COLUMNS.get(self.input_mode)
-        return not (column and self.use_precomputed and _present(row, column))
+        return not (column and self.use_precomputed and has_path(row, column))
 
     def _mask_column(self, requested: str | None) -> str | None:
         rows = self.manifest.to_dict("records")
@@ -201,12 +201,12 @@ class ClassificationDataset(Dataset):
             if not self._needs_mask(row):
                 continue
             has_mask = (mask_layout(row) is not None if self.mask_column == GROUND_TRUTH
-                        else _present(row, str(self.mask_column)))
+                        else has_path(row, str(self.mask_column)))
             if not has_mask:
                 missing.append(image_id)
         if missing:
             raise ValueError(f"input_mode {self.input_mode!r}: {len(missing)} image(s) have no lung mask in "
-                             f"{self.mask_column!r}: {_listed(missing)}")
+                             f"{self.mask_column!r}: {listed_ids(missing)}")
 
     def _fill_cache(self, progress: bool) -> None:
         indices: Iterator[int] | range = range(len(self))
@@ -228,7 +228,7 @@ class ClassificationDataset(Dataset):
             empty = [self.image_ids[i] for i in range(len(self)) if not self._masks[i].any()]
             if empty:
                 warnings.warn(f"{len(empty)} image(s) have an empty lung mask; their patches are drawn from the "
-                              f"whole image: {_listed(empty)}", stacklevel=3)
+                              f"whole image: {listed_ids(empty)}", stacklevel=3)
 
     # ------------------------------------------------------------------ decoding
 

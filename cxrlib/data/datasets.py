@@ -40,7 +40,7 @@ _MAX_LISTED = 10
 Root = str | Path | pd.DataFrame
 
 
-def _present(row: Mapping[str, Any], column: str) -> bool:
+def has_path(row: Mapping[str, Any], column: str) -> bool:
     """Whether ``row[column]`` holds a path (not missing, NaN, None or empty)."""
     value = row.get(column)
     if value is None or (np.ndim(value) == 0 and pd.isna(value)):
@@ -50,25 +50,28 @@ def _present(row: Mapping[str, Any], column: str) -> bool:
 
 def mask_layout(row: Mapping[str, Any]) -> str | None:
     """``"per_kind"``, ``"union"`` or ``None`` (no usable lung mask) for a manifest row."""
-    if all(_present(row, column) for column in PER_KIND_COLUMNS):
+    if all(has_path(row, column) for column in PER_KIND_COLUMNS):
         return "per_kind"
-    if _present(row, UNION_COLUMN):
+    if has_path(row, UNION_COLUMN):
         return "union"
     return None
 
 
-def _image_ids(manifest: pd.DataFrame) -> list[str]:
+def image_ids_of(manifest: pd.DataFrame) -> list[str]:
+    """The ``image_id`` column as strings, or the index when the manifest has none."""
     if "image_id" in manifest.columns:
         return [str(image_id) for image_id in manifest["image_id"]]
     return [str(index) for index in manifest.index]
 
 
-def _listed(ids: list[str]) -> str:
+def listed_ids(ids: list[str]) -> str:
+    """The first few ``ids`` for an error message, with how many more there are."""
     shown = ", ".join(ids[:_MAX_LISTED])
     return shown + (f" (and {len(ids) - _MAX_LISTED} more)" if len(ids) > _MAX_LISTED else "")
 
 
-def _root_for(manifest: pd.DataFrame, root: str | Path | None) -> Root:
+def root_for(manifest: pd.DataFrame, root: str | Path | None) -> Root:
+    """What relative paths start from: ``root`` when given, else the manifest (its ``attrs["root"]``)."""
     return Path(root) if root is not None else manifest
 
 
@@ -89,7 +92,7 @@ def load_label_map(
         raise ValueError(
             f"image {image_id}: no lung mask (need {' + '.join(PER_KIND_COLUMNS)}, or {UNION_COLUMN})"
         )
-    if include_heart and not (layout == "per_kind" and _present(row, HEART_COLUMN)):
+    if include_heart and not (layout == "per_kind" and has_path(row, HEART_COLUMN)):
         raise ValueError(f"image {image_id}: include_heart=True but the row has no {HEART_COLUMN}")
 
     def mask(column: str) -> np.ndarray:
@@ -146,13 +149,13 @@ class SegmentationDataset(Dataset):
     ) -> None:
         self.manifest = manifest.reset_index(drop=True)
         self.manifest.attrs = dict(manifest.attrs)
-        self.root = _root_for(self.manifest, root)
+        self.root = root_for(self.manifest, root)
         self.size = size
         self.include_heart = include_heart
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
-        self.image_ids = _image_ids(manifest)
+        self.image_ids = image_ids_of(manifest)
         self._check_masks()
         self._images: list[np.ndarray] | None = None
         self._labels: list[np.ndarray] | None = None
@@ -174,18 +177,18 @@ class SegmentationDataset(Dataset):
         if missing:
             raise ValueError(
                 f"{len(missing)} image(s) have no lung mask (need {' + '.join(PER_KIND_COLUMNS)}, "
-                f"or {UNION_COLUMN}): {_listed(missing)}"
+                f"or {UNION_COLUMN}): {listed_ids(missing)}"
             )
         if self.include_heart:
             no_heart = [
                 i
                 for i, row in zip(self.image_ids, rows, strict=True)
-                if not (mask_layout(row) == "per_kind" and _present(row, HEART_COLUMN))
+                if not (mask_layout(row) == "per_kind" and has_path(row, HEART_COLUMN))
             ]
             if no_heart:
                 raise ValueError(
                     f"include_heart=True but {len(no_heart)} image(s) have no {HEART_COLUMN}: "
-                    f"{_listed(no_heart)}"
+                    f"{listed_ids(no_heart)}"
                 )
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -233,9 +236,9 @@ class ImageDataset(Dataset):
     ) -> None:
         self.manifest = manifest.reset_index(drop=True)
         self.manifest.attrs = dict(manifest.attrs)
-        self.root = _root_for(self.manifest, root)
+        self.root = root_for(self.manifest, root)
         self.size = size
-        self.image_ids = _image_ids(manifest)
+        self.image_ids = image_ids_of(manifest)
         self._images = [self._load(index) for index in range(len(self))] if cache else None
 
     def _load(self, index: int) -> np.ndarray:

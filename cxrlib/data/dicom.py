@@ -32,7 +32,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from cxrlib.data.io import ImageReadError
+from cxrlib.data.errors import MAX_PIXELS, DicomReadError
 
 #: File name endings that :func:`cxrlib.data.io.read_image` hands to :func:`read_dicom`.
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
@@ -51,10 +51,6 @@ _DEFER_BYTES = 4096
 
 _AGE_RE = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
 _DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
-
-
-class DicomReadError(ImageReadError):
-    """A DICOM file that could not be turned into an image; ``path`` names it."""
 
 
 def _name(source: Any) -> str:
@@ -93,12 +89,6 @@ def _read_dataset(
         raise
     except Exception as error:  # noqa: BLE001 - a truncated or garbled header is a bad file
         raise DicomReadError(name, f"unreadable DICOM header ({type(error).__name__}: {error})") from error
-
-
-def _max_pixels() -> int:
-    from cxrlib.data import io as image_io
-
-    return image_io.MAX_PIXELS
 
 
 def _check_single_grayscale(ds: Any, name: str) -> None:
@@ -158,7 +148,8 @@ def _check_pixel_length(ds: Any, name: str, file_size: int | None) -> None:
 
     if "PixelData" not in ds:
         return
-    if _transfer_syntax(ds, name, "is_encapsulated"):
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_encapsulated:
         return
     element = ds.get_item("PixelData", keep_deferred=True)
     if isinstance(element, RawDataElement):
@@ -185,27 +176,14 @@ def _check_pixel_length(ds: Any, name: str, file_size: int | None) -> None:
             f"BitsAllocated need {expected}")
 
 
-def _transfer_syntax(ds: Any, name: str, flag: str) -> bool:
-    """``flag`` (``is_compressed``, ``is_encapsulated``) of the file's transfer syntax;
-    ``False`` when the file names none; :class:`DicomReadError` when it names no known one."""
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is None:
-        return False
-    try:
-        return bool(getattr(syntax, flag))
-    except ValueError:  # pydicom: "UID is not a transfer syntax"
-        raise DicomReadError(name, f"unknown transfer syntax UID {str(syntax)[:64]!r}") from None
-
-
 def _decode_pixels(ds: Any, name: str) -> np.ndarray:
-    compressed = _transfer_syntax(ds, name, "is_compressed")
-    syntax = ds.file_meta.TransferSyntaxUID if compressed else None
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         pixels = ds.pixel_array
     except MemoryError:
         raise
     except (RuntimeError, NotImplementedError) as error:
-        if compressed:
+        if syntax is not None and syntax.is_compressed:
             raise DicomReadError(
                 name,
                 f"pixel data compressed as {syntax.name} and no installed decoder reads it; "
@@ -309,7 +287,7 @@ def read_dicom(
     name = _name(source)
     ds = _read_dataset(source, stop_before_pixels=False)
     _check_single_grayscale(ds, name)
-    _check_pixel_count(ds, name, _max_pixels() if max_pixels is None else int(max_pixels))
+    _check_pixel_count(ds, name, MAX_PIXELS if max_pixels is None else int(max_pixels))
     stored = _decode_pixels(ds, name)
     try:
         modality = apply_modality_lut(stored, ds)
@@ -492,7 +470,7 @@ def dicom_record(source: str | os.PathLike | IO[bytes], *, salt: str | bytes) ->
     # truncated or pixel-less file is refused here as read_dicom refuses it
     ds = _read_dataset(source, stop_before_pixels=False, defer_size=_DEFER_BYTES)
     _check_single_grayscale(ds, name)
-    _check_pixel_count(ds, name, _max_pixels())
+    _check_pixel_count(ds, name, MAX_PIXELS)
     _check_pixel_length(ds, name, _stream_size(source))
     with warnings.catch_warnings():
         # RSNA and others write PatientAge as a bare "58"; parse_age reads that on purpose,

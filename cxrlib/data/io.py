@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxrlib.errors import CxrInputError
+# ImageReadError and MAX_PIXELS live beside the DICOM reader's error, importable from here too
+from cxrlib.data.errors import MAX_PIXELS, DicomReadError, ImageReadError
 from cxrlib.runs import atomic_write
 
 #: What :func:`read_image` accepts: a path, an open binary file, or the encoded bytes.
@@ -37,11 +38,6 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 #: Most bad files a :class:`LoadReport` lists in its text form.
 _MAX_LISTED = 20
 
-#: Project limit on width x height, checked from the header before any pixel is decoded.
-#: About 2.7x the largest flat-panel chest detector (43 cm at 100 um = 4300 x 4300 px), far
-#: below what a few hundred KB of compressed zeros can claim. Pillow's own guard only warns
-#: between 89 and 179 megapixels.
-MAX_PIXELS = 50_000_000
 #: Smallest side, in pixels, of an image a cohort accepts (:func:`image_problem`).
 MIN_SIDE = 32
 #: Smallest intensity standard deviation (0..255 grey levels) of an image a cohort accepts:
@@ -49,23 +45,6 @@ MIN_SIDE = 32
 MIN_SPREAD = 2.0
 #: Samples converted at a time when scaling high-bit-depth images, to bound temporary memory.
 _BLOCK_PIXELS = 1 << 18
-
-
-class ImageReadError(CxrInputError, OSError):
-    """An image that could not be read; ``path`` names it and the message says why.
-
-    A :class:`~cxrlib.errors.CxrInputError` (a ``ValueError``) and, as before, an ``OSError``.
-    """
-
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot read image {self.path}: {reason}")
-
-    def __reduce__(self):
-        # OSError's default pickling passes the message as the only argument, which does not
-        # match this __init__; worker processes need to send these errors back intact.
-        return (type(self), (self.path, self.reason))
 
 
 def _source_name(source: Any) -> str:
@@ -270,7 +249,7 @@ def _decode(stream: IO[bytes], name: str, normalize: str, max_pixels: int) -> np
 
 def _decode_dicom(stream: IO[bytes], name: str, max_pixels: int) -> np.ndarray:
     """A DICOM stream without a ``.dcm`` name (bytes, file object, extension-less file)."""
-    from cxrlib.data.dicom import DicomReadError, read_dicom
+    from cxrlib.data.dicom import read_dicom
 
     stream.seek(0)
     try:

@@ -46,7 +46,7 @@ import pandas as pd
 from cxrlib.data import manifest as mf
 from cxrlib.data.dedup import DedupReport
 from cxrlib.data.io import LoadReport
-from cxrlib.data.sources import ADAPTERS, _key, open_dataset
+from cxrlib.data.sources import ADAPTERS, name_key, open_dataset
 from cxrlib.errors import CxrInputError
 
 #: Tests a rule condition can make on a manifest column (compared case-insensitively).
@@ -64,7 +64,7 @@ DUPLICATE = "duplicate"
 DROPPED_COLUMNS: tuple[str, ...] = (
     "source", "image_id", "path", "label", "finding", "view", "class", "reason", "detail",
 )
-#: Normalised labels / raw findings (as :func:`cxrlib.data.sources._key` gives) that mean "no label".
+#: Normalised labels / raw findings (as :func:`cxrlib.data.sources.name_key` gives) that mean "no label".
 UNLABELED: frozenset[str] = frozenset({"", "todo", "unknown"})
 #: Class column of :func:`kept_and_dropped` for rows an adapter could not read (label unknown).
 UNREAD_CLASS = "(not read)"
@@ -262,11 +262,7 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
         path = Path(name_or_path)
         if not path.is_file():
             raise RecipeError(f"recipe file {path} not found")
-        where = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise RecipeError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        text, where = path.read_text(encoding="utf-8"), str(path)
     else:
         name = os.fspath(name_or_path)
         entry = resources.files("cxrlib") / "recipes" / f"{name}.yaml"
@@ -277,9 +273,7 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise RecipeError(f"{where}: not valid YAML: {' '.join(str(error).split())}") from None
-    except RecursionError:  # thousands of nested brackets: no recipe looks like that
-        raise RecipeError(f"{where}: YAML nested too deeply to be a recipe") from None
+        raise RecipeError(f"{where}: not valid YAML: {error}") from None
     return recipe_from_dict(data, where=where)
 
 
@@ -342,7 +336,7 @@ def _why_no_class(rows: pd.DataFrame, rules: list[Rule]) -> tuple[pd.Series, pd.
     label, finding = mf._column(rows, "label"), mf._column(rows, "finding")
     view = mf._column(rows, "view")
     raw_view = mf._column(rows, "view_raw").where(mf._column(rows, "view_raw") != "", view)
-    unlabeled = label.map(_key).isin(UNLABELED) | finding.map(_key).isin(UNLABELED - {""})
+    unlabeled = label.map(name_key).isin(UNLABELED) | finding.map(name_key).isin(UNLABELED - {""})
     matching_views: list[set[str] | None] = [set() for _ in range(len(rows))]
     conditions_pass = pd.Series(False, index=rows.index)
     for rule in rules:

@@ -54,18 +54,18 @@ CANONICAL_LABELS: tuple[str, ...] = ("normal", "pneumonia", "covid", "lung_opaci
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
 
-def _key(raw: str) -> str:
+def name_key(raw: str) -> str:
     """``"Viral Pneumonia"`` -> ``"viral_pneumonia"``: lower case, runs of space / ``-`` -> ``_``."""
     return re.sub(r"[\s\-]+", "_", str(raw).strip().lower())
 
 
 def normalize_label(raw: str, aliases: Mapping[str, str]) -> str:
-    """Map a dataset's class name to a canonical label via ``aliases`` (keys as :func:`_key` gives).
+    """Map a dataset's class name to a canonical label via ``aliases`` (keys as :func:`name_key` gives).
 
     Raises ``ValueError`` naming the unknown class and the known ones, so a new class in a
     new release of a dataset is not silently dropped or mislabelled.
     """
-    key = _key(raw)
+    key = name_key(raw)
     if key not in aliases:
         raise ValueError(f"unknown class {raw!r}; known: {sorted(set(aliases))}")
     return aliases[key]
@@ -115,7 +115,7 @@ def read_table(path: Path, required: Sequence[str], *, dataset: str) -> pd.DataF
     return table
 
 
-#: Raw view names (normalised by :func:`_key`) -> project view; the raw value is kept too.
+#: Raw view names (normalised by :func:`name_key`) -> project view; the raw value is kept too.
 VIEWS: dict[str, str] = {
     "pa": "PA", "posteroanterior": "PA",
     "ap": "AP", "ap_supine": "AP", "ap_erect": "AP", "aps": "AP", "ap_semi_erect": "AP",
@@ -127,7 +127,7 @@ VIEWS: dict[str, str] = {
 def normalize_view(raw: str) -> str:
     """``"AP Supine"`` -> ``"AP"``, ``"PA"`` -> ``"PA"``, ``"L"`` / ``"Lateral"`` -> ``"L"``;
     blank, ``"?"`` and unknown values -> ``""`` (the raw value stays in ``view_raw``)."""
-    return VIEWS.get(_key(raw), "")
+    return VIEWS.get(name_key(raw), "")
 
 
 class DatasetAdapter(ABC):
@@ -249,7 +249,7 @@ class Covid19RadiographyDatabase(DatasetAdapter):
     license: ClassVar[str] = ("CC BY 4.0 as stated by the database; its images come from other "
                               "public collections, each of which keeps its own terms (mixed)")
     url: ClassVar[str] = "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database"
-    #: Class folder (normalised by :func:`_key`) -> canonical label.
+    #: Class folder (normalised by :func:`name_key`) -> canonical label.
     LABELS: ClassVar[dict[str, str]] = {
         "covid": "covid",
         "covid_19": "covid",
@@ -272,7 +272,7 @@ class Covid19RadiographyDatabase(DatasetAdapter):
 
     def _class_folders(self) -> list[Path]:
         return sorted(
-            p for p in self.root.iterdir() if p.is_dir() and _key(p.name) in self.LABELS
+            p for p in self.root.iterdir() if p.is_dir() and name_key(p.name) in self.LABELS
         )
 
     def rows(self) -> Iterable[dict[str, Any]]:
@@ -381,8 +381,8 @@ class CovidChestXrayDataset(DatasetAdapter):
     def label_of(cls, finding: str) -> str:
         """``finding`` (flat or hierarchical) -> ``covid`` / ``pneumonia`` / ``normal`` /
         ``unknown`` / ``other``."""
-        whole = _key(finding)
-        parts = [_key(part) for part in re.split(r"[/,;]", str(finding)) if part.strip()]
+        whole = name_key(finding)
+        parts = [name_key(part) for part in re.split(r"[/,;]", str(finding)) if part.strip()]
         if any(part in cls.COVID_PARTS for part in parts):
             return "covid"
         if whole in ("no_finding", "normal"):
@@ -400,7 +400,7 @@ class CovidChestXrayDataset(DatasetAdapter):
         for index, record in table.iterrows():
             line = _csv_line(int(index))
             modality = record["modality"].strip()
-            if _key(modality) not in ("x_ray", "xray", "cxr"):
+            if name_key(modality) not in ("x_ray", "xray", "cxr"):
                 self._skip(csv_path, line, f"excluded: modality {modality!r} (X-ray only)", kind="excluded")
                 continue
             filename, patient = record["filename"].strip(), record["patientid"].strip()
@@ -584,9 +584,9 @@ class KermanyPediatricPneumonia(DatasetAdapter):
             if not (self.root / split).is_dir():
                 continue
             for class_folder in sorted(p for p in (self.root / split).iterdir() if p.is_dir()):
-                if _key(class_folder.name) not in self.LABELS:
+                if name_key(class_folder.name) not in self.LABELS:
                     continue
-                label = self.LABELS[_key(class_folder.name)]
+                label = self.LABELS[name_key(class_folder.name)]
                 for image in _image_files(class_folder):
                     patient, finding = self.patient_and_finding(image.stem)
                     image_id = f"{split}/{class_folder.name}/{image.stem}"
@@ -690,7 +690,7 @@ class CheXpert(DatasetAdapter):
                     "label": label,
                     "patient_id": _prefixed(self.name, patient.group(1)),
                     "source": self.name,
-                    "view": "L" if _key(frontal) == "lateral" else normalize_view(record["AP/PA"]),
+                    "view": "L" if name_key(frontal) == "lateral" else normalize_view(record["AP/PA"]),
                     "origin": mf.REAL,
                     "finding": "|".join(positive) or "",
                     "uncertain": "|".join(n for n, v in observations.items() if v == "-1"),
@@ -698,7 +698,7 @@ class CheXpert(DatasetAdapter):
                     "published_split": split,
                     "sex": record.get("Sex", "").strip(),
                     "age": record.get("Age", "").strip(),
-                    **{f"obs_{_key(name)}": v for name, v in observations.items()},
+                    **{f"obs_{name_key(name)}": v for name, v in observations.items()},
                 }
 
 
@@ -1080,7 +1080,7 @@ class ImageFolderDataset(DatasetAdapter):
     def rows(self) -> Iterable[dict[str, Any]]:
         patients = self._patients()
         for class_folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            label = self.ALIASES.get(_key(class_folder.name), _key(class_folder.name))
+            label = self.ALIASES.get(name_key(class_folder.name), name_key(class_folder.name))
             for image in _image_files(class_folder):
                 relative = image.relative_to(self.root).as_posix()
                 image_id = f"{class_folder.name}/{image.stem}"
@@ -1177,7 +1177,7 @@ class RSNAPneumonia(DatasetAdapter):
     IMAGES: ClassVar[str] = "stage_2_train_images"
     #: Kaggle's archive name, accepted as a wrapper folder.
     ARCHIVE_FOLDER: ClassVar[str] = "rsna-pneumonia-detection-challenge"
-    #: Class (normalised by :func:`_key`) -> canonical label.
+    #: Class (normalised by :func:`name_key`) -> canonical label.
     LABELS: ClassVar[dict[str, str]] = {
         "lung_opacity": "pneumonia",
         "normal": "normal",
@@ -1261,7 +1261,7 @@ class RSNAPneumonia(DatasetAdapter):
             if raw == "":
                 self._skip(self.root / self.CLASS_CSV, image_id, "contradictory classes")
                 continue
-            label = self.LABELS.get(_key(raw))
+            label = self.LABELS.get(name_key(raw))
             if label is None:
                 self._skip(self.root / self.CLASS_CSV, image_id, f"unknown class {raw!r}; known: {sorted(self.LABELS)}")
                 continue
@@ -1298,247 +1298,3 @@ class RSNAPneumonia(DatasetAdapter):
 
 
 ADAPTERS[RSNAPneumonia.name] = RSNAPneumonia
-
-
-def paste_structure_mask(crop: np.ndarray, left: int, top: int, canvas_shape: tuple[int, int]) -> np.ndarray:
-    """Paste one ``covid-segmentations`` mask crop into an image-sized canvas.
-
-    ``crop``: ``(h, w)``, ``(h, w, 3)`` or ``(h, w, 4)`` array as decoded from the mask PNG
-    (RGBA in the published files: the structure is drawn in one colour on black, alpha
-    255); a pixel is foreground where any colour channel is > 0 and, when there is an alpha
-    channel, alpha is > 0. ``left`` / ``top``: the crop's position on the image, in pixels;
-    ``canvas_shape``: ``(H, W)`` of the image. Parts of the crop outside the canvas are cut
-    off. Returns ``(H, W)`` bool.
-    """
-    crop = np.asarray(crop)
-    if crop.ndim == 3:
-        colour = crop[..., :3] if crop.shape[-1] >= 3 else crop[..., :1]
-        foreground = colour.max(axis=-1) > 0
-        if crop.shape[-1] in (2, 4):
-            foreground &= crop[..., -1] > 0
-    elif crop.ndim == 2:
-        foreground = crop > 0
-    else:
-        raise ValueError(f"mask crop must be (h, w) or (h, w, channels), got shape {crop.shape}")
-    height, width = (int(s) for s in canvas_shape)
-    canvas = np.zeros((height, width), dtype=bool)
-    y0, x0 = max(0, int(top)), max(0, int(left))
-    y1, x1 = min(height, int(top) + crop.shape[0]), min(width, int(left) + crop.shape[1])
-    if y1 > y0 and x1 > x0:
-        canvas[y0:y1, x0:x1] = foreground[y0 - int(top):y1 - int(top), x0 - int(left):x1 - int(left)]
-    return canvas
-
-
-class CovidSegmentations(DatasetAdapter):
-    """COVID-19 chest X-ray segmentations (GeneralBlockchain), expert masks per structure.
-
-    - **Size** (the public release): 517 frontal X-rays of the ieee8023 COVID-19 image data
-      collection, each with expert masks of the left and right lung, the cardiomediastinum,
-      the airways, ground-glass opacities, consolidation, pneumothorax and devices
-      (endotracheal / nasogastric tube, central venous line, tubings, monitoring probes).
-    - **Layout**: ``<root>/metadata.csv`` (the ieee8023 schema: ``patientid, finding,
-      view, modality, filename, ...``), ``<root>/images/<filename>`` (full-size films),
-      ``<root>/masks/<sha1>_<id>.png`` and ``<root>/structure.csv``, one row per drawn
-      structure: ``Class`` (e.g. ``COVID-19 Left Lung``), ``Filename`` (the image),
-      ``Mask`` (``masks/...png``), ``Resolution`` (``<W>x<H>`` of the annotated film) and
-      ``Left, Top, Width, Height``: each mask is an RGBA crop of ``Width`` x ``Height``
-      pixels to paste into an image-sized canvas at (``Left``, ``Top``)
-      (:func:`paste_structure_mask`). A structure with no row was not drawn (no lesion of
-      that kind); a row with an empty ``Mask`` is skipped and listed.
-    - **Masks written**: the crops are pasted once into 0/255 PNGs of the image's size in
-      ``cache_dir`` (default ``<data dir>/covid-segmentations-masks``), never next to the
-      dataset; when the film in ``images/`` was resized after annotation, the canvas is
-      resized to it (nearest neighbour). One column per structure
-      (:attr:`STRUCTURES`): ``mask_lung_left``, ``mask_lung_right`` (the patient's left /
-      right lung, so :func:`cxrlib.data.datasets.load_label_map` reads them),
-      ``mask_cardiomediastinum``, ``mask_ground_glass``, ``mask_consolidation``, ...;
-      ``""`` where the experts drew no such structure. :meth:`structure_masks` gives the
-      same masks in memory.
-    - **Lung convention**: ``anatomical``: each lung includes the part behind the heart
-      and under dense opacities (:mod:`cxrlib.data.masks` converts to ``visible`` by
-      removing the cardiomediastinum).
-    - **Labels**, from ``finding`` as :meth:`CovidChestXrayDataset.label_of` reads it.
-    - **Patients and films**: every film is also in the ieee8023 collection (same file
-      name, same patient). ``patient_id`` is the ieee8023 one (``ieee8023:<patientid>``),
-      so a patient-level split keeps both copies of a film on one side;
-      ``ieee8023_image_id`` is the ``image_id`` of the same film in the
-      :class:`CovidChestXrayDataset` manifest. ``image_id`` is ``covseg-<filename>`` so
-      the two manifests can be concatenated.
-    - **Citation**: GeneralBlockchain, "COVID-19 chest X-ray segmentations dataset"
-      (2020), on the images of J.P. Cohen et al., "COVID-19 image data collection:
-      Prospective predictions are the future", MELBA 1 (2020).
-    - **License**: masks as stated by the repository; images as the ieee8023 images they
-      annotate (per image, column ``license``).
-    - **Download**: https://github.com/GeneralBlockchain/covid-19-chest-xray-segmentations-dataset
-    """
-
-    name: ClassVar[str] = "covid-segmentations"
-    title: ClassVar[str] = ("COVID-19 chest X-ray segmentations dataset (GeneralBlockchain), expert "
-                            "masks of lungs, cardiomediastinum, lesions and devices")
-    citation: ClassVar[str] = ('GeneralBlockchain, "COVID-19 chest X-ray segmentations dataset" '
-                               "(2020), annotating the images of J.P. Cohen et al., \"COVID-19 image "
-                               'data collection: Prospective predictions are the future", Machine '
-                               "Learning for Biomedical Imaging 1 (2020)")
-    license: ClassVar[str] = ("masks as stated by the repository; images keep the per-image license "
-                              "of the ieee8023 collection (column license: CC BY, CC BY-NC-SA, ... "
-                              "or blank); check each image's license before reuse")
-    url: ClassVar[str] = "https://github.com/GeneralBlockchain/covid-19-chest-xray-segmentations-dataset"
-    METADATA: ClassVar[str] = "metadata.csv"
-    STRUCTURE: ClassVar[str] = "structure.csv"
-    REQUIRED: ClassVar[tuple[str, ...]] = ("patientid", "finding", "view", "modality", "filename")
-    STRUCTURE_REQUIRED: ClassVar[tuple[str, ...]] = ("Class", "Filename", "Mask", "Resolution",
-                                                     "Left", "Top", "Width", "Height")
-    KEEP: ClassVar[tuple[str, ...]] = ("offset", "sex", "age", "date", "location", "license", "doi", "url")
-    #: ``Class`` of structure.csv (without the ``COVID-19`` prefix, lower case) -> manifest column.
-    STRUCTURES: ClassVar[dict[str, str]] = {
-        "left lung": "mask_lung_left",
-        "right lung": "mask_lung_right",
-        "cardiomediastinum": "mask_cardiomediastinum",
-        "airways": "mask_airways",
-        "ground glass opacities": "mask_ground_glass",
-        "consolidation": "mask_consolidation",
-        "pneumothorax": "mask_pneumothorax",
-        "endotracheal tube": "mask_endotracheal_tube",
-        "nosogastric tube": "mask_nasogastric_tube",
-        "nasogastric tube": "mask_nasogastric_tube",
-        "central venous line": "mask_central_venous_line",
-        "tubings": "mask_tubings",
-        "monitoring probes": "mask_monitoring_probes",
-    }
-    #: Columns of the lesion masks (lesion burden: :mod:`cxrlib.stages.lung_segmentation`).
-    LESION_COLUMNS: ClassVar[tuple[str, ...]] = ("mask_ground_glass", "mask_consolidation")
-
-    def __init__(self, root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> None:
-        super().__init__(root)
-        from cxrlib import config
-
-        self.cache_dir = (Path(cache_dir).resolve() if cache_dir
-                          else config.data_dir() / "covid-segmentations-masks")
-
-    @classmethod
-    def structure_column(cls, raw_class: str) -> str | None:
-        """``"COVID-19 Left Lung"`` -> ``"mask_lung_left"``; ``None`` for an unknown class."""
-        key = re.sub(r"\s+", " ", re.sub(r"^covid[\s\-]*19\s*", "", str(raw_class).strip().lower()))
-        return cls.STRUCTURES.get(key)
-
-    def _structure_table(self) -> pd.DataFrame:
-        return read_table(self.root / self.STRUCTURE, self.STRUCTURE_REQUIRED, dataset=self.name)
-
-    def _paste(self, record: Mapping[str, Any], image_shape: tuple[int, int]) -> np.ndarray:
-        """One structure row of structure.csv as an ``(H, W)`` bool mask on the image's grid."""
-        from PIL import Image
-
-        from cxrlib.data.transforms import resize_mask
-
-        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(record["Resolution"]))
-        if not match:
-            raise ValueError(f"Resolution {record['Resolution']!r} is not <width>x<height>")
-        width, height = int(match.group(1)), int(match.group(2))
-        with Image.open(self.root / str(record["Mask"]).strip()) as crop:
-            pixels = np.asarray(crop.convert("RGBA") if crop.mode in ("P", "LA", "PA") else crop)
-        if pixels.shape[:2] != (int(float(record["Height"])), int(float(record["Width"]))):
-            raise ValueError(f"mask is {pixels.shape[1]}x{pixels.shape[0]} px, the table says "
-                             f"{record['Width']}x{record['Height']}")
-        canvas = paste_structure_mask(pixels, int(float(record["Left"])), int(float(record["Top"])),
-                                      (height, width))
-        return canvas if canvas.shape == tuple(image_shape) else resize_mask(canvas, image_shape)
-
-    def structure_masks(self, filename: str) -> dict[str, np.ndarray]:
-        """The expert masks of one film (``filename`` as in metadata.csv), in memory.
-
-        Returns manifest column (:attr:`STRUCTURES`) -> ``(H, W)`` bool on the grid of
-        ``images/<filename>``; structures the experts drew several times are united, the ones
-        they did not draw are absent. Raises ``ValueError`` naming the row of a broken mask.
-        """
-        from PIL import Image
-
-        with Image.open(self.root / "images" / filename) as image:
-            shape = (image.height, image.width)
-        table = self._structure_table()
-        masks: dict[str, np.ndarray] = {}
-        for index, record in table[table["Filename"].str.strip() == filename].iterrows():
-            column = self.structure_column(record["Class"])
-            if column is None or not str(record["Mask"]).strip():
-                continue
-            try:
-                mask = self._paste(record, shape)
-            except (OSError, ValueError) as error:
-                raise ValueError(f"{self.root / self.STRUCTURE} {_csv_line(int(index))}: {error}") from None
-            masks[column] = masks[column] | mask if column in masks else mask
-        return masks
-
-    def rows(self) -> Iterable[dict[str, Any]]:
-        from PIL import Image
-
-        from cxrlib.data.io import write_png
-
-        csv_path, structure_path = self.root / self.METADATA, self.root / self.STRUCTURE
-        table = read_table(csv_path, self.REQUIRED, dataset=self.name)
-        structures = self._structure_table()
-        by_film: dict[str, list[tuple[int, pd.Series]]] = {}
-        for index, record in structures.iterrows():
-            line = _csv_line(int(index))
-            column = self.structure_column(record["Class"])
-            if column is None:
-                self._skip(structure_path, line, f"unknown structure {record['Class']!r}", kind="excluded")
-            elif not str(record["Mask"]).strip():
-                self._skip(structure_path, line, f"{record['Class']}: tagged without a mask (empty Mask)",
-                           kind="excluded")
-            else:
-                by_film.setdefault(record["Filename"].strip(), []).append((int(index), record))
-        for index, record in table.iterrows():
-            line = _csv_line(int(index))
-            filename, patient = record["filename"].strip(), record["patientid"].strip()
-            if not filename or not patient:
-                self._skip(csv_path, line, "empty filename" if not filename else "empty patientid")
-                continue
-            image_path = self.root / "images" / filename
-            if not image_path.is_file():
-                self._skip(csv_path, line, f"image file images/{filename} not found")
-                continue
-            with Image.open(image_path) as image:
-                shape = (image.height, image.width)
-            masks: dict[str, np.ndarray] = {}
-            problem = ""
-            for row_index, structure in by_film.get(filename, []):
-                column = self.structure_column(structure["Class"])
-                try:
-                    mask = self._paste(structure, shape)
-                except (OSError, ValueError) as error:
-                    problem = f"{self.STRUCTURE} {_csv_line(row_index)}: {error}"
-                    break
-                masks[column] = masks[column] | mask if column in masks else mask
-            if problem:
-                self._skip(csv_path, line, problem)
-                continue
-            if "mask_lung_left" not in masks or "mask_lung_right" not in masks:
-                self._skip(csv_path, line, f"{filename}: no left and right lung masks in {self.STRUCTURE}")
-                continue
-            stem = Path(filename).stem
-            files: dict[str, str] = {}
-            for column in dict.fromkeys(self.STRUCTURES.values()):
-                if column in masks:
-                    target = self.cache_dir / column.removeprefix("mask_") / f"{stem}.png"
-                    write_png(target, masks[column])
-                    files[column] = target.as_posix()
-                else:
-                    files[column] = ""
-            finding = record["finding"].strip()
-            yield {
-                "image_id": f"covseg-{filename}",
-                "path": f"images/{filename}",
-                "label": CovidChestXrayDataset.label_of(finding),
-                "patient_id": _prefixed(CovidChestXrayDataset.name, patient),
-                "source": self.name,
-                "view": normalize_view(record["view"]),
-                "origin": mf.REAL,
-                "finding": finding,
-                "view_raw": record["view"].strip(),
-                "ieee8023_image_id": filename,
-                "lung_convention": "anatomical",
-                **files,
-                **{column: record[column].strip() for column in self.KEEP if column in table.columns},
-            }
-
-
-ADAPTERS[CovidSegmentations.name] = CovidSegmentations

@@ -44,7 +44,7 @@ from torch import nn
 
 from cxrlib.data.masks import LungPatchSampler
 from cxrlib.data.transforms import resize_image
-from cxrlib.models.classifiers import ARCHITECTURES, Classifier
+from cxrlib.models.classifiers import ARCHITECTURES, as_classifier
 
 #: Method name -> pytorch-grad-cam class name (imported when first used).
 CAM_METHODS: dict[str, str] = {
@@ -66,22 +66,13 @@ LAYER_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _classifier(model: nn.Module) -> Classifier:
-    from cxrlib.train.engine import unwrap
-
-    net = unwrap(model)
-    if not isinstance(net, Classifier):
-        raise TypeError(f"expected a cxrlib Classifier (from build_classifier), got {type(net).__name__}")
-    return net
-
-
 def cam_layer_names(model: nn.Module) -> list[str]:
     """The layers a CAM can be taken from, shallow to deep; the last is the default.
 
     SmallCNN: ``backbone.block1`` ... ``backbone.blockK``; ResNets: ``layer1-4``; DenseNet121:
     ``denseblock1-4``; VGG16 and SqueezeNet: the end of each stage (see :data:`LAYER_CHOICES`).
     """
-    net = _classifier(model)
+    net = as_classifier(model)
     if net.arch == "small_cnn":
         return [f"backbone.{name}" for name, _ in net.backbone.named_children() if name.startswith("block")]
     return list(LAYER_CHOICES.get(net.arch, (ARCHITECTURES[net.arch].cam_layer,)))
@@ -92,7 +83,7 @@ def cam_layer(model: nn.Module, layer: str | None = None) -> nn.Module:
 
     Raises ``ValueError`` naming the valid choices for an unknown name.
     """
-    net = _classifier(model)
+    net = as_classifier(model)
     name = layer or ARCHITECTURES[net.arch].cam_layer
     try:
         return net.get_submodule(name)
@@ -107,7 +98,7 @@ def cam_resolution(model: nn.Module, image_size: int, layer: str | None = None) 
     A CAM is computed on this grid and only upsampled to the image; e.g. SmallCNN's last
     block at 48 px gives 3x3, so no CAM of it can point more finely than a third of the image.
     """
-    net = _classifier(model)
+    net = as_classifier(model)
     module = cam_layer(net, layer)
     shapes: list[tuple[int, int]] = []
     handle = module.register_forward_hook(lambda _m, _i, output: shapes.append(tuple(output.shape[-2:])))
@@ -163,7 +154,7 @@ def compute_cams(
     """
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    net = _classifier(model)
+    net = as_classifier(model)
     cam_class = _cam_class(method)
     target_layer = cam_layer(net, layer)
     batch = _as_batch(images)
@@ -224,7 +215,7 @@ def _argmax(net: nn.Module, batch: torch.Tensor) -> list[int]:
 @torch.no_grad()
 def predict_classes(model: nn.Module, images: torch.Tensor | npt.ArrayLike, batch_size: int = 64) -> np.ndarray:
     """Softmax probabilities ``(N, C)`` float64 of ``images`` (``(N, 1, H, W)`` in [0, 1]), eval mode."""
-    net = _classifier(model)
+    net = as_classifier(model)
     batch = _as_batch(images)
     was_training = net.training
     net.eval()

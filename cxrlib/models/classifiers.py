@@ -41,6 +41,8 @@ import torch
 import torchvision
 from torch import nn
 
+from cxrlib.models.modules import unwrap
+
 #: Grey-level ImageNet statistics: the mean of the RGB means and of the RGB standard deviations.
 GREY_MEAN: float = (0.485 + 0.456 + 0.406) / 3
 GREY_STD: float = (0.229 + 0.224 + 0.225) / 3
@@ -444,9 +446,8 @@ def build_classifier(
 # --------------------------------------------------------------------------- introspection
 
 
-def _classifier(model: nn.Module) -> Classifier:
-    from cxrlib.train.engine import unwrap
-
+def as_classifier(model: nn.Module) -> Classifier:
+    """The :class:`Classifier` inside ``model`` (DDP / compile wrappers removed); TypeError otherwise."""
     net = unwrap(model)
     if not isinstance(net, Classifier):
         raise TypeError(f"expected a cxrlib Classifier (from build_classifier), got {type(net).__name__}")
@@ -459,7 +460,7 @@ def feature_layer(model: nn.Module, arch: str | None = None) -> nn.Module:
     A forward hook on it captures the features of any forward pass; ``arch`` (optional)
     is checked against the model's own.
     """
-    net = _classifier(model)
+    net = as_classifier(model)
     if arch is not None and arch != net.arch:
         raise ValueError(f"model is a {net.arch}, not a {arch}")
     return net.pool
@@ -472,7 +473,7 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``D`` is ``ARCHITECTURES[arch].feature_dim`` (512 for ResNet18, 1024 for DenseNet121...).
     These vectors feed the linear head; UMAP and Frechet distances are computed on them.
     """
-    net = _classifier(model)
+    net = as_classifier(model)
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
@@ -489,7 +490,7 @@ def cam_target_layer(model: nn.Module, arch: str | None = None) -> nn.Module:
     convolution for VGG16, the last Fire module for SqueezeNet, ``block4`` for SmallCNN
     (names in :attr:`ArchSpec.cam_layer`).
     """
-    net = _classifier(model)
+    net = as_classifier(model)
     arch = arch or net.arch
     if arch != net.arch:
         raise ValueError(f"model is a {net.arch}, not a {arch}")

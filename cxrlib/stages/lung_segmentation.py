@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrlib.config import resolve_device
+from cxrlib.config import cpu_threads, resolve_device  # noqa: F401 (cpu_threads: notebook 02 calls it here)
 from cxrlib.data import manifest as mf
 from cxrlib.data.datasets import load_label_map, mask_layout
 from cxrlib.data.io import read_image, write_png
@@ -98,23 +98,6 @@ def _file_stem(image_id: str) -> str:
         return image_id
     cleaned = re.sub(r"[^\w.\-]+", "_", image_id).strip("._") or "image"
     return f"{cleaned}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
-
-
-def cpu_threads(requested: int = 0) -> int:
-    """PyTorch CPU threads to use: ``requested`` if > 0, else the cores other work leaves idle.
-
-    On a shared machine, more threads than idle cores make every step wait for descheduled
-    threads (four times slower than one thread was measured on 2 busy cores). ``0`` picks
-    ``round(cores - 1-minute load average)``, at least 1 and at most PyTorch's default.
-    """
-    if requested > 0:
-        return int(requested)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        load = 0.0
-    return int(max(1, min(torch.get_num_threads(), round(cores - load))))
 
 
 # ----------------------------------------------------------------------------- choosing rows

@@ -56,15 +56,16 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cxrlib.config import resolve_device, seed_everything
-from cxrlib.models.cyclegan import CycleGAN, CycleGANConfig, build_generator
+from cxrlib.config import seed_everything
+from cxrlib.data.arrays import DomainImageDataset, UnpairedImageDataset, first_image, real_rows
+from cxrlib.models.cyclegan import CycleGAN, CycleGANConfig
 from cxrlib.settings import add_arguments, from_arguments, from_mapping, setting
+from cxrlib.train.cyclegan_inference import load_generator, translate, translation_grid  # noqa: F401 (notebook 03)
 from cxrlib.train.engine import (
     CheckpointError,
     DistContext,
@@ -84,7 +85,6 @@ from cxrlib.train.engine import (
     seed_epoch,
     set_loader_epoch,
     to_plain,
-    unwrap,
     wrap_ddp,
 )
 
@@ -205,109 +205,6 @@ class CycleGANResult:
     history: pd.DataFrame
     checkpoint_path: Path
     model: CycleGAN
-
-
-# --------------------------------------------------------------------------- data
-
-
-def to_signed_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float32 in [-1, 1] (any shape)."""
-    return images.to(torch.float32).div_(127.5).sub_(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float in [-1, 1] -> uint8 0..255, rounded and clipped (any shape)."""
-    return images.detach().float().add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _first_image(item: Any) -> torch.Tensor:
-    """A dataset item or its first element (datasets may yield ``(image, index)``)."""
-    return item[0] if isinstance(item, list | tuple) else item
-
-
-class DomainImageDataset(Dataset):
-    """The images of one domain, decoded and resized once: items ``(1, H, W)`` float32 in [-1, 1].
-
-    ``images``: manifest rows (``path`` resolved against ``root``, or the manifest's
-    ``attrs["root"]``), or a uint8 array ``(N, H, W)`` already at the wanted size. Every file
-    is read (:func:`cxrlib.data.io.read_image`: any bit depth, colour or EXIF rotation ->
-    8-bit grey) and resized to ``image_size`` x ``image_size`` in ``__init__``; the cache is
-    one uint8 tensor ``(N, H, W)`` (64 KiB per image at 256x256), so epochs do no file I/O.
-    """
-
-    def __init__(self, images: pd.DataFrame | np.ndarray | torch.Tensor, *, root: str | Path | None = None,
-                 image_size: int = 256) -> None:
-        if isinstance(images, pd.DataFrame):
-            from cxrlib.data.io import read_image
-            from cxrlib.data.manifest import resolve_path
-            from cxrlib.data.transforms import resize_image
-
-            where = Path(root) if root is not None else images
-            self.image_ids = ([str(v) for v in images["image_id"]] if "image_id" in images.columns
-                              else [str(v) for v in images.index])
-            cache = torch.empty((len(images), image_size, image_size), dtype=torch.uint8)
-            for slot, relative in enumerate(images["path"]):
-                cache[slot] = torch.from_numpy(resize_image(read_image(resolve_path(where, str(relative))),
-                                                            image_size))
-        else:
-            cache = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-            if cache.dtype != torch.uint8 or cache.ndim != 3:
-                raise ValueError(f"images must be a manifest or a uint8 (N, H, W) array, got "
-                                 f"{cache.dtype} {tuple(cache.shape)}")
-            self.image_ids = [str(i) for i in range(len(cache))]
-        self.images = cache.contiguous()
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return to_signed_unit(self.images[index][None])
-
-
-class UnpairedImageDataset(Dataset):
-    """Pairs of one domain-A and one domain-B image that have nothing to do with each other.
-
-    ``domain_a`` / ``domain_b``: Datasets whose items are ``(1, H, W)`` float32 images in
-    [-1, 1] (or tuples that start with one), e.g. :class:`DomainImageDataset`. An epoch has
-    ``max(len(a), len(b))`` items; each domain is walked through its own random
-    permutation (the smaller one through several), so the pairing changes every epoch.
-    Flips (``hflip``) are drawn per image. All draws come from ``(seed, epoch)`` through
-    :meth:`set_epoch`, so they do not depend on workers, ranks or the order of access.
-    Items: ``(image_a, image_b)``.
-    """
-
-    def __init__(self, domain_a: Dataset, domain_b: Dataset, *, seed: int = 0, hflip: bool = True) -> None:
-        if len(domain_a) == 0 or len(domain_b) == 0:
-            raise ValueError(f"both domains need images, got {len(domain_a)} and {len(domain_b)}")
-        self.domain_a, self.domain_b = domain_a, domain_b
-        self.seed, self.hflip = int(seed), hflip
-        self.set_epoch(0)
-
-    def __len__(self) -> int:
-        return max(len(self.domain_a), len(self.domain_b))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the pairing and flips of ``epoch``."""
-        self.epoch = int(epoch)
-        rng = np.random.default_rng([self.seed, self.epoch])
-        length = len(self)
-
-        def order(size: int) -> np.ndarray:
-            rounds = -(-length // size)
-            return np.concatenate([rng.permutation(size) for _ in range(rounds)])[:length]
-
-        self.order_a, self.order_b = order(len(self.domain_a)), order(len(self.domain_b))
-        self.flip_a = rng.random(length) < 0.5 if self.hflip else np.zeros(length, bool)
-        self.flip_b = rng.random(length) < 0.5 if self.hflip else np.zeros(length, bool)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_a = _first_image(self.domain_a[int(self.order_a[index])])
-        image_b = _first_image(self.domain_b[int(self.order_b[index])])
-        if self.flip_a[index]:
-            image_a = image_a.flip(-1)
-        if self.flip_b[index]:
-            image_b = image_b.flip(-1)
-        return image_a, image_b
 
 
 # --------------------------------------------------------------------------- image pool
@@ -511,39 +408,9 @@ class CycleGANTrainer:
 # --------------------------------------------------------------------------- sample grids
 
 
-@torch.no_grad()
-def translation_grid(G_AB: nn.Module, G_BA: nn.Module, images_A: torch.Tensor, images_B: torch.Tensor, *,
-                     amp: bool = False, gap: int = 2) -> np.ndarray:
-    """A uint8 picture of both translations: one column per image, six rows.
-
-    Rows: A, ``G_AB(A)``, ``G_BA(G_AB(A))``, B, ``G_BA(B)``, ``G_AB(G_BA(B))``. ``images_A``,
-    ``images_B``: ``(K, 1, H, W)`` float in [-1, 1] (the same K, H, W), on the generators'
-    device. Returns ``(6 H + 5 gap, K W + (K - 1) gap)`` uint8 with white gaps.
-    """
-    nets = [unwrap(G_AB), unwrap(G_BA)]
-    modes = [net.training for net in nets]
-    for net in nets:
-        net.eval()
-    with autocast_context(images_A.device, amp):
-        fake_B = nets[0](images_A)
-        rec_A = nets[1](fake_B)
-        fake_A = nets[1](images_B)
-        rec_B = nets[0](fake_A)
-    for net, mode in zip(nets, modes, strict=True):
-        net.train(mode)
-    rows = [to_uint8(t[:, 0]).cpu().numpy() for t in (images_A, fake_B, rec_A, images_B, fake_A, rec_B)]
-    count, height, width = rows[0].shape
-    grid = np.full((6 * height + 5 * gap, count * width + (count - 1) * gap), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c in range(count):
-            top, left = r * (height + gap), c * (width + gap)
-            grid[top:top + height, left:left + width] = row[c]
-    return grid
-
-
 def _sample_images(dataset: Dataset, count: int, device: torch.device) -> torch.Tensor:
     count = min(count, len(dataset))
-    return torch.stack([_first_image(dataset[i]) for i in range(count)]).to(device)
+    return torch.stack([first_image(dataset[i]) for i in range(count)]).to(device)
 
 
 # --------------------------------------------------------------------------- training loop
@@ -712,97 +579,13 @@ def _train_one_epoch(trainer: CycleGANTrainer, loader: DataLoader, config: Cycle
     return {name: float(reduced[i]) / count for i, name in enumerate(LOSS_TERMS)}, steps
 
 
-# --------------------------------------------------------------------------- inference
-
-
-def load_generator(ckpt_or_run_dir: str | Path, which: str = "G_AB", device: str | torch.device = "cpu"
-                   ) -> nn.Module:
-    """One generator of a CycleGAN run (``last.pt``) or checkpoint file, in eval mode.
-
-    ``which``: ``"G_AB"`` (domain A -> B, e.g. Normal -> COVID-19) or ``"G_BA"``. The
-    architecture comes from the config stored in the checkpoint; loading uses
-    ``weights_only=True`` and leaves torch's global random state untouched.
-    """
-    if which not in ("G_AB", "G_BA"):
-        raise ValueError(f"which must be 'G_AB' or 'G_BA', got {which!r}")
-    checkpoint = read_checkpoint(ckpt_or_run_dir)
-    settings = (checkpoint.get("config") or {}).get("model")
-    if not settings or not isinstance(settings, Mapping) or "generator" not in settings:
-        raise ValueError(f"checkpoint {checkpoint['path']} has no CycleGAN 'model' settings in its config")
-    with torch.random.fork_rng(devices=[]):
-        generator = build_generator(CycleGANConfig(**settings))
-    prefix = f"{which}."
-    weights = {key[len(prefix):]: value for key, value in checkpoint["model"].items() if key.startswith(prefix)}
-    try:
-        generator.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {checkpoint['path']}: {which} does not fit its config: {exc}") from exc
-    return generator.to(resolve_device(str(device))).eval()
-
-
-def _translation_batches(images: np.ndarray | torch.Tensor | Dataset, batch_size: int) -> Iterable[torch.Tensor]:
-    """Yield float32 ``(B, 1, H, W)`` batches in [-1, 1] from an array / tensor or a Dataset."""
-    if isinstance(images, Dataset):
-        for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
-            yield _first_image(batch).float()
-        return
-    array = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
-    if array.ndim == 3:
-        array = array.unsqueeze(1)
-    if array.ndim != 4 or array.shape[1] != 1:
-        raise ValueError(f"images must be (N, H, W) or (N, 1, H, W), got {tuple(array.shape)}")
-    for start in range(0, array.shape[0], batch_size):
-        chunk = array[start:start + batch_size]
-        # uint8 images are 0..255; float images are taken to be in [-1, 1] already.
-        yield to_signed_unit(chunk) if chunk.dtype == torch.uint8 else chunk.float()
-
-
-@torch.no_grad()
-def translate(
-    generator: nn.Module,
-    images: np.ndarray | torch.Tensor | Dataset,
-    batch_size: int = 16,
-    device: str | torch.device | None = None,
-    amp: bool = False,
-) -> np.ndarray:
-    """Translate images with one generator: uint8 ``(N, H, W)`` out.
-
-    ``images``: uint8 ``(N, H, W)`` or ``(N, 1, H, W)`` (0..255), a float tensor / array of
-    that shape in [-1, 1], or a Dataset whose items are (or start with) ``(1, H, W)`` float
-    images in [-1, 1] (:class:`DomainImageDataset`). Sides must suit the generator (a
-    multiple of ``2**unet_depth`` for the U-Net). ``device``: where to run (``None``: where
-    the generator is; it is moved there). ``amp``: float16 autocast on CUDA.
-    """
-    net = unwrap(generator)
-    target = next(net.parameters()).device if device is None else resolve_device(str(device))
-    net.to(target)
-    was_training = net.training
-    net.eval()
-    outputs = []
-    try:
-        for batch in _translation_batches(images, batch_size):
-            with autocast_context(target, amp):
-                translated = net(batch.to(target))
-            outputs.append(to_uint8(translated[:, 0]).cpu().numpy())
-    finally:
-        net.train(was_training)
-    if not outputs:
-        return np.zeros((0, 0, 0), dtype=np.uint8)
-    return np.concatenate(outputs)
-
-
 # --------------------------------------------------------------------------- command line
 
 
 def domain_rows(manifest: pd.DataFrame, label: str, split: str = "train", label_column: str = "label"
                 ) -> pd.DataFrame:
     """The real (not synthetic) rows of ``manifest`` with ``label`` in ``split`` (``attrs`` kept)."""
-    keep = (manifest[label_column].astype(str) == label) & (manifest["split"].astype(str) == split)
-    if "origin" in manifest.columns:
-        keep &= manifest["origin"].astype(str).isin(["real", ""])
-    rows = manifest[keep]
-    rows.attrs = dict(manifest.attrs)
-    return rows
+    return real_rows(manifest, split, [label], label_column=label_column)
 
 
 #: CycleGANConfig fields the command line does not offer (one grey channel; the size is the config's).

@@ -441,15 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from cxrlib.data import manifest as mf
-    from cxrlib.stages import cyclegan as syn
+    from cxrlib.data.arrays import load_images, real_rows
 
     args = build_parser().parse_args(argv)
     model = from_arguments(DiffusionConfig, args)
     config = from_arguments(DiffusionTrainConfig, args, model=model,
                             max_train_seconds=60 * args.max_train_minutes or None)
     manifest = mf.read_manifest(args.manifest)
-    rows = syn.real_rows(manifest, "train", list(model.class_names))
-    images = syn.load_images(rows, model.image_size)
+    rows = real_rows(manifest, "train", list(model.class_names))
+    images = load_images(rows, model.image_size)
     result = train_diffusion(images, rows["label"].astype(str).tolist(), args.run_dir, config,
                              resume=not args.no_resume)
     budget = " (time budget reached)" if result.stopped_by_budget else ""

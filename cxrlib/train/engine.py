@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from cxrlib.config import dataloader_generator, resolve_device, seed_worker
+from cxrlib.models.modules import unwrap  # re-exported: the training loops import it from here
 from cxrlib.runs import atomic_write, to_plain, write_json
 
 #: Bumped when the checkpoint layout changes in a way old readers cannot follow.
@@ -140,17 +141,6 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DDP / DataParallel / ``torch.compile`` wrapper."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def broadcast_buffers(model: nn.Module, ctx: DistContext) -> None:
