@@ -321,6 +321,16 @@ def test_pipeline_value_errors_end_in_one_line(tmp_path, capsys, monkeypatch, op
     assert err.count("\n") == 1 and f"unknown {option[2:]} 'nosuch'" in err and "(see README)" in err
 
 
+@pytest.mark.parametrize(("option", "words"), [("--profile", "unknown profile 'nosuch'"),
+                                                ("--dataset", "unknown dataset 'nosuch'")])
+def test_pipeline_refuses_unknown_names_before_anything_runs(tmp_path, capsys, option, words):
+    run_dir = tmp_path / "run"
+    assert main(["pipeline", option, "nosuch", "--run-dir", str(run_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not run_dir.exists()
+
+
 def test_a_traceback_is_there_when_asked_for(tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_TRACEBACK", "1")
     with pytest.raises(ValueError, match="n_patients"):
