@@ -148,8 +148,7 @@ def _check_pixel_length(ds: Any, name: str, file_size: int | None) -> None:
 
     if "PixelData" not in ds:
         return
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is not None and syntax.is_encapsulated:
+    if _transfer_syntax(ds, name, "is_encapsulated"):
         return
     element = ds.get_item("PixelData", keep_deferred=True)
     if isinstance(element, RawDataElement):
@@ -176,14 +175,27 @@ def _check_pixel_length(ds: Any, name: str, file_size: int | None) -> None:
             f"BitsAllocated need {expected}")
 
 
-def _decode_pixels(ds: Any, name: str) -> np.ndarray:
+def _transfer_syntax(ds: Any, name: str, flag: str) -> bool:
+    """``flag`` (``is_compressed``, ``is_encapsulated``) of the file's transfer syntax;
+    ``False`` when the file names none; :class:`DicomReadError` when it names no known one."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None:
+        return False
+    try:
+        return bool(getattr(syntax, flag))
+    except ValueError:  # pydicom: "UID is not a transfer syntax"
+        raise DicomReadError(name, f"unknown transfer syntax UID {str(syntax)[:64]!r}") from None
+
+
+def _decode_pixels(ds: Any, name: str) -> np.ndarray:
+    compressed = _transfer_syntax(ds, name, "is_compressed")
+    syntax = ds.file_meta.TransferSyntaxUID if compressed else None
     try:
         pixels = ds.pixel_array
     except MemoryError:
         raise
     except (RuntimeError, NotImplementedError) as error:
-        if syntax is not None and syntax.is_compressed:
+        if compressed:
             raise DicomReadError(
                 name,
                 f"pixel data compressed as {syntax.name} and no installed decoder reads it; "

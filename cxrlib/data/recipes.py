@@ -262,7 +262,11 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
         path = Path(name_or_path)
         if not path.is_file():
             raise RecipeError(f"recipe file {path} not found")
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        where = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise RecipeError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     else:
         name = os.fspath(name_or_path)
         entry = resources.files("cxrlib") / "recipes" / f"{name}.yaml"
@@ -273,7 +277,9 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise RecipeError(f"{where}: not valid YAML: {error}") from None
+        raise RecipeError(f"{where}: not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:  # thousands of nested brackets: no recipe looks like that
+        raise RecipeError(f"{where}: YAML nested too deeply to be a recipe") from None
     return recipe_from_dict(data, where=where)
 
 

@@ -1298,3 +1298,247 @@ class RSNAPneumonia(DatasetAdapter):
 
 
 ADAPTERS[RSNAPneumonia.name] = RSNAPneumonia
+
+
+def paste_structure_mask(crop: np.ndarray, left: int, top: int, canvas_shape: tuple[int, int]) -> np.ndarray:
+    """Paste one ``covid-segmentations`` mask crop into an image-sized canvas.
+
+    ``crop``: ``(h, w)``, ``(h, w, 3)`` or ``(h, w, 4)`` array as decoded from the mask PNG
+    (RGBA in the published files: the structure is drawn in one colour on black, alpha
+    255); a pixel is foreground where any colour channel is > 0 and, when there is an alpha
+    channel, alpha is > 0. ``left`` / ``top``: the crop's position on the image, in pixels;
+    ``canvas_shape``: ``(H, W)`` of the image. Parts of the crop outside the canvas are cut
+    off. Returns ``(H, W)`` bool.
+    """
+    crop = np.asarray(crop)
+    if crop.ndim == 3:
+        colour = crop[..., :3] if crop.shape[-1] >= 3 else crop[..., :1]
+        foreground = colour.max(axis=-1) > 0
+        if crop.shape[-1] in (2, 4):
+            foreground &= crop[..., -1] > 0
+    elif crop.ndim == 2:
+        foreground = crop > 0
+    else:
+        raise ValueError(f"mask crop must be (h, w) or (h, w, channels), got shape {crop.shape}")
+    height, width = (int(s) for s in canvas_shape)
+    canvas = np.zeros((height, width), dtype=bool)
+    y0, x0 = max(0, int(top)), max(0, int(left))
+    y1, x1 = min(height, int(top) + crop.shape[0]), min(width, int(left) + crop.shape[1])
+    if y1 > y0 and x1 > x0:
+        canvas[y0:y1, x0:x1] = foreground[y0 - int(top):y1 - int(top), x0 - int(left):x1 - int(left)]
+    return canvas
+
+
+class CovidSegmentations(DatasetAdapter):
+    """COVID-19 chest X-ray segmentations (GeneralBlockchain), expert masks per structure.
+
+    - **Size** (the public release): 517 frontal X-rays of the ieee8023 COVID-19 image data
+      collection, each with expert masks of the left and right lung, the cardiomediastinum,
+      the airways, ground-glass opacities, consolidation, pneumothorax and devices
+      (endotracheal / nasogastric tube, central venous line, tubings, monitoring probes).
+    - **Layout**: ``<root>/metadata.csv`` (the ieee8023 schema: ``patientid, finding,
+      view, modality, filename, ...``), ``<root>/images/<filename>`` (full-size films),
+      ``<root>/masks/<sha1>_<id>.png`` and ``<root>/structure.csv``, one row per drawn
+      structure: ``Class`` (e.g. ``COVID-19 Left Lung``), ``Filename`` (the image),
+      ``Mask`` (``masks/...png``), ``Resolution`` (``<W>x<H>`` of the annotated film) and
+      ``Left, Top, Width, Height``: each mask is an RGBA crop of ``Width`` x ``Height``
+      pixels to paste into an image-sized canvas at (``Left``, ``Top``)
+      (:func:`paste_structure_mask`). A structure with no row was not drawn (no lesion of
+      that kind); a row with an empty ``Mask`` is skipped and listed.
+    - **Masks written**: the crops are pasted once into 0/255 PNGs of the image's size in
+      ``cache_dir`` (default ``<data dir>/covid-segmentations-masks``), never next to the
+      dataset; when the film in ``images/`` was resized after annotation, the canvas is
+      resized to it (nearest neighbour). One column per structure
+      (:attr:`STRUCTURES`): ``mask_lung_left``, ``mask_lung_right`` (the patient's left /
+      right lung, so :func:`cxrlib.data.datasets.load_label_map` reads them),
+      ``mask_cardiomediastinum``, ``mask_ground_glass``, ``mask_consolidation``, ...;
+      ``""`` where the experts drew no such structure. :meth:`structure_masks` gives the
+      same masks in memory.
+    - **Lung convention**: ``anatomical``: each lung includes the part behind the heart
+      and under dense opacities (:mod:`cxrlib.data.masks` converts to ``visible`` by
+      removing the cardiomediastinum).
+    - **Labels**, from ``finding`` as :meth:`CovidChestXrayDataset.label_of` reads it.
+    - **Patients and films**: every film is also in the ieee8023 collection (same file
+      name, same patient). ``patient_id`` is the ieee8023 one (``ieee8023:<patientid>``),
+      so a patient-level split keeps both copies of a film on one side;
+      ``ieee8023_image_id`` is the ``image_id`` of the same film in the
+      :class:`CovidChestXrayDataset` manifest. ``image_id`` is ``covseg-<filename>`` so
+      the two manifests can be concatenated.
+    - **Citation**: GeneralBlockchain, "COVID-19 chest X-ray segmentations dataset"
+      (2020), on the images of J.P. Cohen et al., "COVID-19 image data collection:
+      Prospective predictions are the future", MELBA 1 (2020).
+    - **License**: masks as stated by the repository; images as the ieee8023 images they
+      annotate (per image, column ``license``).
+    - **Download**: https://github.com/GeneralBlockchain/covid-19-chest-xray-segmentations-dataset
+    """
+
+    name: ClassVar[str] = "covid-segmentations"
+    title: ClassVar[str] = ("COVID-19 chest X-ray segmentations dataset (GeneralBlockchain), expert "
+                            "masks of lungs, cardiomediastinum, lesions and devices")
+    citation: ClassVar[str] = ('GeneralBlockchain, "COVID-19 chest X-ray segmentations dataset" '
+                               "(2020), annotating the images of J.P. Cohen et al., \"COVID-19 image "
+                               'data collection: Prospective predictions are the future", Machine '
+                               "Learning for Biomedical Imaging 1 (2020)")
+    license: ClassVar[str] = ("masks as stated by the repository; images keep the per-image license "
+                              "of the ieee8023 collection (column license: CC BY, CC BY-NC-SA, ... "
+                              "or blank); check each image's license before reuse")
+    url: ClassVar[str] = "https://github.com/GeneralBlockchain/covid-19-chest-xray-segmentations-dataset"
+    METADATA: ClassVar[str] = "metadata.csv"
+    STRUCTURE: ClassVar[str] = "structure.csv"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("patientid", "finding", "view", "modality", "filename")
+    STRUCTURE_REQUIRED: ClassVar[tuple[str, ...]] = ("Class", "Filename", "Mask", "Resolution",
+                                                     "Left", "Top", "Width", "Height")
+    KEEP: ClassVar[tuple[str, ...]] = ("offset", "sex", "age", "date", "location", "license", "doi", "url")
+    #: ``Class`` of structure.csv (without the ``COVID-19`` prefix, lower case) -> manifest column.
+    STRUCTURES: ClassVar[dict[str, str]] = {
+        "left lung": "mask_lung_left",
+        "right lung": "mask_lung_right",
+        "cardiomediastinum": "mask_cardiomediastinum",
+        "airways": "mask_airways",
+        "ground glass opacities": "mask_ground_glass",
+        "consolidation": "mask_consolidation",
+        "pneumothorax": "mask_pneumothorax",
+        "endotracheal tube": "mask_endotracheal_tube",
+        "nosogastric tube": "mask_nasogastric_tube",
+        "nasogastric tube": "mask_nasogastric_tube",
+        "central venous line": "mask_central_venous_line",
+        "tubings": "mask_tubings",
+        "monitoring probes": "mask_monitoring_probes",
+    }
+    #: Columns of the lesion masks (lesion burden: :mod:`cxrlib.stages.lung_segmentation`).
+    LESION_COLUMNS: ClassVar[tuple[str, ...]] = ("mask_ground_glass", "mask_consolidation")
+
+    def __init__(self, root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> None:
+        super().__init__(root)
+        from cxrlib import config
+
+        self.cache_dir = (Path(cache_dir).resolve() if cache_dir
+                          else config.data_dir() / "covid-segmentations-masks")
+
+    @classmethod
+    def structure_column(cls, raw_class: str) -> str | None:
+        """``"COVID-19 Left Lung"`` -> ``"mask_lung_left"``; ``None`` for an unknown class."""
+        key = re.sub(r"\s+", " ", re.sub(r"^covid[\s\-]*19\s*", "", str(raw_class).strip().lower()))
+        return cls.STRUCTURES.get(key)
+
+    def _structure_table(self) -> pd.DataFrame:
+        return read_table(self.root / self.STRUCTURE, self.STRUCTURE_REQUIRED, dataset=self.name)
+
+    def _paste(self, record: Mapping[str, Any], image_shape: tuple[int, int]) -> np.ndarray:
+        """One structure row of structure.csv as an ``(H, W)`` bool mask on the image's grid."""
+        from PIL import Image
+
+        from cxrlib.data.transforms import resize_mask
+
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(record["Resolution"]))
+        if not match:
+            raise ValueError(f"Resolution {record['Resolution']!r} is not <width>x<height>")
+        width, height = int(match.group(1)), int(match.group(2))
+        with Image.open(self.root / str(record["Mask"]).strip()) as crop:
+            pixels = np.asarray(crop.convert("RGBA") if crop.mode in ("P", "LA", "PA") else crop)
+        if pixels.shape[:2] != (int(float(record["Height"])), int(float(record["Width"]))):
+            raise ValueError(f"mask is {pixels.shape[1]}x{pixels.shape[0]} px, the table says "
+                             f"{record['Width']}x{record['Height']}")
+        canvas = paste_structure_mask(pixels, int(float(record["Left"])), int(float(record["Top"])),
+                                      (height, width))
+        return canvas if canvas.shape == tuple(image_shape) else resize_mask(canvas, image_shape)
+
+    def structure_masks(self, filename: str) -> dict[str, np.ndarray]:
+        """The expert masks of one film (``filename`` as in metadata.csv), in memory.
+
+        Returns manifest column (:attr:`STRUCTURES`) -> ``(H, W)`` bool on the grid of
+        ``images/<filename>``; structures the experts drew several times are united, the ones
+        they did not draw are absent. Raises ``ValueError`` naming the row of a broken mask.
+        """
+        from PIL import Image
+
+        with Image.open(self.root / "images" / filename) as image:
+            shape = (image.height, image.width)
+        table = self._structure_table()
+        masks: dict[str, np.ndarray] = {}
+        for index, record in table[table["Filename"].str.strip() == filename].iterrows():
+            column = self.structure_column(record["Class"])
+            if column is None or not str(record["Mask"]).strip():
+                continue
+            try:
+                mask = self._paste(record, shape)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{self.root / self.STRUCTURE} {_csv_line(int(index))}: {error}") from None
+            masks[column] = masks[column] | mask if column in masks else mask
+        return masks
+
+    def rows(self) -> Iterable[dict[str, Any]]:
+        from PIL import Image
+
+        from cxrlib.data.io import write_png
+
+        csv_path, structure_path = self.root / self.METADATA, self.root / self.STRUCTURE
+        table = read_table(csv_path, self.REQUIRED, dataset=self.name)
+        structures = self._structure_table()
+        by_film: dict[str, list[tuple[int, pd.Series]]] = {}
+        for index, record in structures.iterrows():
+            line = _csv_line(int(index))
+            column = self.structure_column(record["Class"])
+            if column is None:
+                self._skip(structure_path, line, f"unknown structure {record['Class']!r}", kind="excluded")
+            elif not str(record["Mask"]).strip():
+                self._skip(structure_path, line, f"{record['Class']}: tagged without a mask (empty Mask)",
+                           kind="excluded")
+            else:
+                by_film.setdefault(record["Filename"].strip(), []).append((int(index), record))
+        for index, record in table.iterrows():
+            line = _csv_line(int(index))
+            filename, patient = record["filename"].strip(), record["patientid"].strip()
+            if not filename or not patient:
+                self._skip(csv_path, line, "empty filename" if not filename else "empty patientid")
+                continue
+            image_path = self.root / "images" / filename
+            if not image_path.is_file():
+                self._skip(csv_path, line, f"image file images/{filename} not found")
+                continue
+            with Image.open(image_path) as image:
+                shape = (image.height, image.width)
+            masks: dict[str, np.ndarray] = {}
+            problem = ""
+            for row_index, structure in by_film.get(filename, []):
+                column = self.structure_column(structure["Class"])
+                try:
+                    mask = self._paste(structure, shape)
+                except (OSError, ValueError) as error:
+                    problem = f"{self.STRUCTURE} {_csv_line(row_index)}: {error}"
+                    break
+                masks[column] = masks[column] | mask if column in masks else mask
+            if problem:
+                self._skip(csv_path, line, problem)
+                continue
+            if "mask_lung_left" not in masks or "mask_lung_right" not in masks:
+                self._skip(csv_path, line, f"{filename}: no left and right lung masks in {self.STRUCTURE}")
+                continue
+            stem = Path(filename).stem
+            files: dict[str, str] = {}
+            for column in dict.fromkeys(self.STRUCTURES.values()):
+                if column in masks:
+                    target = self.cache_dir / column.removeprefix("mask_") / f"{stem}.png"
+                    write_png(target, masks[column])
+                    files[column] = target.as_posix()
+                else:
+                    files[column] = ""
+            finding = record["finding"].strip()
+            yield {
+                "image_id": f"covseg-{filename}",
+                "path": f"images/{filename}",
+                "label": CovidChestXrayDataset.label_of(finding),
+                "patient_id": _prefixed(CovidChestXrayDataset.name, patient),
+                "source": self.name,
+                "view": normalize_view(record["view"]),
+                "origin": mf.REAL,
+                "finding": finding,
+                "view_raw": record["view"].strip(),
+                "ieee8023_image_id": filename,
+                "lung_convention": "anatomical",
+                **files,
+                **{column: record[column].strip() for column in self.KEEP if column in table.columns},
+            }
+
+
+ADAPTERS[CovidSegmentations.name] = CovidSegmentations
