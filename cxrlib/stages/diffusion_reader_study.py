@@ -6,10 +6,10 @@ This module holds the parts of notebook 06 that are more than a few lines:
   manifest rows (``origin = "diffusion:<checkpoint>"``, the conditioning class as ``label``,
   split ``train``: made from noise, they inherit no split and may only ever train);
 - :func:`train_judges`: the feature network and the oracle of notebook 03
-  (:func:`cxrlib.stages.cyclegan.train_feature_network`, :func:`cxrlib.stages.cyclegan.train_oracle`),
+  (:func:`cxrlib.judges.train_feature_network`, :func:`cxrlib.judges.train_oracle`),
   trained on real images at the resolution every generator is compared at;
-- :func:`generator_report`: notebook 03's :func:`cxrlib.stages.cyclegan.judge_generator` and
-  :func:`cxrlib.stages.cyclegan.memorisation` for any generator (FD / KID with the real-vs-real
+- :func:`generator_report`: notebook 03's :func:`cxrlib.judges.judge_generator` and
+  :func:`cxrlib.judges.memorisation` for any generator (FD / KID with the real-vs-real
   floor, oracle rate per conditioning class, memorisation against the real training images,
   detectability), so ``G_NC``, ``G_PC`` and the diffusion model land in one table with one
   judge;
@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlib.stages import cyclegan as syn
+from cxrlib import judges
 from cxrlib.data import manifest as mf
 from cxrlib.data.io import pixel_hash, write_png
 from cxrlib.evaluate import synthesis as synth
@@ -129,9 +130,9 @@ def train_judges(manifest: pd.DataFrame, folder: str | os.PathLike, *, image_siz
     """``(feature_net, oracle)`` of notebook 03's recipe at ``image_size``, trained on real images only
     (``folder/feature_net``, ``folder/oracle``; a finished run is loaded)."""
     folder = Path(folder)
-    feature_net = syn.train_feature_network(manifest, folder / "feature_net", image_size=image_size, arch=arch,
+    feature_net = judges.train_feature_network(manifest, folder / "feature_net", image_size=image_size, arch=arch,
                                             epochs=epochs, seed=seed, device=device)
-    oracle = syn.train_oracle(manifest, folder / "oracle", image_size=image_size, arch=arch, epochs=epochs,
+    oracle = judges.train_oracle(manifest, folder / "oracle", image_size=image_size, arch=arch, epochs=epochs,
                               seed=seed + 1, device=device)
     return feature_net, oracle
 
@@ -152,7 +153,7 @@ def generator_report(
     oracle: Any,
     source_images: np.ndarray | None = None,
     synthetic_groups: Sequence[str] | None = None,
-    target: str = syn.TARGET_LABEL,
+    target: str = judges.TARGET_LABEL,
     inception: bool = True,
     seed: int = 0,
     n_boot: int = 1000,
@@ -185,7 +186,7 @@ def generator_report(
         raise ValueError(f"{len(conditioning)} conditioning labels for {len(synthetic_images)} images")
     is_target = conditioning == target
     groups = np.asarray(list(synthetic_groups), dtype=object) if synthetic_groups is not None else None
-    judged = syn.judge_generator(
+    judged = judges.judge_generator(
         synthetic_images=synthetic_images[is_target], real_covid_train=real_covid_train,
         real_covid_test=real_covid_test, real_covid_heldout=real_covid_heldout,
         real_covid_heldout_groups=real_covid_heldout_groups, feature_net=feature_net, oracle=oracle,
@@ -199,7 +200,7 @@ def generator_report(
     report.pop("oracle_covid_rate_before_ci95")
 
     threshold = report["oracle_threshold"]
-    prob_all = syn.covid_probability(oracle, synthetic_images)
+    prob_all = judges.covid_probability(oracle, synthetic_images)
     by_class = {}
     for name in dict.fromkeys(conditioning.tolist()):
         chosen = conditioning == name
@@ -208,7 +209,7 @@ def generator_report(
                                "n": int(chosen.sum())}
     report["oracle_covid_rate_by_class"] = by_class
 
-    memo = syn.memorisation(feature_net, synthetic_images, real_train)  # every sample, whatever its class
+    memo = judges.memorisation(feature_net, synthetic_images, real_train)  # every sample, whatever its class
     if memo is not None:
         pixels, feats = memo["pixels"], memo["features"]
         report.update(nearest_train_distance_p01=pixels["nearest_train_distance_p01"],
