@@ -3,6 +3,8 @@ predicting a trained cell on an external manifest."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -93,3 +95,56 @@ def test_with_columns_adds_the_view():
     manifest = pd.DataFrame({"image_id": ["a", "b"], "view": ["PA", "AP"]})
     out = ex.with_columns(predictions, [manifest])
     assert out["view"].tolist() == ["PA", "AP", ""]
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    """One trained cell (Normal vs COVID-19, real only, one seed) on a 30-patient phantom."""
+    import warnings
+
+    from cxrlib.data import cohort
+    from cxrlib.data import manifest as mf
+    from cxrlib.data.phantom import CohortConfig, write_cohort
+    from cxrlib.stages import classifiers
+
+    base = tmp_path_factory.mktemp("cohort")
+    write_cohort(base / "phantom", CohortConfig(n_patients=30, size=48, seed=0), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manifest, _ = cohort.assemble(mf.read_manifest(base / "phantom" / "manifest.csv"), seed=0)
+    config = classifiers.GridConfig(tasks=("normal_vs_covid",), conditions=("real",), seeds=(0,), ratios=(2,),
+                                    image_size=32, epochs=1, steps_per_epoch=2, batch_size=8, n_boot=20,
+                                    device="cpu", progress=False)
+    results = classifiers.run_grid(manifest, config, base / "grid")
+    return manifest, results
+
+
+def test_predict_cells_reproduces_the_internal_predictions(tiny_grid):
+    from cxrlib.stages import external as stage
+
+    manifest, results = tiny_grid
+    test = manifest[manifest["split"] == "test"]
+    # the test images again, as if another collection held them (with a pneumonia row to leave out)
+    outside = test.assign(image_id="ext-" + test["image_id"], patient_id="ext-" + test["patient_id"])
+    table = stage.predict_cells(results, {"copy": outside}, development=manifest)
+    assert set(table["evaluation_set"]) == {"internal", "copy"}
+    internal = table[table["evaluation_set"] == "internal"].set_index("image_id")
+    copy = table[table["evaluation_set"] == "copy"].set_index("image_id")
+    assert len(copy) == len(internal) == int(test["label"].isin(["normal", "covid"]).sum())
+    again = internal.loc[copy.index.str.removeprefix("ext-")]
+    assert np.allclose(copy["score"].to_numpy(), again["score"].to_numpy(), atol=1e-5)
+    assert (copy["threshold"] == results["threshold"].iloc[0]).all()
+    assert (copy["view"] != "").all() and (internal["view"] != "").all()
+    assert {"task", "arch", "condition", "imbalance", "seed"} <= set(table.columns)
+    # cached: a second call reads the stored predictions
+    cell_dir = results.attrs["run_dir"] + "/" + results["cell_dir"].iloc[0]
+    assert (Path(cell_dir) / "external" / "copy.csv").is_file()
+    scored = ex.score_models(table, n_boot=20)
+    assert set(scored["evaluation_set"]) == {"internal", "copy"}
+
+
+def test_predict_cell_refuses_a_folder_that_is_no_cell(tmp_path):
+    from cxrlib.stages import external as stage
+
+    with pytest.raises(FileNotFoundError, match="cell.json"):
+        stage.predict_cell(tmp_path, pd.DataFrame({"image_id": [], "label": []}), "x")
