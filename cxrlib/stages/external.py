@@ -1,7 +1,7 @@
 """Trained classifiers of notebook 04 run on external cohorts (images they never saw).
 
-:func:`predict_cell` loads one trained cell (``RUN_DIR/04_classifiers/<task>/<arch>/
-<condition>/<imbalance>/seed<k>/``: ``best.pt`` and ``cell.json``), predicts every image of
+:func:`predict_cell` loads one trained cell of notebook 04's grid (its folder
+``<task>/<arch>/<condition>/<imbalance>/seed<k>/``: ``best.pt`` and ``cell.json``), predicts every image of
 an external manifest whose label is one of the task's classes, and returns the cell's
 prediction frame (:func:`cxrlib.stages.classifiers.predictions_frame`) with the model keys,
 ``evaluation_set`` and ``view``. The operating threshold is the cell's own validation
