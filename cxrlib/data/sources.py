@@ -1542,3 +1542,272 @@ class CovidSegmentations(DatasetAdapter):
 
 
 ADAPTERS[CovidSegmentations.name] = CovidSegmentations
+
+
+class CovidCXNet(DatasetAdapter):
+    """COVID-CXNet image repository (Haghanifar et al.): COVID-19 chest X-rays from public sources.
+
+    - **Size**: about 900 COVID-19 chest X-rays collected from public case sites and
+      publications (SIRM, Radiopaedia, Eurorad, papers, social media), in every format
+      (``.jpg .jpeg .JPG .png .PNG .jfif .webp``), sizes and grey levels; no other class.
+    - **Layout**: ``<root>/chest_xray_images/covid19/<number><marks>.<ext>`` and
+      ``<root>/metadata.csv`` (``filename, patient_id, sex, age, view, label, pcr_test,
+      location, ..., url``) with rows for about half of the images. A metadata row finds
+      its file by exact name, else by name ignoring case, else by its leading number
+      (``374.png`` -> ``374.PNG``, ``403.jpg`` -> ``403.jpeg``); a row whose file is
+      missing is skipped and listed. Other folders under ``chest_xray_images/`` are read as
+      classes by their name (``normal`` -> ``normal``, ``pneumonia`` -> ``pneumonia``).
+    - **File-name marks**, kept as columns: a trailing ``-`` (``166-.jpeg``) marks a
+      PCR-positive patient whose film showed no abnormality (``normal_film`` ``"1"``), a
+      trailing ``p`` a pediatric patient (``pediatric`` ``"1"``); ``name_marks`` holds the
+      raw marks. They stay labelled ``covid``; a recipe can leave them out
+      (``normal_film: "0"``).
+    - **Patients**: ``patient_id`` of the metadata (several films per patient), prefixed
+      ``covid-cxnet:``; an image without a metadata row is its own patient
+      (``covid-cxnet:image-<number>``), so follow-up films without metadata may land in
+      different splits.
+    - **Views**: the metadata ``view`` (mostly AP, some PA, often blank), normalised by
+      :func:`normalize_view`, the raw value in ``view_raw``; ``""`` for images without a row.
+    - **Copies**: collected from the same public case sites as the ieee8023 collection, so
+      some films appear in both, resized, re-encoded, re-cropped or re-windowed: use the two
+      together only after copy detection (:mod:`cxrlib.data.copies`).
+    - **Citation**: A. Haghanifar, M.M. Majdabadi, Y. Choi, S. Deivalakshmi, S. Ko,
+      "COVID-CXNet: Detecting COVID-19 in frontal chest X-ray images using deep learning",
+      Multimedia Tools and Applications 81, 30615-30645 (2022).
+    - **License**: CC BY 4.0 as stated by the release (figshare, DOI
+      10.6084/m9.figshare.12580328); the images come from public case sites whose own
+      terms also apply.
+    - **Download**: https://github.com/armiro/COVID-CXNet (folder ``chest_xray_images``).
+
+    ``image_id`` is the file name.
+    """
+
+    name: ClassVar[str] = "covid-cxnet"
+    title: ClassVar[str] = "COVID-CXNet chest X-ray image repository (COVID-19 images from public sources)"
+    citation: ClassVar[str] = ('A. Haghanifar, M.M. Majdabadi, Y. Choi, S. Deivalakshmi, S. Ko, '
+                               '"COVID-CXNet: Detecting COVID-19 in frontal chest X-ray images using '
+                               'deep learning", Multimedia Tools and Applications 81, 30615-30645 (2022)')
+    license: ClassVar[str] = ("CC BY 4.0 as stated by the release (DOI 10.6084/m9.figshare.12580328); "
+                              "the images were collected from public case sites (SIRM, Radiopaedia, "
+                              "Eurorad, papers, social media) whose own terms also apply")
+    url: ClassVar[str] = "https://github.com/armiro/COVID-CXNet"
+    IMAGES: ClassVar[str] = "chest_xray_images"
+    METADATA: ClassVar[str] = "metadata.csv"
+    SUFFIXES: ClassVar[tuple[str, ...]] = (".png", ".jpg", ".jpeg", ".jfif", ".webp")
+    #: Metadata columns carried into the manifest when present.
+    KEEP: ClassVar[tuple[str, ...]] = ("sex", "age", "pcr_test", "location", "admission_offset",
+                                       "symptom_offset", "url")
+    ALIASES: ClassVar[dict[str, str]] = {"covid19": "covid", "covid_19": "covid", "covid": "covid",
+                                         "normal": "normal", "pneumonia": "pneumonia"}
+    NAME: ClassVar[re.Pattern] = re.compile(r"^(?P<number>\d*)(?P<marks>[p\-]*)$", re.IGNORECASE)
+
+    def _files(self) -> list[Path]:
+        folder = self.root / self.IMAGES
+        if not folder.is_dir():
+            raise DatasetFormatError(f"{self.name}: {folder} not found (COVID-CXNet layout: "
+                                     f"{self.IMAGES}/covid19/*, {self.METADATA})")
+        return sorted(p for class_folder in sorted(folder.iterdir())
+                      if class_folder.is_dir() and not class_folder.name.startswith(".")
+                      for p in class_folder.iterdir()
+                      if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in self.SUFFIXES)
+
+    @classmethod
+    def marks(cls, file_name: str) -> dict[str, str]:
+        """``"481p-.jpg"`` -> ``{"name_marks": "p-", "normal_film": "1", "pediatric": "1"}``."""
+        match = cls.NAME.match(Path(file_name).stem)
+        marks = match.group("marks").lower() if match else ""
+        return {"name_marks": marks, "normal_film": "1" if "-" in marks else "0",
+                "pediatric": "1" if "p" in marks else "0"}
+
+    def _metadata(self, files: list[Path]) -> dict[Path, tuple[str, dict[str, str]]]:
+        """Image file -> (csv line, metadata row), matched as the class docstring says."""
+        csv_path = self.root / self.METADATA
+        if not csv_path.is_file():
+            return {}
+        table = read_table(csv_path, ("filename", "patient_id"), dataset=self.name)
+        exact = {p.name: p for p in files}
+        folded: dict[str, list[Path]] = {}
+        numbered: dict[str, list[Path]] = {}
+        for p in files:
+            folded.setdefault(p.name.lower(), []).append(p)
+            match = self.NAME.match(p.stem)
+            if match and match.group("number"):
+                numbered.setdefault(str(int(match.group("number"))), []).append(p)
+        found: dict[Path, tuple[str, dict[str, str]]] = {}
+        for index, record in table.iterrows():
+            line = _csv_line(int(index))
+            name = record["filename"].strip()
+            if not name:
+                self._skip(csv_path, line, "empty filename")
+                continue
+            match = self.NAME.match(Path(name).stem)
+            candidates = ([exact[name]] if name in exact else folded.get(name.lower())
+                          or (numbered.get(str(int(match.group("number")))) if match and match.group("number")
+                              else None) or [])
+            if len(candidates) != 1:
+                reason = f"image file {name} not found" if not candidates else f"{name} matches several files"
+                self._skip(csv_path, line, reason)
+                continue
+            file = candidates[0]
+            if file in found:
+                self._skip(csv_path, line, f"{file.name} already described on {found[file][0]}")
+                continue
+            found[file] = (line, {k: str(v).strip() for k, v in record.items()})
+        return found
+
+    def rows(self) -> Iterable[dict[str, Any]]:
+        files = self._files()
+        metadata = self._metadata(files)
+        seen: set[str] = set()
+        for file in files:
+            if file.name in seen:
+                self._skip(file, file.name, "file name already used in another folder")
+                continue
+            seen.add(file.name)
+            folder = file.parent.name
+            label = self.ALIASES.get(name_key(folder), name_key(folder))
+            line, record = metadata.get(file, ("", {}))
+            patient = record.get("patient_id", "")
+            if not patient:
+                match = self.NAME.match(file.stem)
+                number = match.group("number") if match and match.group("number") else file.stem
+                patient = f"image-{number}"
+            yield {
+                "image_id": file.name,
+                "path": file.relative_to(self.root).as_posix(),
+                "label": label,
+                "patient_id": _prefixed(self.name, patient),
+                "source": self.name,
+                "view": normalize_view(record.get("view", "")),
+                "origin": mf.REAL,
+                "finding": record.get("label", "") or folder,
+                "view_raw": record.get("view", ""),
+                "in_metadata": "1" if line else "0",
+                **self.marks(file.name),
+                **{column: record.get(column, "") for column in self.KEEP},
+            }
+
+
+class CsvImageFolder(DatasetAdapter):
+    """A user's own collection: one CSV table of images + a folder of image files.
+
+    Every column name comes from the recipe (the constructor's options), so a collection in
+    this shape needs no code::
+
+        sources:
+          mine:
+            adapter: csv-images
+            root: my-hospital             # folder under DATA_ROOT
+            csv: labels.csv               # table, relative to root
+            images: png                   # image folder, relative to root (default: root)
+            image_column: file            # file name / relative path, or an id + extension
+            extension: ""                 # appended to image_column values (e.g. ".png")
+            patient_column: patient       # optional: without it each image is its own patient
+            view_column: projection       # optional
+            label_column: diagnosis       # or `label: covid` for a collection of one class
+            labels: {"COVID-19 positive": covid, "healthy": normal}   # optional raw -> label
+
+    - **Labels**: with ``label_column``, its value mapped by ``labels`` (keys compared as
+      :func:`name_key` gives), else by the usual names (``COVID-19`` -> ``covid``, ``No
+      Finding`` / ``healthy`` -> ``normal``, ``Viral Pneumonia`` -> ``pneumonia``), else
+      lower case with ``_``; the raw value is kept in ``finding``. With ``label``, every row
+      gets it (``finding`` is the label too).
+    - **Other columns** of the table are kept (those not named like a manifest column), so
+      recipes can filter on them.
+    - ``source`` is the name given (default ``csv-images``); use one name per collection.
+    - **Citation**, **License**, **Download**: those of the collection read.
+
+    Rows with an empty image, patient or label value, a file that does not exist or one
+    already listed are skipped and listed in :attr:`skipped`. Paths in the options must
+    stay inside ``root`` (no absolute paths, no ``..``).
+    """
+
+    name: ClassVar[str] = "csv-images"
+    title: ClassVar[str] = "any collection given as one CSV table + a folder of images (columns named in the recipe)"
+    citation: ClassVar[str] = "that of the collection read"
+    license: ClassVar[str] = "that of the collection read"
+    url: ClassVar[str] = "the collection's own page"
+    ALIASES: ClassVar[dict[str, str]] = {
+        **ImageFolderDataset.ALIASES, "covid_19_positive": "covid", "sars_cov_2": "covid",
+    }
+
+    def __init__(self, root: str | os.PathLike, *, csv: str = "labels.csv", images: str = ".",
+                 image_column: str = "image", extension: str = "", patient_column: str | None = None,
+                 view_column: str | None = None, label_column: str | None = None, label: str | None = None,
+                 labels: Mapping[str, str] | None = None, source: str | None = None) -> None:
+        super().__init__(root)
+        if source:
+            self.name = source  # type: ignore[misc]  # per-instance source name
+        if (label_column is None) == (label is None):
+            raise DatasetFormatError(f"{self.name}: give exactly one of label_column (a column of {csv}) "
+                                     f"or label (one label for every image)")
+        for option, value in (("csv", csv), ("images", images)):
+            parts = Path(str(value).replace("\\", "/")).parts
+            if Path(str(value)).is_absolute() or ".." in parts:
+                raise DatasetFormatError(f"{self.name}: {option} {value!r} must be a path inside {self.root}")
+        self.csv_path = self.root / csv
+        self.images = (self.root / images).resolve()
+        if not self.images.is_dir():
+            raise DatasetFormatError(f"{self.name}: image folder {self.images} not found")
+        self.image_column, self.extension = image_column, extension
+        self.patient_column, self.view_column = patient_column, view_column
+        self.label_column, self.fixed_label = label_column, label
+        self.labels = {name_key(k): str(v) for k, v in (labels or {}).items()}
+
+    def declared_labels(self, df: pd.DataFrame) -> tuple[str, ...]:
+        """The project's labels and every label the table gives: the recipe declares the classes."""
+        return (*mf.LABELS, *sorted(set(df["label"])))
+
+    def _label(self, raw: str) -> str:
+        key = name_key(raw)
+        return self.labels.get(key) or self.ALIASES.get(key) or key
+
+    def rows(self) -> Iterable[dict[str, Any]]:
+        required = [c for c in (self.image_column, self.patient_column, self.view_column, self.label_column) if c]
+        table = read_table(self.csv_path, required, dataset=self.name)
+        named = set(required) | set(mf.COLUMNS) | {"finding", "view_raw"}
+        extras = [c for c in table.columns if c not in named and c]
+        seen: dict[str, str] = {}
+        for index, record in table.iterrows():
+            line = _csv_line(int(index))
+            image = record[self.image_column].strip()
+            if not image:
+                self._skip(self.csv_path, line, f"empty {self.image_column!r}")
+                continue
+            file = (self.images / f"{image}{self.extension}").resolve()
+            if not file.is_relative_to(self.root):
+                self._skip(self.csv_path, line, f"{image!r} points outside {self.root}")
+                continue
+            relative = file.relative_to(self.root).as_posix()
+            if relative in seen:
+                self._skip(self.csv_path, line, f"{relative} already listed on {seen[relative]}")
+                continue
+            if not file.is_file():
+                self._skip(self.csv_path, line, f"image file {relative} not found")
+                continue
+            raw = record[self.label_column].strip() if self.label_column else str(self.fixed_label)
+            if not raw:
+                self._skip(self.csv_path, line, f"empty {self.label_column!r}")
+                continue
+            patient = record[self.patient_column].strip() if self.patient_column else relative
+            if not patient:
+                self._skip(self.csv_path, line, f"empty {self.patient_column!r}")
+                continue
+            seen[relative] = line
+            view = record[self.view_column].strip() if self.view_column else ""
+            yield {
+                **{column: record[column].strip() for column in extras},
+                "image_id": file.relative_to(self.images).as_posix(),
+                "path": relative,
+                "label": self._label(raw),
+                "patient_id": _prefixed(self.name, patient),
+                "source": self.name,
+                "view": normalize_view(view),
+                "origin": mf.REAL,
+                "finding": raw,
+                "view_raw": view,
+            }
+
+
+ADAPTERS[CovidCXNet.name] = CovidCXNet
+ADAPTERS[CsvImageFolder.name] = CsvImageFolder
