@@ -269,3 +269,207 @@ class LungPatchSampler:
         inside = (slice(before, before + height), slice(before, before + width))
         total, count = total[inside], count[inside]
         return np.where(count > 0, total / np.maximum(count, 1), fill)
+
+
+# ----------------------------------------------------------------------------- lung conventions
+
+#: How an annotation source draws the lungs. ``anatomical``: the whole lung, including the
+#: part behind the heart and under dense opacities; ``visible``: the aerated lung field, which
+#: stops at the heart border (and at the diaphragm domes).
+LungConvention = Literal["anatomical", "visible"]
+LUNG_CONVENTIONS: tuple[str, str] = ("anatomical", "visible")
+#: Convention of each source's reference lung masks (manifest ``source`` -> convention); a
+#: ``lung_convention`` column of a manifest row wins over this table.
+SOURCE_LUNG_CONVENTIONS: dict[str, str] = {
+    "covid-segmentations": "anatomical",
+    "covid19-radiography": "visible",
+    "jsrt": "visible",
+    "montgomery": "visible",
+    "shenzhen": "visible",
+}
+
+
+def lung_convention_of(row: dict) -> str:
+    """The lung convention of a manifest row's reference masks, or ``""`` when unknown.
+
+    ``row["lung_convention"]`` when set, else :data:`SOURCE_LUNG_CONVENTIONS` of ``row["source"]``.
+    """
+    stated = str(row.get("lung_convention", "") or "").strip()
+    if stated and stated.lower() != "nan":
+        if stated not in LUNG_CONVENTIONS:
+            raise ValueError(f"image {row.get('image_id', '?')}: lung_convention {stated!r} is not one of "
+                             f"{LUNG_CONVENTIONS}")
+        return stated
+    return SOURCE_LUNG_CONVENTIONS.get(str(row.get("source", "")), "")
+
+
+def convert_lung_convention(
+    labels: np.ndarray,
+    source: str,
+    target: str,
+    cardiomediastinum: np.ndarray | None = None,
+) -> np.ndarray:
+    """A lung label map ``(H, W)`` (values of :mod:`cxrlib.data.masks`) in another convention.
+
+    ``anatomical`` -> ``visible`` removes the lung pixels inside ``cardiomediastinum``
+    (``(H, W)`` bool or 0/255, required): visible = anatomical minus cardiomediastinum.
+    The same convention gives a copy. ``visible`` -> ``anatomical`` raises ``ValueError``:
+    the lung behind the heart is not in a visible mask, and no mask can give it back.
+    """
+    for name in (source, target):
+        if name not in LUNG_CONVENTIONS:
+            raise ValueError(f"unknown lung convention {name!r}; known: {LUNG_CONVENTIONS}")
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be a 2-D (H, W) label map, got shape {labels.shape}")
+    if source == target:
+        return labels.copy()
+    if source == "visible":
+        raise ValueError("visible lung masks cannot be converted to anatomical ones: the lung "
+                         "behind the heart was never drawn")
+    if cardiomediastinum is None:
+        raise ValueError("anatomical -> visible needs the cardiomediastinum mask")
+    heart = _as_bool(cardiomediastinum, "cardiomediastinum")
+    if heart.shape != labels.shape:
+        raise ValueError(f"cardiomediastinum {heart.shape} and labels {labels.shape} differ in shape")
+    visible = labels.copy()
+    visible[heart & np.isin(labels, LUNG_LABELS)] = BACKGROUND
+    return visible
+
+
+# ----------------------------------------------------------------------------- quality control
+
+
+@dataclass(frozen=True)
+class LungQCLimits:
+    """Plausibility limits of :func:`lung_mask_qc` (fractions of the image or body box).
+
+    Defaults were set from the reference masks of covid19-radiography (visible lungs) and
+    covid-segmentations (anatomical lungs, dense COVID-19 opacities), widened so that every
+    reference mask passes: lungs cover 8-65% of the body box; each lung is 25-400% the size
+    of the other; each lung holds at least ``min_component_share`` of its label in one
+    piece; both lungs overlap over at least ``min_row_overlap`` of the shorter lung's
+    height; the lungs' centre lies in the middle of the body box (``centre_cols`` across,
+    ``centre_rows`` down), and no lung runs along the body box's side (``max_side_contact``
+    of its height touching the outermost ``side_margin`` of the box).
+    """
+
+    min_area_fraction: float = 0.08
+    max_area_fraction: float = 0.65
+    min_lr_ratio: float = 0.25
+    max_lr_ratio: float = 4.0
+    min_component_share: float = 0.85
+    min_row_overlap: float = 0.5
+    centre_cols: tuple[float, float] = (0.3, 0.7)
+    centre_rows: tuple[float, float] = (0.2, 0.75)
+    side_margin: float = 0.02
+    max_side_contact: float = 0.3
+
+
+def body_box(image: np.ndarray | None, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Bounding box ``(y0, y1, x0, x1)`` (end-exclusive) of the patient's body in a CXR.
+
+    ``image`` ``(H, W)`` uint8 or float; ``None`` gives the whole ``shape``. Columns and
+    rows whose mean brightness stays below a tenth of the way from the darkest to the
+    median image row / column are empty film (collimation borders, air beside a thin
+    patient); the box spans the others. A failed estimate falls back to the whole image.
+    """
+    height, width = (int(s) for s in shape)
+    if image is None:
+        return 0, height, 0, width
+    values = np.asarray(image, dtype=np.float64)
+    if values.shape != (height, width):
+        raise ValueError(f"image {values.shape} and mask {shape} differ in shape")
+    spans = []
+    for profile in (values.mean(axis=1), values.mean(axis=0)):
+        floor, middle = float(profile.min()), float(np.median(profile))
+        inside = np.flatnonzero(profile > floor + 0.1 * (middle - floor))
+        spans.append((int(inside[0]), int(inside[-1]) + 1) if inside.size else (0, len(profile)))
+    (y0, y1), (x0, x1) = spans
+    if (y1 - y0) < 0.3 * height or (x1 - x0) < 0.3 * width:
+        return 0, height, 0, width
+    return y0, y1, x0, x1
+
+
+@dataclass(frozen=True)
+class LungQC:
+    """Outcome of :func:`lung_mask_qc`: ``passed``, the ``reason`` of the first failed check
+    (``""`` when passed) and the measures the checks used (for tables)."""
+
+    passed: bool
+    reason: str
+    measures: dict
+
+
+def lung_mask_qc(
+    labels: np.ndarray, image: np.ndarray | None = None, limits: LungQCLimits = LungQCLimits()
+) -> LungQC:
+    """Is a predicted lung label map plausible? No reference needed.
+
+    ``labels``: ``(H, W)`` integer label map (1 patient's left lung on the image right, 2
+    right lung); ``image``: the ``(H, W)`` image it was predicted on, to find the body
+    (:func:`body_box`; ``None``: the whole image). Checks, in this order (the first that
+    fails is the reason): both lungs present; each lung mostly one component; left lung on
+    the image right of the right lung; lung area as a share of the body box; left/right
+    size ratio; both lungs at the same height; the lungs' centre within the body box;
+    no lung running along the side of the body box (an arm taken for a lung).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be a 2-D (H, W) label map, got shape {labels.shape}")
+    y0, y1, x0, x1 = body_box(image, labels.shape)
+    body = labels[y0:y1, x0:x1]
+    box_h, box_w = body.shape
+    lungs = {"left": labels == LUNG_LEFT, "right": labels == LUNG_RIGHT}
+    areas = {side: int(mask.sum()) for side, mask in lungs.items()}
+    measures: dict[str, float] = {
+        "area_fraction": float(np.isin(body, LUNG_LABELS).sum()) / max(box_h * box_w, 1),
+        "lr_ratio": areas["left"] / areas["right"] if areas["right"] else float("inf"),
+    }
+
+    def fail(reason: str) -> LungQC:
+        return LungQC(False, reason, measures)
+
+    missing = [side for side, area in areas.items() if area == 0]
+    if missing:
+        return fail(f"no {' and no '.join(missing)} lung")
+    rows_of, cols_of = {}, {}
+    for side, mask in lungs.items():
+        components, count = ndimage.label(mask, structure=_CONNECTIVITY)
+        share = np.bincount(components.ravel())[1:].max() / areas[side]
+        measures[f"{side}_component_share"] = float(share)
+        if share < limits.min_component_share:
+            return fail(f"{side} lung in {count} pieces (largest {share:.0%})")
+        rows, cols = np.nonzero(mask)
+        rows_of[side], cols_of[side] = rows, cols
+    if cols_of["left"].mean() <= cols_of["right"].mean():
+        return fail("left lung not on the image right of the right lung")
+    if not limits.min_area_fraction <= measures["area_fraction"] <= limits.max_area_fraction:
+        return fail(f"lungs cover {measures['area_fraction']:.0%} of the body (expected "
+                    f"{limits.min_area_fraction:.0%}-{limits.max_area_fraction:.0%})")
+    if not limits.min_lr_ratio <= measures["lr_ratio"] <= limits.max_lr_ratio:
+        return fail(f"left/right lung size ratio {measures['lr_ratio']:.2f} (expected "
+                    f"{limits.min_lr_ratio:g}-{limits.max_lr_ratio:g})")
+    spans = {side: (int(r.min()), int(r.max()) + 1) for side, r in rows_of.items()}
+    overlap = min(spans["left"][1], spans["right"][1]) - max(spans["left"][0], spans["right"][0])
+    shorter = min(end - start for start, end in spans.values())
+    measures["row_overlap"] = max(overlap, 0) / max(shorter, 1)
+    if measures["row_overlap"] < limits.min_row_overlap:
+        return fail(f"lungs at different heights (overlap {measures['row_overlap']:.0%} of the shorter)")
+    all_rows = np.concatenate(list(rows_of.values()))
+    all_cols = np.concatenate(list(cols_of.values()))
+    measures["centre_row"] = float((all_rows.mean() - y0) / max(box_h, 1))
+    measures["centre_col"] = float((all_cols.mean() - x0) / max(box_w, 1))
+    if not (limits.centre_cols[0] <= measures["centre_col"] <= limits.centre_cols[1]
+            and limits.centre_rows[0] <= measures["centre_row"] <= limits.centre_rows[1]):
+        return fail(f"lungs off centre in the body (centre at {measures['centre_col']:.0%} across, "
+                    f"{measures['centre_row']:.0%} down)")
+    margin = max(1, round(limits.side_margin * box_w))
+    for side, cols in cols_of.items():
+        rows = rows_of[side]
+        at_side = (cols < x0 + margin) | (cols >= x1 - margin)
+        contact = np.unique(rows[at_side]).size / max(spans[side][1] - spans[side][0], 1)
+        measures[f"{side}_side_contact"] = float(contact)
+        if contact > limits.max_side_contact:
+            return fail(f"{side} lung runs along the side of the body ({contact:.0%} of its height)")
+    return LungQC(True, "", measures)

@@ -127,7 +127,9 @@ class PairedAugment:
 
     All random numbers are drawn from the given ``rng`` in a fixed order whatever the
     magnitudes, so the output is a function of the rng state; with every magnitude zero
-    (:meth:`identity`) the call only converts the image to float.
+    (:meth:`identity`) the call only converts the image to float. ``opacity`` (only with
+    labels, which say where the lungs are) paints lesions into the lungs after the
+    geometry and before the intensity changes; its draws come after all the others.
     """
 
     hflip_p: float = 0.5
@@ -138,6 +140,9 @@ class PairedAugment:
     contrast: float = 0.15
     gamma: tuple[float, float] = (0.8, 1.25)
     swap_lr_labels: tuple[int, int] | None = (1, 2)
+    #: Opacities painted inside the lungs after the geometry (:class:`OpacityAugment`);
+    #: ``None`` paints none and draws nothing more from the rng.
+    opacity: OpacityAugment | None = None
 
     @classmethod
     def identity(cls) -> PairedAugment:
@@ -200,6 +205,10 @@ class PairedAugment:
                 labels_t = TF.affine(
                     labels_t, **geometry, interpolation=InterpolationMode.NEAREST, fill=0
                 )
+        if self.opacity is not None and labels_t is not None:
+            opacity_rng = np.random.default_rng(int(rng.integers(2**63)))
+            painted = self.opacity(image_t[0].numpy(), labels_t[0].numpy(), opacity_rng)
+            image_t = torch.from_numpy(painted)[None]
         if gamma != 1.0:
             image_t = TF.adjust_gamma(image_t, gamma)
         if contrast != 1.0:
@@ -214,3 +223,118 @@ class PairedAugment:
         if flip and self.swap_lr_labels is not None:
             labels_out = swap_labels(labels_out, self.swap_lr_labels)
         return image_out, labels_out.astype(np.uint8, copy=False)
+
+
+# ----------------------------------------------------------------------------- opacities
+
+#: Kinds of opacity :class:`OpacityAugment` paints.
+OPACITY_KINDS: tuple[str, ...] = ("ground_glass", "consolidation", "white_out", "effusion")
+
+
+def _smooth_field(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian-smoothed white noise rescaled to [0, 1], ``(H, W)`` float32."""
+    from scipy import ndimage
+
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="reflect")
+    low, high = float(field.min()), float(field.max())
+    return (field - low) / max(high - low, 1e-6)
+
+
+@dataclass
+class OpacityAugment:
+    """Paint COVID-19-like opacities inside the lungs of an image; the lung label is kept.
+
+    Models trained on clear lungs leave dense consolidation and white-out out of the lung;
+    painting such opacities into training images, with the lung label unchanged, teaches
+    that an opaque lung is still lung. With probability ``p`` an image gets one kind,
+    drawn uniformly from ``kinds`` (:data:`OPACITY_KINDS`), in one or both lungs:
+
+    - ``ground_glass``: patchy, soft-edged haze (blobs of smoothed noise) that raises the
+      grey level by ``ground_glass_strength`` of the way to white and keeps the texture;
+    - ``consolidation``: denser patches, blended ``consolidation_strength`` of the way to a
+      soft-tissue grey level (the image's 90th percentile inside the body);
+    - ``white_out``: the whole lung, denser towards the base;
+    - ``effusion``: the lung below a level with a meniscus rising to the side wall, nearly
+      as dense as the soft tissue.
+
+    ``lung_labels``: label values that are lung (1, 2; add 3 when it stands for lung, e.g.
+    the retrocardiac lung). ``image``: ``(H, W)`` float32 in [0, 1]; ``labels`` ``(H, W)``
+    integer. Returns a new float32 image in [0, 1]; ``labels`` is never changed.
+    """
+
+    p: float = 0.5
+    kinds: tuple[str, ...] = OPACITY_KINDS
+    lung_labels: tuple[int, ...] = (1, 2)
+    ground_glass_strength: tuple[float, float] = (0.15, 0.4)
+    consolidation_strength: tuple[float, float] = (0.6, 0.95)
+    blob_sigma: tuple[float, float] = (0.03, 0.08)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - set(OPACITY_KINDS)
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {OPACITY_KINDS}, got {self.kinds}")
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {self.p}")
+
+    def __call__(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        from scipy import ndimage
+
+        _check_2d(image, "image")
+        _check_2d(labels, "labels")
+        if image.shape != labels.shape:
+            raise ValueError(f"image {image.shape} and labels {labels.shape} differ in shape")
+        image = np.asarray(image, dtype=np.float32)
+        if rng.random() >= self.p:
+            return image.copy()
+        kind = self.kinds[int(rng.integers(len(self.kinds)))]
+        lungs = np.isin(labels, self.lung_labels)
+        if not lungs.any():
+            return image.copy()
+        height, width = image.shape
+        # one lung (by image half) or both
+        side = int(rng.integers(3))
+        columns = np.arange(width)[None, :]
+        lung_cols = np.flatnonzero(lungs.any(axis=0))
+        middle = (lung_cols[0] + lung_cols[-1]) / 2
+        region = lungs & (columns < middle if side == 0 else columns >= middle if side == 1 else True)
+        if not region.any():
+            region = lungs
+        # soft edges: the opacity fades out over a few pixels at the lung border
+        soft = ndimage.gaussian_filter(region.astype(np.float32), max(1.0, 0.01 * width))
+        soft = np.where(region, soft, 0.0).clip(0, 1)
+        body = image[image > np.percentile(image, 5)]
+        tissue = float(np.percentile(body if body.size else image, 90))
+        if kind == "ground_glass":
+            sigma = float(rng.uniform(*self.blob_sigma)) * width
+            patches = (_smooth_field(image.shape, sigma, rng) - rng.uniform(0.35, 0.6)).clip(0, None)
+            weight = soft * patches / max(float(patches.max()), 1e-6)
+            strength = float(rng.uniform(*self.ground_glass_strength))
+            painted = image + strength * weight * (1.0 - image)
+        elif kind == "consolidation":
+            sigma = float(rng.uniform(*self.blob_sigma)) * width
+            patches = ((_smooth_field(image.shape, sigma, rng) - rng.uniform(0.5, 0.7)) * 8).clip(0, 1)
+            # lower zones are hit more often (as in COVID-19 pneumonia)
+            rows = np.linspace(0.4, 1.0, height, dtype=np.float32)[:, None]
+            weight = soft * patches * rows
+            strength = float(rng.uniform(*self.consolidation_strength))
+            painted = image + strength * weight * (np.maximum(tissue, image) - image)
+        elif kind == "white_out":
+            lung_rows = np.flatnonzero(region.any(axis=1))
+            top, bottom = lung_rows[0], lung_rows[-1] + 1
+            ramp = np.clip((np.arange(height) - top) / max(bottom - top, 1), 0, 1)[:, None]
+            strength = float(rng.uniform(*self.consolidation_strength))
+            weight = soft * (0.6 + 0.4 * ramp.astype(np.float32))
+            painted = image + strength * weight * (np.maximum(tissue, image) - image)
+        else:  # effusion
+            lung_rows = np.flatnonzero(region.any(axis=1))
+            top, bottom = lung_rows[0], lung_rows[-1] + 1
+            level = top + float(rng.uniform(0.55, 0.9)) * (bottom - top)
+            # meniscus: the fluid line rises towards the lateral chest wall
+            lateral = np.abs(columns - middle) / max(width / 2, 1)
+            line = level - float(rng.uniform(0.05, 0.2)) * (bottom - top) * lateral**2
+            fluid = (np.arange(height)[:, None] >= line).astype(np.float32)
+            fluid = ndimage.gaussian_filter(fluid, max(1.0, 0.01 * height))
+            weight = soft * fluid
+            strength = float(rng.uniform(0.8, 0.97))
+            painted = image + strength * weight * (np.maximum(tissue, image) - image)
+        return np.clip(painted, 0.0, 1.0).astype(np.float32)

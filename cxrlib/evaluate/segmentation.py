@@ -129,3 +129,146 @@ def summarize_metrics(
         summary[f"{column}_mean"] = estimate
         summary[f"{column}_ci95"] = [low, high]
     return summary
+
+
+# ----------------------------------------------------------------------------- lung conventions
+
+
+def per_image_metrics_by_convention(
+    pred_labels: Sequence[np.ndarray],
+    true_labels: Sequence[np.ndarray],
+    *,
+    reference_conventions: Sequence[str],
+    cardiomediastinum: Sequence[np.ndarray | None] | None = None,
+    image_ids: Sequence[object] | None = None,
+    lung_labels: Mapping[str, int] = DEFAULT_LUNG_LABELS,
+) -> pd.DataFrame:
+    """:func:`per_image_metrics` under every lung convention the reference allows, saying which.
+
+    ``reference_conventions[i]``: ``"anatomical"`` or ``"visible"``, how the reference of
+    image i draws the lungs (:func:`cxrlib.data.masks.lung_convention_of`). An anatomical
+    reference with a ``cardiomediastinum[i]`` mask (``(H, W)`` bool) is scored twice:
+    ``anatomical`` (prediction against the reference as drawn) and ``visible`` (the
+    cardiomediastinum removed from both prediction and reference,
+    :func:`cxrlib.data.masks.convert_lung_convention`). Any other reference is scored once,
+    under its own convention. Returns the :func:`per_image_metrics` columns with a
+    ``convention`` column after ``image_id`` (one row per image and convention).
+    """
+    from cxrlib.data.masks import convert_lung_convention
+
+    count = len(pred_labels)
+    if len(true_labels) != count or len(reference_conventions) != count:
+        raise ValueError(f"{count} predictions, {len(true_labels)} references and "
+                         f"{len(reference_conventions)} conventions")
+    hearts = list(cardiomediastinum) if cardiomediastinum is not None else [None] * count
+    if len(hearts) != count:
+        raise ValueError(f"{len(hearts)} cardiomediastinum masks for {count} images")
+    ids = list(range(count)) if image_ids is None else list(image_ids)
+    tables = []
+    for index, (pred, true, convention, heart) in enumerate(
+            zip(pred_labels, true_labels, reference_conventions, hearts, strict=True)):
+        pairs = {convention: (pred, true)}
+        if convention == "anatomical" and heart is not None:
+            pairs["visible"] = (convert_lung_convention(pred, "anatomical", "visible", heart),
+                                convert_lung_convention(true, "anatomical", "visible", heart))
+        for name, (p, t) in pairs.items():
+            table = per_image_metrics([p], [t], image_ids=[ids[index]], lung_labels=lung_labels)
+            table.insert(1, "convention", name)
+            tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
+def summarize_by_convention(
+    table: pd.DataFrame, seed: int = 0, groups: str | None = None, n_boot: int = 2000,
+    worst_fraction: float = 0.1,
+) -> dict[str, dict[str, object]]:
+    """:func:`summarize_metrics` per convention of a :func:`per_image_metrics_by_convention` table.
+
+    Returns ``{"anatomical": {...}, "visible": {...}}`` (only the conventions present), each
+    also holding ``dice_lungs_worst_decile``: the mean Dice (both lungs) of the worst
+    ``worst_fraction`` of its images (at least one), and ``convention``: its name.
+    """
+    summaries: dict[str, dict[str, object]] = {}
+    for convention, rows in table.groupby("convention", sort=True):
+        rows = rows.drop(columns=["convention"])
+        summary = summarize_metrics(rows, seed=seed, groups=groups, n_boot=n_boot)
+        dice_values = np.sort(rows["dice_lungs"].to_numpy(dtype=float))
+        worst = max(1, int(np.ceil(worst_fraction * len(dice_values))))
+        summary["dice_lungs_worst_decile"] = float(dice_values[:worst].mean())
+        summary["convention"] = str(convention)
+        summaries[str(convention)] = summary
+    return summaries
+
+
+# ----------------------------------------------------------------------------- lesion burden
+
+
+def lesion_burden(lung_mask: np.ndarray, lesion_masks: Sequence[np.ndarray | None]) -> float:
+    """Share of the lung covered by lesions, in [0, 1].
+
+    ``lung_mask``: ``(H, W)`` bool, the reference lungs (anatomical: the lesions lie inside
+    them); ``lesion_masks``: ``(H, W)`` bool masks (ground glass, consolidation, ...), ``None``
+    for a kind the experts did not draw. Their union is counted once; lesion pixels outside
+    the lung are ignored. An empty lung gives NaN.
+    """
+    lungs = np.asarray(lung_mask, dtype=bool)
+    covered = np.zeros_like(lungs)
+    for lesion in lesion_masks:
+        if lesion is not None:
+            lesion = np.asarray(lesion, dtype=bool)
+            if lesion.shape != lungs.shape:
+                raise ValueError(f"lesion mask {lesion.shape} and lung mask {lungs.shape} differ in shape")
+            covered |= lesion
+    area = int(lungs.sum())
+    return float("nan") if area == 0 else float((covered & lungs).sum()) / area
+
+
+#: Default bins of lesion burden (share of the lung covered), left-closed.
+BURDEN_BINS: tuple[float, ...] = (0.0, 0.05, 0.25, 0.5, 1.0001)
+
+
+def metrics_by_burden(
+    table: pd.DataFrame,
+    *,
+    burden_column: str = "lesion_burden",
+    bins: Sequence[float] = BURDEN_BINS,
+    metrics: Sequence[str] = ("dice_lungs", "hd95_lungs"),
+    seed: int = 0,
+    groups: str | None = None,
+    n_boot: int = 2000,
+) -> pd.DataFrame:
+    """Dice / HD95 per lesion-burden bin, with bootstrap 95% intervals.
+
+    ``table``: one row per image (and ``convention``, when present) with ``burden_column``
+    (:func:`lesion_burden`) and the ``metrics`` columns. Returns one row per convention and
+    bin: ``convention`` (``""`` when the table has none), ``burden_bin`` (e.g.
+    ``"5-25%"``), ``burden_low``, ``burden_high``, ``n_images``, then ``<metric>_mean``,
+    ``<metric>_low``, ``<metric>_high`` (NaN for an empty bin's interval). ``groups``:
+    column resampled whole (``patient_id``).
+    """
+    if burden_column not in table.columns:
+        raise ValueError(f"table has no {burden_column!r} column")
+    edges = np.asarray(bins, dtype=float)
+    if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"bins must be increasing edges, got {list(bins)}")
+    conventions = table["convention"] if "convention" in table.columns else pd.Series("", index=table.index)
+    burden = table[burden_column].to_numpy(dtype=float)
+    records = []
+    for convention in sorted(conventions.unique()):
+        for low, high in zip(edges[:-1], edges[1:], strict=True):
+            chosen = (conventions == convention).to_numpy() & (burden >= low) & (burden < high)
+            rows = table[chosen]
+            label = f"{low * 100:.0f}-{min(high, 1.0) * 100:.0f}%"
+            record: dict[str, object] = {"convention": convention, "burden_bin": label,
+                                         "burden_low": float(low), "burden_high": float(min(high, 1.0)),
+                                         "n_images": int(len(rows))}
+            for metric in metrics:
+                values = rows[metric].to_numpy(dtype=float)
+                if np.isfinite(values).any():
+                    group_labels = rows[groups].to_numpy() if groups else None
+                    mean, ci_low, ci_high = bootstrap_ci(values, seed=seed, groups=group_labels, n_boot=n_boot)
+                else:
+                    mean = ci_low = ci_high = float("nan")
+                record.update({f"{metric}_mean": mean, f"{metric}_low": ci_low, f"{metric}_high": ci_high})
+            records.append(record)
+    return pd.DataFrame(records)

@@ -227,3 +227,107 @@ def segmentation_viewer(evaluation: SegmentationEvaluation):
         control.observe(redraw, names="value")
     redraw()
     return widgets.VBox([widgets.HBox([variant, order]), position, out])
+
+
+# ----------------------------------------------------------------------------- diseased lungs
+
+
+def qc_failure_gallery(df: pd.DataFrame, qc: pd.DataFrame, *, max_images: int = 24, columns: int = 6,
+                       column: str = PRED_MASK_COLUMN):
+    """The images that fail mask quality control, with their predicted lungs and the reason.
+
+    ``df``: a segmented manifest (:func:`cxrlib.stages.lung_segmentation.segment_manifest`);
+    ``qc``: :func:`cxrlib.stages.lung_segmentation.qc_manifest` of it. Shows up to
+    ``max_images`` failures (the title says how many there are in all); with none, a
+    figure that says so.
+    """
+    failed = qc[~qc["qc_pass"].astype(bool)]
+    shown = failed.head(max_images)
+    count = max(1, len(shown))
+    columns = max(1, min(columns, count))
+    rows = int(np.ceil(count / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.8 * rows), squeeze=False)
+    by_id = df.set_index("image_id")
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    if failed.empty:
+        axes[0, 0].text(0.5, 0.5, f"all {len(qc)} masks pass", ha="center", va="center")
+    for ax, item in zip(axes.ravel(), shown.itertuples(), strict=False):
+        row = by_id.loc[item.image_id]
+        image = read_image(mf.resolve_path(df, row["path"]))
+        labels = read_label_map(mf.resolve_path(df, row[column]))
+        if labels.shape != image.shape:
+            from cxrlib.data.transforms import resize_image
+
+            image = resize_image(image, labels.shape)
+        reason = "\n".join(_wrap(str(item.qc_reason), 34))
+        show_overlay(ax, image, None, labels, title=f"{item.image_id}\n{reason}")
+    fig.suptitle(f"mask quality control: {len(failed)} of {len(qc)} images fail"
+                 + (f" ({len(shown)} shown)" if len(shown) < len(failed) else ""), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def dice_by_burden_figure(evaluation, *, metric: str = "dice_lungs", by_burden: pd.DataFrame | None = None):
+    """Dice (or ``metric``) per image against lesion burden, one colour per convention, with the
+    binned means and their 95% intervals (:meth:`ConventionEvaluation.by_burden`).
+
+    ``evaluation``: a :class:`cxrlib.stages.lung_segmentation.ConventionEvaluation`; images
+    without lesion masks are left out.
+    """
+    table = evaluation.per_image[evaluation.per_image["lesion_burden"].notna()]
+    binned = evaluation.by_burden(metrics=(metric,)) if by_burden is None else by_burden
+    colours = {"anatomical": "#0072B2", "visible": "#E69F00"}
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    for convention, rows in table.groupby("convention"):
+        colour = colours.get(convention, "#7f7f7f")
+        ax.scatter(100 * rows["lesion_burden"], rows[metric], s=14, alpha=0.6, color=colour,
+                   label=f"{convention} lungs (per image)")
+        bins = binned[(binned["convention"] == convention) & (binned["n_images"] > 0)]
+        centres = 100 * (bins["burden_low"] + bins["burden_high"]) / 2
+        ax.errorbar(centres, bins[f"{metric}_mean"],
+                    yerr=[bins[f"{metric}_mean"] - bins[f"{metric}_low"],
+                          bins[f"{metric}_high"] - bins[f"{metric}_mean"]],
+                    fmt="s-", color=colour, capsize=3, label=f"{convention}: bin mean, 95% CI")
+    ax.set_xlabel("lesion burden (% of the lung under ground glass or consolidation)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.legend(fontsize=7, frameon=False, loc="lower left")
+    ax.set_title("segmentation quality against lesion burden", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def convention_gallery(evaluation, k: int = 4, convention: str = "anatomical"):
+    """Best (top) and worst (bottom) ``k`` images under one convention: the reference as drawn
+    (green), the prediction (vermilion) and the cardiomediastinum (dashed), whose removal
+    turns anatomical into visible lungs."""
+    ranked = evaluation.ranked(convention)
+    positions = {image_id: i for i, image_id in enumerate(evaluation.per_image
+                                                           .drop_duplicates("image_id")["image_id"])}
+    k = max(1, min(k, len(ranked)))
+    picks = {"best": ranked.tail(k).iloc[::-1], "worst": ranked.head(k)}
+    fig, axes = plt.subplots(2, k, figsize=(2.6 * k, 6.3), squeeze=False)
+    for row, (name, table) in enumerate(picks.items()):
+        for col in range(k):
+            ax = axes[row, col]
+            if col >= len(table):
+                ax.set_axis_off()
+                continue
+            item = table.iloc[col]
+            index = positions[item["image_id"]]
+            show_overlay(ax, evaluation.images[index], evaluation.truth[index],
+                         evaluation.pred[convention][index],
+                         title=f"{name}: {item['image_id']}\n{convention} Dice {item['dice_lungs']:.3f}")
+            heart = evaluation.cardiomediastinum[index]
+            if heart is not None and heart.any():
+                ax.contour(heart.astype(float), levels=[0.5], colors=["#56B4E9"], linewidths=0.8,
+                           linestyles="dashed")
+    _overlay_legend(fig)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
