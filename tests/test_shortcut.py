@@ -138,3 +138,46 @@ def test_against_floor_marks_overlapping_intervals():
                          "estimate": [0.9, 0.9], "low": [0.86, 0.86], "high": [0.95, 0.95]})
     marked = shortcut.against_floor(long, floor, estimate="estimate")
     assert marked["versus_floor"].tolist() == [shortcut.ABOVE, ""]
+
+
+@pytest.mark.parametrize("correlation, drops", [(1.0, True), (0.0, False)])
+def test_held_out_site_drop_appears_only_with_a_site_label_correlation(tmp_path, correlation, drops):
+    """Trained where each class comes from its own site, the floor learns the site and falls on a
+    site it never saw; trained where the site says nothing, it holds up there."""
+    import warnings
+
+    from cxrlib.data import cohort
+
+    development, external = cohort.load_or_make_held_out_phantom(
+        150, 48, 0, site_label_correlation=correlation, base=tmp_path, progress=False)
+    assert "valley_imaging" not in set(development["site"]) and set(external["site"]) == {"valley_imaging"}
+    assert (external["split"] == "test").all() and external["patient_id"].str.startswith("heldout:").all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split, _ = cohort.assemble(development, seed=0)
+    floor = shortcut.shortcut_floor(
+        split, shortcut.statistics_table(split), {"normal_vs_covid": ("normal", "covid")},
+        {"heldout": (external, shortcut.statistics_table(external))}, n_boot=200).set_index("evaluation_set")
+    drop = floor.loc["internal", "auc"] - floor.loc["heldout", "auc"]
+    if drops:
+        assert drop > 0.3 and floor.loc["heldout", "auc_high"] < floor.loc["internal", "auc_low"]
+    else:
+        assert drop < 0.1
+
+
+def test_hold_out_sites_splits_whole_sites_and_names_the_cohort():
+    from cxrlib.data import cohort
+
+    frame = pd.DataFrame({"image_id": list("abcd"), "patient_id": ["1", "1", "2", "3"],
+                          "site": ["x", "x", "y", "z"], "split": ""})
+    development, external = cohort.hold_out_sites(frame, ["x"])
+    assert list(external["image_id"]) == ["a", "b"] and (external["split"] == "test").all()
+    assert list(development["image_id"]) == ["c", "d"]
+    with pytest.raises(ValueError, match="held-out site: unknown site"):
+        cohort.hold_out_sites(frame, ["w"])
+    with pytest.raises(ValueError, match="leaves no development image"):
+        cohort.hold_out_sites(frame, ["x", "y", "z"])
+    with pytest.raises(ValueError, match="mine: the manifest has no 'scanner'"):
+        cohort.hold_out_sites(frame, ["x"], column="scanner", name="mine")
+    with pytest.raises(ValueError, match="unknown site"):
+        cohort.load_or_make_held_out_phantom(10, 48, held_out=("nowhere",))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -312,3 +312,89 @@ def counts_by_class_source_split(df: pd.DataFrame) -> pd.DataFrame:
     class comes from one source only (then a classifier can learn the source)."""
     table = pd.crosstab([df["label"], df["source"]], df["split"], margins=True, margins_name="total")
     return table[[c for c in (*mf.SPLITS, "total") if c in table.columns]]
+
+
+# ----------------------------------------------------------------------------- held-out sites
+
+
+def hold_out_sites(
+    manifest: pd.DataFrame,
+    sites: Sequence[str],
+    *,
+    column: str = "site",
+    name: str = "held-out site",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ``manifest`` into the rows of the other sites and an external cohort of ``sites``.
+
+    Every row whose ``column`` value is in ``sites`` goes to the external cohort, whole
+    (its patients never meet the development cohort), with ``split`` ``"test"``; the other
+    rows come back unchanged, to be assembled (split by patient) as usual. Raises
+    ``ValueError`` naming the cohort when ``column`` is missing, a site is unknown, or either
+    part would be empty.
+    """
+    if column not in manifest.columns:
+        raise ValueError(f"{name}: the manifest has no {column!r} column to hold sites out by")
+    values = mf._column(manifest, column)
+    known = sorted(set(values) - {""})
+    unknown = [site for site in sites if site not in known]
+    if not sites or unknown:
+        raise ValueError(f"{name}: unknown site(s) {unknown or list(sites)}; the cohort's sites: {known}")
+    held = values.isin(list(sites))
+    if held.all():
+        raise ValueError(f"{name}: holding out {list(sites)} leaves no development image")
+    external = manifest[held].copy()
+    external["split"] = "test"
+    return manifest[~held].copy(), external
+
+
+def load_or_make_held_out_phantom(
+    n_patients: int,
+    size: int = 256,
+    seed: int = 0,
+    *,
+    held_out: Sequence[str] = ("valley_imaging",),
+    site_label_correlation: float = 0.0,
+    n_external_patients: int | None = None,
+    base: Path | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A phantom development cohort without the ``held_out`` acquisition sites, and an
+    external cohort made only at those sites, both cached in the data folder.
+
+    The development cohort has ``n_patients`` patients at the other sites, with
+    ``site_label_correlation`` among them (1: each class from its own site, so a classifier
+    can learn the site); the external cohort has ``n_external_patients`` (default a quarter of
+    ``n_patients``, at least 8) whose labels are independent of the site (no correlation:
+    the site cannot tell the class there). External ids are prefixed ``heldout:`` and every
+    external row has split ``test``. Returns ``(development manifest, external manifest)``,
+    both before :func:`assemble` (split only the development one).
+    """
+    from cxrlib.data.phantom import DEFAULT_SITES, CohortConfig, write_cohort
+
+    names = [site.name for site in DEFAULT_SITES]
+    unknown = [site for site in held_out if site not in names]
+    if not held_out or unknown:
+        raise ValueError(f"held-out site cohort: unknown site(s) {unknown or list(held_out)}; phantom sites: {names}")
+    kept = tuple(site for site in DEFAULT_SITES if site.name not in held_out)
+    if not kept:
+        raise ValueError(f"held-out site cohort: holding out {list(held_out)} leaves no development site")
+    chosen = tuple(site for site in DEFAULT_SITES if site.name in held_out)
+    n_external = max(8, n_patients // 4) if n_external_patients is None else int(n_external_patients)
+    folder = phantom_cohort_dir(n_patients, size, seed, site_label_correlation, base)
+    tag = "+".join(site.name for site in chosen)
+    parts = []
+    for out, cohort_config in (
+        (folder.with_name(f"{folder.name}-without-{tag}"),
+         CohortConfig(n_patients=n_patients, seed=seed, size=size, sites=kept,
+                      site_label_correlation=site_label_correlation)),
+        (folder.with_name(f"phantom-heldout-{tag}-{n_external}p-{size}px-s{seed}-v{folder.name.split('-')[1]}"),
+         CohortConfig(n_patients=n_external, seed=seed + 7919, size=size, sites=chosen)),
+    ):
+        if not (out / "manifest.csv").exists():
+            write_cohort(out, cohort_config, progress=progress)
+        parts.append(mf.read_manifest(out / "manifest.csv"))
+    development, external = parts
+    for column in ("image_id", "patient_id"):
+        external[column] = "heldout:" + mf._column(external, column)
+    external["split"] = "test"
+    return development, external
