@@ -307,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns its exit status.
 
     Input the project refuses (:class:`cxrlib.errors.CxrInputError`, and any ``ValueError``
-    from argument validation) ends as one line on stderr and exit status 2, with nothing
+    from argument validation) and a path that cannot be used (missing, a file where a folder
+    is needed, no permission) end as one line on stderr and exit status 2, with nothing
     written: commands validate their arguments before they create files. Set
     ``CXR_TRACEBACK=1`` to see the traceback instead.
     """
@@ -316,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ValueError as error:  # CxrInputError is a ValueError
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as error:  # CxrInputError is a ValueError
         if os.environ.get("CXR_TRACEBACK"):
             raise
         print(f"python -m cxrlib {args.command}: {_one_line(error)}", file=sys.stderr)

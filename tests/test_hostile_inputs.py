@@ -308,6 +308,15 @@ def test_phantom_out_naming_a_file_is_refused(tmp_path, capsys):
     assert target.read_text() == "keep me" and leftovers(tmp_path) == ["taken.txt"]
 
 
+def test_phantom_out_below_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken.txt").write_text("keep me")
+    out = tmp_path / "taken.txt" / "cohort"
+    assert main(["phantom", "--out", str(out), "--patients", "1", "--size", "32", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "taken.txt" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert leftovers(tmp_path) == ["taken.txt"]
+
+
 @pytest.mark.parametrize("option", ["--profile", "--dataset"])
 def test_pipeline_value_errors_end_in_one_line(tmp_path, capsys, monkeypatch, option):
     import cxrlib.pipeline
