@@ -82,13 +82,13 @@ def test_grid_has_one_row_per_cell_with_the_promised_columns(grid):
 def test_a_rerun_loads_every_cell_and_a_killed_grid_resumes(grid, manifests, monkeypatch):
     results, config, run_dir = grid
     calls = []
-    real_train = ex.train_classifier
+    real_train = ex.grid.train_classifier
 
     def counting(*args, **kwargs):
         calls.append(args[2])
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(ex, "train_classifier", counting)
+    monkeypatch.setattr(ex.grid, "train_classifier", counting)  # where the grid runner calls it
     again = ex.run_grid(manifests[1], config, run_dir)
     assert not calls and (again["status"] == "loaded").all()
     metrics = ["auc", "sensitivity", "specificity", "threshold"]
@@ -222,7 +222,7 @@ def test_seed_means_and_the_paired_difference():
     for row in summary.to_dict("records"):
         chosen = predictions[predictions["condition"] == row["condition"]]
         per_seed = [np.mean(g.loc[g["label"] == "covid", "called"]) if row["metric"] == "sensitivity" else
-                    ex._rank_auc((g["label"] == "covid").to_numpy(), g["score"].to_numpy())
+                    ex.summaries.rank_auc((g["label"] == "covid").to_numpy(), g["score"].to_numpy())
                     for _, g in chosen.groupby("seed")]
         assert row["estimate"] == pytest.approx(np.mean(per_seed))
         assert row["low"] <= row["estimate"] <= row["high"] and row["n_seeds"] == 3

@@ -1,0 +1,54 @@
+"""Paired comparisons of two conditions: the difference of seed-means with a paired
+bootstrap interval over test patients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from cxrlib.stages.classifiers.summaries import percentile_interval, seed_pooled
+
+
+def compare_conditions(predictions: pd.DataFrame, baseline: str = "real", treatment: str = "real_gnc_gpc",
+                       metrics: Sequence[str] = ("sensitivity", "auc"), *, n_boot: int = 1000,
+                       seed: int = 0) -> pd.DataFrame:
+    """``treatment`` minus ``baseline`` per task, architecture and imbalance (seed-means, paired bootstrap).
+
+    One row per ``(task, arch, imbalance, metric)``: ``baseline`` and ``treatment``
+    seed-means with their 95 % intervals and the ``difference`` with its interval, all
+    from the same resamples of test patients (so the difference interval accounts for
+    both models seeing the same patients). Per-seed values are in ``baseline_per_seed``
+    / ``treatment_per_seed``.
+    """
+    chosen = predictions[predictions["condition"].isin([baseline, treatment])]
+    pooled = seed_pooled(chosen, ("arch", "imbalance", "condition"), metrics, n_boot, seed)
+    rows = []
+    pairs = sorted({key[:3] for key in pooled})
+    for task, arch, imbalance in pairs:
+        base, treat = pooled.get((task, arch, imbalance, baseline)), pooled.get((task, arch, imbalance, treatment))
+        if base is None or treat is None:
+            continue
+        for metric in metrics:
+            b_seed = np.asarray(base["per_seed"][metric], dtype=np.float64)
+            t_seed = np.asarray(treat["per_seed"][metric], dtype=np.float64)
+            b_boot, t_boot = base["boot"][metric], treat["boot"][metric]
+            n = min(len(b_boot), len(t_boot))
+            rows.append({
+                "task": task, "arch": arch, "imbalance": imbalance, "metric": metric,
+                "baseline": baseline, "treatment": treatment,
+                "baseline_estimate": float(np.nanmean(b_seed)), **_named_interval("baseline", b_boot),
+                "treatment_estimate": float(np.nanmean(t_seed)), **_named_interval("treatment", t_boot),
+                "difference": float(np.nanmean(t_seed) - np.nanmean(b_seed)),
+                **_named_interval("difference", t_boot[:n] - b_boot[:n]),
+                "baseline_per_seed": [round(v, 4) for v in b_seed.tolist()],
+                "treatment_per_seed": [round(v, 4) for v in t_seed.tolist()],
+                "n_seeds": int(min(len(b_seed), len(t_seed))),
+            })
+    return pd.DataFrame(rows)
+
+
+def _named_interval(name: str, samples: np.ndarray) -> dict[str, float]:
+    low, high = percentile_interval(samples)
+    return {f"{name}_low": low, f"{name}_high": high}
