@@ -29,12 +29,9 @@ from cxrlib.data.io import read_mask
 from cxrlib.data.transforms import resize_mask
 from cxrlib.explain.cam import compute_cams, patch_cam, predict_classes
 from cxrlib.explain.embed import analysis_groups, origin_kind
+from cxrlib.stages import output_path, stage_path
 from cxrlib.train.classifier import ClassifierTrainResult, make_dataset
 
-#: Folder of this stage inside a run.
-STAGE = "05_analysis"
-#: Folder and results table of notebook 04.
-CLASSIFIER_STAGE = "04_classifiers"
 #: Input modes whose images keep the original image geometry (CAMs can be scored against masks).
 MASK_ALIGNED_MODES: tuple[str, ...] = ("whole", "lung_masked", "lungs_removed", "patch")
 #: Reference lung masks of the phantom; notebook 02's prediction otherwise.
@@ -54,7 +51,7 @@ class ClassifierChoice:
 
 def read_grid_results(run_dir: str | os.PathLike) -> pd.DataFrame:
     """Notebook 04's ``results.csv`` (one row per trained cell); FileNotFoundError when it is missing."""
-    path = Path(run_dir) / CLASSIFIER_STAGE / "results.csv"
+    path = output_path(run_dir, "04", "results.csv")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run notebook 04 with the same RUN_DIR first")
     results = pd.read_csv(path)
@@ -92,7 +89,7 @@ def choose_classifier(results: pd.DataFrame, run_dir: str | os.PathLike, *, task
     best = candidates.iloc[0].to_dict()
     reason = (f"{task} / {arch} / {chosen_condition}{note} / {best.get('imbalance', '')}: seed {best['seed']} has "
               f"the best validation AUC ({best['best_val_auc']:.3f}) of {len(candidates)} seed(s)")
-    return ClassifierChoice(row=best, cell_dir=Path(run_dir) / CLASSIFIER_STAGE / str(best["cell_dir"]),
+    return ClassifierChoice(row=best, cell_dir=stage_path(run_dir, "04") / str(best["cell_dir"]),
                             reason=reason, candidates=candidates)
 
 
@@ -110,7 +107,7 @@ def embedding_rows(manifest: pd.DataFrame, *, max_synthetic: int = 300, seed: in
     """Every real row plus at most ``max_synthetic`` synthetic rows (seeded, in proportion per generator).
 
     Adds ``group`` (:func:`~cxrlib.explain.embed.analysis_groups`) and ``made_by``
-    (``real`` / generator); ``attrs`` kept.
+    (``real`` / generator).
     """
     kind = origin_kind(manifest)
     real = manifest[kind == mf.REAL]
@@ -118,9 +115,7 @@ def embedding_rows(manifest: pd.DataFrame, *, max_synthetic: int = 300, seed: in
     if len(synthetic) > max_synthetic:
         synthetic = synthetic.sample(n=max(0, int(max_synthetic)), random_state=seed).sort_index()
     rows = pd.concat([real, synthetic])
-    rows = rows.assign(group=analysis_groups(rows), made_by=origin_kind(rows))
-    rows.attrs = dict(manifest.attrs)
-    return rows
+    return rows.assign(group=analysis_groups(rows), made_by=origin_kind(rows))
 
 
 def _present(value: Any) -> bool:
@@ -139,11 +134,9 @@ def lung_mask_columns(manifest: pd.DataFrame) -> tuple[tuple[str, ...], str]:
     return (), "no lung masks for these rows (run notebook 02)"
 
 
-def load_masks(rows: pd.DataFrame, columns: Sequence[str], size: int, *,
-               root: str | os.PathLike | None = None) -> list[np.ndarray | None]:
+def load_masks(rows: pd.DataFrame, columns: Sequence[str], size: int) -> list[np.ndarray | None]:
     """Per row, the union of the mask files in ``columns`` as ``(size, size)`` bool, or ``None``
     when the row has none of them (e.g. an image without lesion) or the file cannot be read."""
-    where = root if root is not None else rows
     masks: list[np.ndarray | None] = []
     problems: list[str] = []
     for row in rows.to_dict("records"):
@@ -153,7 +146,7 @@ def load_masks(rows: pd.DataFrame, columns: Sequence[str], size: int, *,
             if not _present(value):
                 continue
             try:
-                mask = resize_mask(read_mask(mf.resolve_path(where, str(value))) > 0, size)
+                mask = resize_mask(read_mask(mf.resolve_path(rows, str(value))) > 0, size)
             except (OSError, ValueError) as error:
                 problems.append(f"{row.get('image_id', '?')} {column}: {error}")
                 union = None
@@ -187,8 +180,7 @@ class ExplainedImages:
 
 def explain_rows(result: ClassifierTrainResult, rows: pd.DataFrame, methods: Sequence[str], *,
                  target_class: int | Sequence[int] | None = None, layer: str | None = None,
-                 display_size: int = 256, patch_k: int = 20, root: str | os.PathLike | None = None,
-                 seed: int = 0) -> ExplainedImages:
+                 display_size: int = 256, patch_k: int = 20, seed: int = 0) -> ExplainedImages:
     """CAMs of ``rows`` for each of ``methods`` with the model ``result``.
 
     ``target_class``: one class index for all rows, one per row, or ``None`` (each image's
@@ -199,8 +191,7 @@ def explain_rows(result: ClassifierTrainResult, rows: pd.DataFrame, methods: Seq
     config = result.config
     model = result.model
     rows = rows.reset_index(drop=True)
-    rows.attrs = dict(rows.attrs)
-    dataset = make_dataset(rows, config, root=root, train=False, strict_labels=False)
+    dataset = make_dataset(rows, config, train=False, strict_labels=False)
     if config.input_mode == "patch":
         probabilities = np.stack([predict_classes(model, dataset.patches(i, patch_k, seed)[0]).mean(axis=0)
                                   for i in range(len(dataset))]) if len(dataset) else np.zeros((0, model.num_classes))
@@ -224,7 +215,7 @@ def explain_rows(result: ClassifierTrainResult, rows: pd.DataFrame, methods: Seq
                                      for i in range(len(dataset))]).astype(np.float32) if len(dataset) else \
                 np.zeros_like(display, dtype=np.float32)
         return ExplainedImages(rows, None, display, maps, probabilities, targets)
-    shown = make_dataset(rows, replace(config, image_size=display_size), root=root, train=False, strict_labels=False)
+    shown = make_dataset(rows, replace(config, image_size=display_size), train=False, strict_labels=False)
     display = np.stack([shown.stored(i)[0] for i in range(len(shown))]) if len(shown) else \
         np.zeros((0, display_size, display_size), dtype=np.uint8)
     for method in methods:
@@ -232,8 +223,62 @@ def explain_rows(result: ClassifierTrainResult, rows: pd.DataFrame, methods: Seq
     return ExplainedImages(rows, inputs, display, maps, probabilities, targets)
 
 
+def seed_choices(choice: ClassifierChoice, run_dir: str | os.PathLike) -> list[ClassifierChoice]:
+    """One :class:`ClassifierChoice` per training seed of the chosen cell (its ``candidates``), by seed.
+
+    Saliency is a property of a training run as much as of a method: a pointing game measured
+    on the one seed with the best validation AUC says nothing about the next rerun. Notebook 05
+    scores every seed's classifier and pools them with a two-level interval.
+    """
+    rows = choice.candidates.sort_values("seed").to_dict("records") if len(choice.candidates) else [choice.row]
+    return [ClassifierChoice(row=row, cell_dir=stage_path(run_dir, "04") / str(row["cell_dir"]),
+                             reason=f"seed {row['seed']} of {choice.reason.split(':')[0]}") for row in rows]
+
+
+def saliency_over_seeds(choices: Sequence[ClassifierChoice], test_rows: pd.DataFrame, eval_ids: Sequence[str],
+                        methods: Sequence[str], *, load: Any, only_correct: bool, positive_label: str,
+                        lung_columns: Sequence[str], size: int, layer: str | None = None, tolerance: float = 0.0,
+                        n_random: int = 10, random_grid: int | tuple[int, int] = 7, centre_sigma: float = 0.25,
+                        road_percentiles: Sequence[int] = (50,), patch_k: int = 20, seed: int = 0,
+                        log: Any = None) -> pd.DataFrame:
+    """Per-image saliency scores of every seed's classifier on the same COVID-19 test images.
+
+    ``test_rows``: manifest rows indexed by ``image_id``; ``eval_ids``: the images to score
+    (one sample for every seed). With ``only_correct`` a seed scores only the images its own
+    model classified correctly (others are missing for that seed, not zero). ``load``: a
+    function ``cell_dir -> ClassifierTrainResult`` (``cxrlib.train.classifier.load_classifier``
+    with the device bound). Returns :func:`cxrlib.explain.saliency.score_images` rows (and ROAD /
+    CAM-multiply where the model takes whole images) with a ``seed`` column.
+    """
+    from cxrlib.explain import saliency as sal
+
+    parts = []
+    for choice in choices:
+        predictions = read_cell_predictions(choice).set_index("image_id")
+        ids = [i for i in eval_ids if not only_correct or bool(predictions.loc[i, "correct"])]
+        if not ids:
+            continue
+        model = load(choice.cell_dir)
+        rows = test_rows.loc[ids]
+        explained = explain_rows(model, rows, methods, target_class=model.classes.index(positive_label), layer=layer,
+                                 display_size=size, patch_k=patch_k, seed=seed)
+        lung_masks = load_masks(rows, lung_columns, size) if lung_columns else None
+        lesion_masks = load_masks(rows, ["mask_lesion"], size) if "mask_lesion" in rows.columns else None
+        scores = sal.score_images(explained.maps, ids, lung_masks=lung_masks, lesion_masks=lesion_masks,
+                                  patient_ids=rows["patient_id"].astype(str).tolist(), tolerance=tolerance,
+                                  n_random=n_random, random_grid=random_grid, centre_sigma=centre_sigma, seed=seed)
+        if explained.inputs is not None:  # faithfulness needs the model's own input (not patch mode)
+            scores = sal.score_faithfulness(scores, model.model, explained.inputs, explained.maps,
+                                            model.classes.index(positive_label), percentiles=road_percentiles,
+                                            random_grid=random_grid, centre_sigma=centre_sigma, seed=seed)
+        parts.append(scores.assign(seed=int(choice.row["seed"])))
+        if log is not None:
+            log(f"seed {choice.row['seed']}: {len(ids)} image(s) scored")
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
 __all__ = [
-    "CLASSIFIER_STAGE", "ClassifierChoice", "ExplainedImages", "MASK_ALIGNED_MODES", "STAGE", "choose_classifier",
+    "ClassifierChoice", "ExplainedImages", "MASK_ALIGNED_MODES", "choose_classifier",
     "embedding_rows", "explain_rows", "load_masks", "lung_mask_columns", "read_cell_predictions",
-    "read_grid_results",
+    "read_grid_results", "saliency_over_seeds", "seed_choices",
 ]
