@@ -87,14 +87,18 @@ class StudySettings:
     def read(cls, study_dir: str | os.PathLike) -> StudySettings:
         path = Path(study_dir) / STUDY_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: not a study folder (make one with "
-                                    "'python -m cxrlib reader prepare')")
+            raise FileNotFoundError(
+                f"{path} does not exist: not a study folder (make one with "
+                "'python -m cxrlib reader prepare')"
+            )
         values = read_json(path)
         known = {name for name in cls.__dataclass_fields__}
         unknown = set(values) - known
         if unknown or values.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)} or format {values.get('format')!r} "
-                             f"(expected {FORMAT_VERSION})")
+            raise ValueError(
+                f"{path}: unknown keys {sorted(unknown)} or format {values.get('format')!r} "
+                f"(expected {FORMAT_VERSION})"
+            )
         values["generators"] = tuple(values.get("generators", ()))
         return cls(**values)
 
@@ -102,9 +106,18 @@ class StudySettings:
 # ----------------------------------------------------------------------------- prepare
 
 
-def prepare_study(out: str | os.PathLike, real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], *,
-                  n_images: int, seed: int, session: str, image_size: int, display_size: int = 256,
-                  source: str = "") -> Path:
+def prepare_study(
+    out: str | os.PathLike,
+    real: pd.DataFrame,
+    synthetic: Mapping[str, pd.DataFrame],
+    *,
+    n_images: int,
+    seed: int,
+    session: str,
+    image_size: int,
+    display_size: int = 256,
+    source: str = "",
+) -> Path:
     """Write a self-contained study folder ``out`` (must not exist or be empty); returns it.
 
     ``real`` / ``synthetic``: pools as for :func:`cxrlib.reader_study.make_sequence` (rows with
@@ -117,33 +130,56 @@ def prepare_study(out: str | os.PathLike, real: pd.DataFrame, synthetic: Mapping
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; a study is prepared once "
-                              "(choose a new folder)")
+        raise FileExistsError(
+            f"{out} exists and is not an empty folder; a study is prepared once "
+            "(choose a new folder)"
+        )
     session = rs._check_name("session", session)
     length = rs.fitting_length(n_images, real, synthetic)
     if length < 2:
         sizes = {"real": len(real), **{name: len(rows) for name, rows in synthetic.items()}}
-        raise ValueError(f"the pools {sizes} cannot fill a reader sequence (need real images and "
-                         "synthetic images of every generator)")
+        raise ValueError(
+            f"the pools {sizes} cannot fill a reader sequence (need real images and "
+            "synthetic images of every generator)"
+        )
     rows = []
     for generator, pool, truth in [(rs.REAL, real, rs.REAL)] + [
-            (name, pool, rs.SYNTHETIC) for name, pool in synthetic.items()]:
+        (name, pool, rs.SYNTHETIC) for name, pool in synthetic.items()
+    ]:
         for record in pool.to_dict("records"):
             opaque = secrets.token_hex(8)
-            write_png(out / IMAGES_DIR / f"{opaque}.png",
-                      rs.prepare_image(record["path"], image_size, display_size))
-            rows.append({"image_id": str(record["image_id"]), "image": opaque, "generator": generator,
-                         "truth": truth, "label": str(record.get("label", ""))})
+            write_png(
+                out / IMAGES_DIR / f"{opaque}.png",
+                rs.prepare_image(record["path"], image_size, display_size),
+            )
+            rows.append(
+                {
+                    "image_id": str(record["image_id"]),
+                    "image": opaque,
+                    "generator": generator,
+                    "truth": truth,
+                    "label": str(record.get("label", "")),
+                }
+            )
     pool_frame = pd.DataFrame(rows, columns=list(POOL_COLUMNS))
     if pool_frame["image_id"].duplicated().any():
-        raise ValueError(f"image ids repeat across pools: "
-                         f"{pool_frame['image_id'][pool_frame['image_id'].duplicated()].tolist()[:5]}")
+        raise ValueError(
+            f"image ids repeat across pools: "
+            f"{pool_frame['image_id'][pool_frame['image_id'].duplicated()].tolist()[:5]}"
+        )
     from cxrlib.runs import atomic_write
 
     text = pool_frame.to_csv(index=False, lineterminator="\n")
     atomic_write(out / POOL_FILE, lambda stream: stream.write(text), mode="w")
-    settings = StudySettings(session=session, n_images=length, seed=int(seed), image_size=int(image_size),
-                             display_size=int(display_size), generators=tuple(synthetic), source=str(source))
+    settings = StudySettings(
+        session=session,
+        n_images=length,
+        seed=int(seed),
+        image_size=int(image_size),
+        display_size=int(display_size),
+        generators=tuple(synthetic),
+        source=str(source),
+    )
     write_json(out / STUDY_FILE, asdict(settings))
     return out
 
@@ -155,8 +191,10 @@ def run_stage_dir(run_dir: str | os.PathLike) -> Path:
     for folder in candidates:
         if (folder / "manifest.csv").is_file() and (folder / "params.json").is_file():
             return folder
-    raise FileNotFoundError(f"no finished notebook 06 in {run_dir}: looked for manifest.csv and params.json in "
-                            f"{[str(c) for c in candidates]}")
+    raise FileNotFoundError(
+        f"no finished notebook 06 in {run_dir}: looked for manifest.csv and params.json in "
+        f"{[str(c) for c in candidates]}"
+    )
 
 
 def run_pools(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
@@ -168,9 +206,12 @@ def run_pools(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, pd.DataFr
 
     real = rs.image_pool(syn.real_rows(manifest, ["val", "test"], ["covid"]), manifest)
     origins = manifest["origin"].astype(str)
-    names = {mf.parse_origin(origin)[0] for origin in origins.unique() if origin not in ("", mf.REAL)}
+    names = {
+        mf.parse_origin(origin)[0] for origin in origins.unique() if origin not in ("", mf.REAL)
+    }
     order = [name for name in ("diffusion", *syn.TRANSLATORS) if name in names] + sorted(
-        names - {"diffusion", *syn.TRANSLATORS})
+        names - {"diffusion", *syn.TRANSLATORS}
+    )
     pools = {}
     for name in order:
         rows = syn.synthetic_rows(manifest, name)
@@ -180,9 +221,16 @@ def run_pools(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, pd.DataFr
     return real, pools
 
 
-def prepare_from_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, n_images: int | None = None,
-                     seed: int | None = None, session: str | None = None, image_size: int | None = None,
-                     display_size: int = 256) -> Path:
+def prepare_from_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    n_images: int | None = None,
+    seed: int | None = None,
+    session: str | None = None,
+    image_size: int | None = None,
+    display_size: int = 256,
+) -> Path:
     """:func:`prepare_study` on the pools of a finished notebook 06 (:func:`run_pools`); settings not
     given come from the stage's ``params.json`` (``READER_IMAGES``, ``SEED``, ``READER_SESSION``,
     ``IMAGE_SIZE``), so the study shows the images of the notebook's scripted reader."""
@@ -193,15 +241,24 @@ def prepare_from_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, n_im
     manifest = mf.read_manifest(stage / "manifest.csv")
     real, pools = run_pools(manifest)
     if not pools:
-        raise ValueError(f"{stage / 'manifest.csv'}: no synthetic COVID-19 images (no generator rows)")
+        raise ValueError(
+            f"{stage / 'manifest.csv'}: no synthetic COVID-19 images (no generator rows)"
+        )
 
     def pick(given: Any, name: str, default: Any) -> Any:
         return given if given is not None else params.get(name, default)
 
-    return prepare_study(out, real, pools, n_images=int(pick(n_images, "READER_IMAGES", 40)),
-                         seed=int(pick(seed, "SEED", 0)), session=str(pick(session, "READER_SESSION", "study")),
-                         image_size=int(pick(image_size, "IMAGE_SIZE", 256)), display_size=display_size,
-                         source=str(stage.resolve()))
+    return prepare_study(
+        out,
+        real,
+        pools,
+        n_images=int(pick(n_images, "READER_IMAGES", 40)),
+        seed=int(pick(seed, "SEED", 0)),
+        session=str(pick(session, "READER_SESSION", "study")),
+        image_size=int(pick(image_size, "IMAGE_SIZE", 256)),
+        display_size=display_size,
+        source=str(stage.resolve()),
+    )
 
 
 # ----------------------------------------------------------------------------- the study being served
@@ -233,18 +290,26 @@ class ReaderStudy:
         pool_path = self.folder / POOL_FILE
         pool = pd.read_csv(pool_path, dtype=str, keep_default_na=False)
         if tuple(pool.columns) != POOL_COLUMNS:
-            raise ValueError(f"{pool_path}: columns {list(pool.columns)} instead of {list(POOL_COLUMNS)}")
+            raise ValueError(
+                f"{pool_path}: columns {list(pool.columns)} instead of {list(POOL_COLUMNS)}"
+            )
         pool["path"] = [f"{IMAGES_DIR}/{opaque}.png" for opaque in pool["image"]]
         real = pool[pool["generator"] == rs.REAL]
         synthetic = {name: pool[pool["generator"] == name] for name in self.settings.generators}
-        self.sequence = rs.make_sequence(real, synthetic, n_images=self.settings.n_images, seed=self.settings.seed)
+        self.sequence = rs.make_sequence(
+            real, synthetic, n_images=self.settings.n_images, seed=self.settings.seed
+        )
         self._opaque = dict(zip(pool["image_id"], pool["image"], strict=True))
         # the only images a request can reach: those of the sequence, by opaque id
-        self._images = {self._opaque[image_id]: self.folder / IMAGES_DIR / f"{self._opaque[image_id]}.png"
-                        for image_id in self.sequence["image_id"]}
+        self._images = {
+            self._opaque[image_id]: self.folder / IMAGES_DIR / f"{self._opaque[image_id]}.png"
+            for image_id in self.sequence["image_id"]
+        }
         missing = [str(path) for path in self._images.values() if not path.is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) of the sequence are missing, e.g. {missing[0]}")
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) of the sequence are missing, e.g. {missing[0]}"
+            )
         self.answers_dir = self.folder / ANSWERS_DIR
         self.answers_dir.mkdir(exist_ok=True)
         registry = self.answers_dir / READERS_FILE
@@ -264,8 +329,13 @@ class ReaderStudy:
 
     def _session(self, reader: str) -> rs.ReaderSession:
         if reader not in self._sessions:
-            self._sessions[reader] = rs.ReaderSession(self.answers_dir, reader, self.settings.session,
-                                                      self.reader_sequence(reader), own_sequence=True)
+            self._sessions[reader] = rs.ReaderSession(
+                self.answers_dir,
+                reader,
+                self.settings.session,
+                self.reader_sequence(reader),
+                own_sequence=True,
+            )
         return self._sessions[reader]
 
     def start(self, reader: str) -> tuple[str, dict[str, Any]]:
@@ -275,20 +345,29 @@ class ReaderStudy:
             raise ValueError(f"reader name longer than {MAX_NAME_LENGTH} characters")
         reader = rs._check_name("reader", reader)
         with self._lock:
-            answer_file, _ = rs.session_paths(self.answers_dir, reader, self.settings.session, own_sequence=True)
+            answer_file, _ = rs.session_paths(
+                self.answers_dir, reader, self.settings.session, own_sequence=True
+            )
             if reader in self._readers or answer_file.exists():
-                raise AccessDenied(f"the reader name {reader!r} is taken; choose another, or open your own "
-                                   "link to continue")
+                raise AccessDenied(
+                    f"the reader name {reader!r} is taken; choose another, or open your own "
+                    "link to continue"
+                )
             key = secrets.token_urlsafe(18)
-            self._readers[reader] = {"key_sha256": _key_hash(key),
-                                     "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+            self._readers[reader] = {
+                "key_sha256": _key_hash(key),
+                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
             write_json(self.answers_dir / READERS_FILE, self._readers)
             return key, self._state(self._session(reader))
 
     def _open(self, reader: Any, key: Any) -> rs.ReaderSession:
         entry = self._readers.get(str(reader))
-        if entry is None or not isinstance(key, str) or not hmac.compare_digest(
-                _key_hash(key), entry["key_sha256"]):
+        if (
+            entry is None
+            or not isinstance(key, str)
+            or not hmac.compare_digest(_key_hash(key), entry["key_sha256"])
+        ):
             raise AccessDenied("unknown reader or wrong reader key")
         return self._session(str(reader))
 
@@ -298,8 +377,17 @@ class ReaderStudy:
         with self._lock:
             return self._state(self._open(reader, key))
 
-    def answer(self, reader: Any, key: Any, trial: Any, answer: Any, *, confidence: Any = None,
-               class_answer: Any = None, seconds: Any = None) -> dict[str, Any]:
+    def answer(
+        self,
+        reader: Any,
+        key: Any,
+        trial: Any,
+        answer: Any,
+        *,
+        confidence: Any = None,
+        class_answer: Any = None,
+        seconds: Any = None,
+    ) -> dict[str, Any]:
         """Record ``answer`` to ``trial`` (must be the current one, else :class:`StaleAnswer`); new state."""
         with self._lock:
             session = self._open(reader, key)
@@ -313,14 +401,22 @@ class ReaderStudy:
                 confidence = None if confidence in (None, "") else int(confidence)
             except (TypeError, ValueError):
                 raise ValueError("seconds and confidence must be numbers") from None
-            session.answer(str(answer), class_answer=class_answer or None, confidence=confidence,
-                           seconds=seconds)
+            session.answer(
+                str(answer),
+                class_answer=class_answer or None,
+                confidence=confidence,
+                seconds=seconds,
+            )
             return self._state(session)
 
     def _state(self, session: rs.ReaderSession) -> dict[str, Any]:
         trial = session.current()
-        state: dict[str, Any] = {"reader": session.reader, "n": len(session), "answered": session.n_answered,
-                                 "done": trial is None}
+        state: dict[str, Any] = {
+            "reader": session.reader,
+            "n": len(session),
+            "answered": session.n_answered,
+            "done": trial is None,
+        }
         if trial is None:
             state["scores"] = reader_scores(session.answers)
         else:
@@ -336,12 +432,26 @@ def reader_scores(answers: pd.DataFrame) -> list[dict[str, Any]]:
     """A reader's score table as rows ``{measure, value, low, high, n}``: accuracy, sensitivity,
     specificity, then each generator's rate (:func:`cxrlib.reader_study.score_answers`)."""
     scores = rs.score_answers(answers)
-    rows = [{"measure": name, "value": scores[name], "low": scores[f"{name}_ci95"][0],
-             "high": scores[f"{name}_ci95"][1], "n": scores[f"{name}_n"]}
-            for name in ("accuracy", "sensitivity", "specificity")]
+    rows = [
+        {
+            "measure": name,
+            "value": scores[name],
+            "low": scores[f"{name}_ci95"][0],
+            "high": scores[f"{name}_ci95"][1],
+            "n": scores[f"{name}_n"],
+        }
+        for name in ("accuracy", "sensitivity", "specificity")
+    ]
     for generator, values in scores["per_generator"].items():
-        rows.append({"measure": f"{values['measure']} ({generator})", "value": values["rate"],
-                     "low": values["ci95"][0], "high": values["ci95"][1], "n": values["n"]})
+        rows.append(
+            {
+                "measure": f"{values['measure']} ({generator})",
+                "value": values["rate"],
+                "low": values["ci95"][0],
+                "high": values["ci95"][1],
+                "n": values["n"],
+            }
+        )
     return rows
 
 
@@ -354,7 +464,8 @@ def export_answers(study_dir: str | os.PathLike, to: str | os.PathLike) -> list[
     to.mkdir(parents=True, exist_ok=True)
     copied = []
     for path in sorted(source.glob(f"*__{settings.session}.csv")) + sorted(
-            source.glob(f"*__{settings.session}__sequence.csv")):
+        source.glob(f"*__{settings.session}__sequence.csv")
+    ):
         target = to / path.name
         if target.exists() and target.read_bytes() != path.read_bytes():
             raise FileExistsError(f"{target} exists with other content; export to an empty folder")
@@ -407,8 +518,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         # the query string holds the token: log the path only
         if not self.quiet:
-            sys.stderr.write(f"{self.address_string()} {self.command} {urlsplit(self.path).path} "
-                             f"{args[1] if len(args) > 1 else ''}\n")
+            sys.stderr.write(
+                f"{self.address_string()} {self.command} {urlsplit(self.path).path} "
+                f"{args[1] if len(args) > 1 else ''}\n"
+            )
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -418,8 +531,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
         self.send_header("X-Frame-Options", "DENY")
-        self.send_header("Content-Security-Policy", "default-src 'none'; script-src 'self'; connect-src 'self'; "
-                                                    "img-src 'self'; style-src 'unsafe-inline'; form-action 'self'")
+        self.send_header(
+            "Content-Security-Policy",
+            "default-src 'none'; script-src 'self'; connect-src 'self'; "
+            "img-src 'self' data:; style-src 'unsafe-inline'; form-action 'self'",
+        )
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -440,7 +556,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         given = parse_qs(url.query).get("token", [""])[0]
         if not hmac.compare_digest(given.encode(), self.token.encode()):
-            self._json(HTTPStatus.FORBIDDEN, {"error": "missing or wrong study token: open the link you were given"})
+            self._json(
+                HTTPStatus.FORBIDDEN,
+                {"error": "missing or wrong study token: open the link you were given"},
+            )
             return
         try:
             if method == "GET" and url.path == "/":
@@ -448,7 +567,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif method == "GET" and url.path == "/app.js":
                 self._send(HTTPStatus.OK, _APP_JS.encode(), "text/javascript; charset=utf-8")
             elif method == "GET" and url.path.startswith("/image/"):
-                path = self.study.image_path(url.path[len("/image/"):])
+                path = self.study.image_path(url.path[len("/image/") :])
                 if path is None:
                     self._json(HTTPStatus.NOT_FOUND, {"error": "no such image"})
                 else:
@@ -462,12 +581,23 @@ class _Handler(BaseHTTPRequestHandler):
             elif method == "POST" and url.path == "/api/answer":
                 body = self._body()
                 try:
-                    state = self.study.answer(body.get("reader"), body.get("key"), body.get("trial"),
-                                              body.get("answer"), confidence=body.get("confidence"),
-                                              class_answer=body.get("class_answer"), seconds=body.get("seconds"))
+                    state = self.study.answer(
+                        body.get("reader"),
+                        body.get("key"),
+                        body.get("trial"),
+                        body.get("answer"),
+                        confidence=body.get("confidence"),
+                        class_answer=body.get("class_answer"),
+                        seconds=body.get("seconds"),
+                    )
                 except StaleAnswer as exc:
-                    self._json(HTTPStatus.CONFLICT, {"error": str(exc),
-                                                     "state": self.study.state(body.get("reader"), body.get("key"))})
+                    self._json(
+                        HTTPStatus.CONFLICT,
+                        {
+                            "error": str(exc),
+                            "state": self.study.state(body.get("reader"), body.get("key")),
+                        },
+                    )
                     return
                 self._json(HTTPStatus.OK, state)
             else:
@@ -478,9 +608,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
 
 
-def start_server(study: ReaderStudy | str | os.PathLike, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 token: str | None = None, expose: bool = False,
-                 quiet: bool = False) -> tuple[ThreadingHTTPServer, threading.Thread, str]:
+def start_server(
+    study: ReaderStudy | str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    token: str | None = None,
+    expose: bool = False,
+    quiet: bool = False,
+) -> tuple[ThreadingHTTPServer, threading.Thread, str]:
     """Serve a study in a background thread: ``(server, thread, url)``; ``server.shutdown()`` stops it.
 
     ``host`` must be a loopback address unless ``expose`` (then e.g. ``0.0.0.0``: anyone who can
@@ -489,8 +625,10 @@ def start_server(study: ReaderStudy | str | os.PathLike, *, host: str = "127.0.0
     :func:`study_token`). ``url`` is the link to give readers.
     """
     if not expose and not _is_loopback(host):
-        raise ValueError(f"host {host!r} is not a loopback address: pass expose=True (--expose) to serve "
-                         "the study on other interfaces")
+        raise ValueError(
+            f"host {host!r} is not a loopback address: pass expose=True (--expose) to serve "
+            "the study on other interfaces"
+        )
     study = study if isinstance(study, ReaderStudy) else ReaderStudy(study)
     token = token or study_token(study.folder)
     handler = type("StudyHandler", (_Handler,), {"study": study, "token": token, "quiet": quiet})
@@ -510,6 +648,7 @@ def _page(token: str) -> str:
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Reader study: real or synthetic?</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <style>
 body{font-family:system-ui,sans-serif;max-width:760px;margin:1.5em auto;padding:0 1em;color:#222}
 #image{width:512px;height:512px;max-width:100%;background:#000;display:block;margin:.5em 0}
@@ -652,16 +791,24 @@ $("login-form").addEventListener("submit", async (event) => {
 """
 
 
-def serve(study_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-          expose: bool = False, new_token: bool = False) -> None:
+def serve(
+    study_dir: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    expose: bool = False,
+    new_token: bool = False,
+) -> None:
     """Serve a study until Ctrl-C, printing the link to give readers (the command ``reader serve``)."""
     study = ReaderStudy(study_dir)
     token = study_token(study.folder, new=new_token)
     server, thread, url = start_server(study, host=host, port=port, token=token, expose=expose)
     done = len([r for r in study.readers])
-    print(f"serving study {study.settings.session!r} ({study.settings.n_images} images, {done} reader(s) so far) "
-          f"from {study.folder}\nreaders open: {url}\n(answers go to {study.answers_dir}; Ctrl-C stops)",
-          flush=True)
+    print(
+        f"serving study {study.settings.session!r} ({study.settings.n_images} images, {done} reader(s) so far) "
+        f"from {study.folder}\nreaders open: {url}\n(answers go to {study.answers_dir}; Ctrl-C stops)",
+        flush=True,
+    )
     try:
         thread.join()
     except KeyboardInterrupt:

@@ -21,32 +21,58 @@ from cxrlib.runs import write_json
 STAGE = "06_diffusion_reader_study"
 
 
-def make_tiny_run(run_dir: Path, *, n_real: int = 12, n_diffusion: int = 8, n_translated: int = 6) -> Path:
+def make_tiny_run(
+    run_dir: Path, *, n_real: int = 12, n_diffusion: int = 8, n_translated: int = 6
+) -> Path:
     """A finished notebook 06 in miniature: manifest (real COVID-19 val/test images, normal training
     images, diffusion samples, G_NC translations), images and params.json; returns ``run_dir``."""
+    from cxrlib.data.phantom import CohortConfig, generate_cohort
+
     stage = run_dir / STAGE
-    rng = np.random.default_rng(0)
+    n_total = n_real + n_diffusion + 2 * n_translated
+    cohort = CohortConfig(n_patients=n_total, size=64, images_per_patient=(1, 1), text=False)
+    pictures = (sample.image for sample in generate_cohort(cohort))
     rows = []
 
-    def add(image_id: str, label: str, split: str, origin: str, level: int) -> None:
-        image = np.clip(rng.normal(level, 30, (40, 40)), 0, 255).astype(np.uint8)
-        path = write_png(stage / "images" / f"{image_id}.png", image)
-        rows.append({"image_id": image_id, "path": str(path), "label": label,
-                     "patient_id": image_id.split("_")[0] if origin == "real" else image_id,
-                     "source": "siteA" if origin == "real" else "synthetic", "view": "PA", "split": split,
-                     "mask_path": "", "origin": origin})
+    def add(image_id: str, label: str, split: str, origin: str) -> None:
+        path = write_png(stage / "images" / f"{image_id}.png", next(pictures))
+        rows.append(
+            {
+                "image_id": image_id,
+                "path": str(path),
+                "label": label,
+                "patient_id": image_id.split("_")[0] if origin == "real" else image_id,
+                "source": "siteA" if origin == "real" else "synthetic",
+                "view": "PA",
+                "split": split,
+                "mask_path": "",
+                "origin": origin,
+            }
+        )
 
     for k in range(n_real):
-        add(f"p{k:02d}_covid", "covid", "val" if k % 2 else "test", "real", 90)
+        add(f"p{k:02d}_covid", "covid", "val" if k % 2 else "test", "real")
     for k in range(n_translated):
-        add(f"n{k:02d}_normal", "normal", "train", "real", 120)
+        add(f"n{k:02d}_normal", "normal", "train", "real")
     for k in range(n_diffusion):
-        add(f"diffusion_covid_{k:04d}", "covid", "train", mf.make_origin("diffusion", "ckpt.pt"), 160)
+        add(
+            f"diffusion_covid_{k:04d}",
+            "covid",
+            "train",
+            mf.make_origin("diffusion", "ckpt.pt"),
+        )
     for k in range(n_translated):
-        add(f"G_NC_{k:02d}", "covid", "train", mf.make_origin("G_NC", "g.pt", f"n{k:02d}_normal"), 200)
+        add(
+            f"G_NC_{k:02d}",
+            "covid",
+            "train",
+            mf.make_origin("G_NC", "g.pt", f"n{k:02d}_normal"),
+        )
     mf.write_manifest(pd.DataFrame(rows), stage / "manifest.csv")
-    write_json(stage / "params.json", {"params": {"IMAGE_SIZE": 16, "READER_IMAGES": 10, "SEED": 0,
-                                                  "READER_SESSION": "demo"}})
+    write_json(
+        stage / "params.json",
+        {"params": {"IMAGE_SIZE": 64, "READER_IMAGES": 10, "SEED": 0, "READER_SESSION": "demo"}},
+    )
     return run_dir
 
 
@@ -58,13 +84,16 @@ def study_dir(tmp_path_factory) -> Path:
 
 def test_prepare_builds_a_self_contained_study_with_the_notebooks_sequence(study_dir, tmp_path):
     settings = rw.StudySettings.read(study_dir)
-    assert (settings.session, settings.n_images, settings.seed, settings.image_size) == ("demo", 10, 0, 16)
+    assert (settings.session, settings.n_images, settings.seed) == ("demo", 10, 0)
+    assert settings.image_size == 64
     assert settings.generators == ("diffusion", "G_NC")
     pool = pd.read_csv(study_dir / rw.POOL_FILE, dtype=str)
     assert len(pool) == 12 + 8 + 6 and pool["image"].is_unique
     files = sorted(p.name for p in (study_dir / rw.IMAGES_DIR).iterdir())
     # opaque names: nothing of the image id, label or generator reaches a file name
-    assert len(files) == len(pool) and all(re.fullmatch(r"[0-9a-f]{16}\.png", name) for name in files)
+    assert len(files) == len(pool) and all(
+        re.fullmatch(r"[0-9a-f]{16}\.png", name) for name in files
+    )
     shown = read_image(study_dir / rw.IMAGES_DIR / files[0])
     assert shown.shape == (256, 256) and shown.dtype == np.uint8
 
@@ -85,8 +114,23 @@ def test_reader_prepare_command_writes_a_study_folder(tmp_path, capsys):
     from cxrlib.__main__ import main
 
     run = make_tiny_run(tmp_path / "run")
-    assert main(["reader", "prepare", "--run", str(run), "--out", str(tmp_path / "s"), "--images", "6",
-                 "--session", "pilot"]) == 0
+    assert (
+        main(
+            [
+                "reader",
+                "prepare",
+                "--run",
+                str(run),
+                "--out",
+                str(tmp_path / "s"),
+                "--images",
+                "6",
+                "--session",
+                "pilot",
+            ]
+        )
+        == 0
+    )
     settings = rw.StudySettings.read(tmp_path / "s")
     assert (settings.session, settings.n_images) == ("pilot", 6)
     assert "reader serve --study" in capsys.readouterr().out
@@ -103,10 +147,16 @@ class Client:
         token = self.token if token is None else token
         url = f"{self.base}{path}" + (f"?token={token}" if token else "")
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+        request = urllib.request.Request(
+            url, data=data, method="POST" if data is not None else "GET"
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
-                status, payload, kind = response.status, response.read(), response.headers["Content-Type"]
+                status, payload, kind = (
+                    response.status,
+                    response.read(),
+                    response.headers["Content-Type"],
+                )
         except urllib.error.HTTPError as error:
             status, payload, kind = error.code, error.read(), error.headers["Content-Type"]
         return status, (json.loads(payload) if kind.startswith("application/json") else payload)
@@ -135,7 +185,12 @@ def test_every_request_needs_the_study_token(served):
     folder, start = served
     client = start()
     assert client.request("/")[0] == 200
-    for path, body in [("/", None), ("/app.js", None), ("/api/start", {"reader": "ann"}), ("/image/00", None)]:
+    for path, body in [
+        ("/", None),
+        ("/app.js", None),
+        ("/api/start", {"reader": "ann"}),
+        ("/image/00", None),
+    ]:
         assert client.request(path, body, token="")[0] == 403
         assert client.request(path, body, token="wrong" + client.token)[0] == 403
     assert not (folder / rw.ANSWERS_DIR / "ann__demo.csv").exists()
@@ -154,10 +209,20 @@ def test_images_are_served_by_opaque_id_only(served):
     in_sequence = set(rw.ReaderStudy(folder).sequence["image_id"])
     pool = pd.read_csv(folder / rw.POOL_FILE, dtype=str)
     outside = pool.loc[~pool["image_id"].isin(in_sequence), "image"].iloc[0]
-    for path in [f"/image/{opaque}.png", f"/image/images/{opaque}.png", f"/images/{opaque}.png",
-                 "/image/../study.json", "/image/%2e%2e%2fstudy.json", "/image//etc/passwd",
-                 "/image/" + "0" * 16, f"/image/{outside}", "/study.json", "/answers/readers.json",
-                 "/image/p00_covid", "/pool.csv"]:
+    for path in [
+        f"/image/{opaque}.png",
+        f"/image/images/{opaque}.png",
+        f"/images/{opaque}.png",
+        "/image/../study.json",
+        "/image/%2e%2e%2fstudy.json",
+        "/image//etc/passwd",
+        "/image/" + "0" * 16,
+        f"/image/{outside}",
+        "/study.json",
+        "/answers/readers.json",
+        "/image/p00_covid",
+        "/pool.csv",
+    ]:
         assert client.request(path)[0] == 404, path
 
 
@@ -172,21 +237,34 @@ def test_a_reader_opens_only_their_own_session(served):
         client.request("/api/state", {"reader": "ann"}),  # no key
         client.request("/api/state", {"reader": "ann", "key": bob["key"]}),
         client.request("/api/state", {"reader": "carl", "key": ann["key"]}),
-        client.request("/api/answer", {"reader": "ann", "key": bob["key"], "trial": 1, "answer": "real"}),
+        client.request(
+            "/api/answer", {"reader": "ann", "key": bob["key"], "trial": 1, "answer": "real"}
+        ),
     ]
     assert [status for status, _ in refused] == [403] * len(refused)
     assert rs.read_answers(folder / rw.ANSWERS_DIR / "ann__demo.csv").empty
     # a key is stored only as its hash
     assert ann["key"] not in (folder / rw.ANSWERS_DIR / rw.READERS_FILE).read_text()
-    for bad in ({"reader": "../ann"}, {"reader": "x" * 41}, b"not json", b"[1]", b"{" + b" " * 5000 + b"}"):
+    for bad in (
+        {"reader": "../ann"},
+        {"reader": "x" * 41},
+        b"not json",
+        b"[1]",
+        b"{" + b" " * 5000 + b"}",
+    ):
         assert client.request("/api/start", bad)[0] == 400
     # same images for every reader, each in an order of their own
     study = rw.ReaderStudy(folder)
-    ann_order, bob_order = study.reader_sequence("ann")["image_id"], study.reader_sequence("bob")["image_id"]
+    ann_order, bob_order = (
+        study.reader_sequence("ann")["image_id"],
+        study.reader_sequence("bob")["image_id"],
+    )
     assert sorted(ann_order) == sorted(bob_order) and list(ann_order) != list(bob_order)
 
 
-def test_a_session_is_saved_click_by_click_resumes_after_a_restart_and_scores_only_at_the_end(served):
+def test_a_session_is_saved_click_by_click_resumes_after_a_restart_and_scores_only_at_the_end(
+    served,
+):
     folder, start = served
     client = start()
     key = client.request("/api/start", {"reader": "ann"})[1]["key"]
@@ -200,14 +278,18 @@ def test_a_session_is_saved_click_by_click_resumes_after_a_restart_and_scores_on
             # blinded: nothing but the trial number and an opaque image id
             assert set(state) == {"reader", "n", "answered", "done", "trial", "image"}
             trial = state["trial"]
-            status, state = client.request("/api/answer", {**me, "trial": trial, "answer": truth[trial],
-                                                           "confidence": 4, "seconds": 1.5})
+            status, state = client.request(
+                "/api/answer",
+                {**me, "trial": trial, "answer": truth[trial], "confidence": 4, "seconds": 1.5},
+            )
             assert status == 200
             assert len(rs.read_answers(path)) == trial  # on disk before the next image
         return state
 
     state = answer_all(4)
-    status, stale = client.request("/api/answer", {**me, "trial": 4, "answer": "real"})  # a double click
+    status, stale = client.request(
+        "/api/answer", {**me, "trial": 4, "answer": "real"}
+    )  # a double click
     assert status == 409 and stale["state"]["trial"] == 5 and len(rs.read_answers(path)) == 4
 
     client = start()  # a restarted server: same token, same key, continues at trial 5
@@ -229,7 +311,11 @@ def test_export_gives_notebook_06_the_answers_of_every_reader(served, tmp_path):
         key, state = study.start(reader)
         while not state["done"]:
             truth = study.reader_sequence(reader).set_index("trial")["truth"][state["trial"]]
-            call = ("real" if truth == "synthetic" else "synthetic") if flip and state["trial"] % 2 else truth
+            call = (
+                ("real" if truth == "synthetic" else "synthetic")
+                if flip and state["trial"] % 2
+                else truth
+            )
             state = study.answer(reader, key, state["trial"], call)
     reader_dir = tmp_path / "run" / STAGE / "reader_study"
     copied = rw.export_answers(folder, reader_dir)
@@ -250,7 +336,10 @@ def test_serving_beyond_loopback_needs_the_explicit_flag(study_dir, capsys):
 
     with pytest.raises(ValueError, match="expose"):
         rw.start_server(study_dir, host="0.0.0.0", port=0)
-    assert main(["reader", "serve", "--study", str(study_dir), "--host", "0.0.0.0", "--port", "0"]) == 1
+    assert (
+        main(["reader", "serve", "--study", str(study_dir), "--host", "0.0.0.0", "--port", "0"])
+        == 1
+    )
     assert "--expose" in capsys.readouterr().err
     server, _, url = rw.start_server(study_dir, host="0.0.0.0", port=0, expose=True, quiet=True)
     try:
