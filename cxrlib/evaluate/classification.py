@@ -276,7 +276,7 @@ def ci_table(results: dict[str, tuple[float, float, float]], digits: int = 3) ->
 # Fast exact metrics for the bootstrap loop (sklearn's input checks cost ~1 ms per call).
 
 
-def _rank_auc(positive: np.ndarray, score: np.ndarray) -> float:
+def rank_auc(positive: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC = P(score of a positive > score of a negative) + 0.5 P(tie), by mid-ranks."""
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
@@ -309,7 +309,7 @@ def _binary_scalars(y: np.ndarray, score: np.ndarray, threshold: float) -> dict[
     both = 0 < tp + fn < len(y)
     sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
     return {
-        "auc_roc": _rank_auc(positive, score),
+        "auc_roc": rank_auc(positive, score),
         "pr_auc": _average_precision(positive, score),
         "sensitivity": sensitivity, "specificity": specificity,
         "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn),
@@ -328,7 +328,7 @@ def _multiclass_scalars(y: np.ndarray, prob: np.ndarray, class_names: Sequence[s
     hits = np.bincount(y[pred == y], minlength=num_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(counts > 0, hits / counts, np.nan)
-    aucs = [_rank_auc(y == c, prob[:, c]) for c in range(num_classes)]
+    aucs = [rank_auc(y == c, prob[:, c]) for c in range(num_classes)]
     result = {"macro_auc": float(np.mean(aucs)) if num_classes > 2 else aucs[1]}
     for index, name in enumerate(names):
         result[f"auc_{name}"] = aucs[index]

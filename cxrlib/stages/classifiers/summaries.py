@@ -1,5 +1,5 @@
-"""Summaries over training seeds: seed-means of test metrics with bootstrap intervals over
-test patients, and intervals as text for display."""
+"""Summaries over training seeds: seed-means of test metrics with two-level bootstrap intervals
+(training seeds, then test patients), and intervals as text for display."""
 
 from __future__ import annotations
 
@@ -8,20 +8,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
-from cxrlib.evaluate.stats import bootstrap_indices
+from cxrlib.evaluate.classification import rank_auc
+from cxrlib.evaluate.stats import seed_patient_resamples
 from cxrlib.stages.classifiers.design import POSITIVE
-
-
-def rank_auc(positive: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC of ``score`` for the ``positive`` mask from ranks (``nan`` when a class is absent)."""
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(score)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _mean(values: np.ndarray) -> float:
@@ -38,11 +28,20 @@ SEED_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], float]] =
 }
 
 
+#: How the intervals of :func:`summarize_over_seeds` and ``compare_conditions`` are formed.
+INTERVAL_METHOD = ("95% percentile interval of the seed-mean over bootstrap replicates that draw the training seeds "
+                   "with replacement and then the test patients (two levels; differences paired by seed and patient)")
+
+
 def seed_pooled(predictions: pd.DataFrame, group_by: Sequence[str], metrics: Sequence[str], n_boot: int,
                  seed: int) -> dict[tuple, dict[str, Any]]:
     """Per group: per-seed estimates and the bootstrap distribution of the seed-mean, per metric.
 
-    All groups of one task are scored on the same resamples of that task's test patients.
+    Each replicate draws the task's training seeds with replacement and then its test
+    patients (:func:`cxrlib.evaluate.stats.seed_patient_resamples`), so the distribution
+    covers a rerun with other training runs as well as another test sample. All groups of
+    one task share the replicates: two conditions are compared on the same seeds (the same
+    real minority patients, weights and batches) and the same patients.
     """
     unknown = [m for m in metrics if m not in SEED_METRICS]
     if unknown:
@@ -65,20 +64,28 @@ def seed_pooled(predictions: pd.DataFrame, group_by: Sequence[str], metrics: Seq
                                seed_rows["called"].astype(bool).to_numpy()))
         estimates = {(g, s): {m: SEED_METRICS[m](is_positive, score, called) for m in metrics}
                      for g, s, score, called in models}
+        task_seeds = sorted({s for _, s, *_ in models})
+        position = {s: k for k, s in enumerate(task_seeds)}
         boot: dict[tuple, dict[str, list[float]]] = {}
-        for rows in bootstrap_indices(len(ids), n_boot=n_boot, seed=seed, groups=groups):
+        for draw, rows in seed_patient_resamples(len(task_seeds), len(ids), n_boot=n_boot, seed=seed, groups=groups):
             pos = is_positive[rows]
             if pos.all() or not pos.any():
                 continue
-            per_group: dict[tuple, dict[str, list[float]]] = {}
-            for g, _, score, called in models:
+            weight = np.bincount(draw, minlength=len(task_seeds))  # how often each seed was drawn
+            per_group: dict[tuple, dict[str, list[tuple[float, int]]]] = {}
+            for g, model_seed, score, called in models:
+                count = int(weight[position[model_seed]])
+                if not count:
+                    continue
                 values = per_group.setdefault(g, {m: [] for m in metrics})
                 for m in metrics:
-                    values[m].append(SEED_METRICS[m](pos, score[rows], called[rows]))
-            for g, values in per_group.items():
+                    values[m].append((SEED_METRICS[m](pos, score[rows], called[rows]), count))
+            for g in dict.fromkeys(key for key, *_ in models):
                 target = boot.setdefault(g, {m: [] for m in metrics})
                 for m in metrics:
-                    target[m].append(float(np.nanmean(values[m])))
+                    pairs = [(v, c) for v, c in per_group.get(g, {}).get(m, []) if np.isfinite(v)]
+                    target[m].append(float(np.average([v for v, _ in pairs], weights=[c for _, c in pairs]))
+                                     if pairs else float("nan"))
         for g in dict.fromkeys(key for key, *_ in models):
             seeds = sorted(s for key, s, *_ in models if key == g)
             out[(task, *g)] = {
@@ -101,13 +108,14 @@ def percentile_interval(samples: np.ndarray, alpha: float = 0.05) -> tuple[float
 def summarize_over_seeds(predictions: pd.DataFrame, metrics: Sequence[str] = ("sensitivity", "specificity", "auc"),
                          *, group_by: Sequence[str] = ("arch", "condition", "imbalance"), n_boot: int = 1000,
                          seed: int = 0) -> pd.DataFrame:
-    """Seed-mean of each metric per task and ``group_by`` group, with a 95 % interval over test patients.
+    """Seed-mean of each metric per task and ``group_by`` group, with a two-level 95 % interval.
 
     ``predictions``: :func:`read_predictions` output (disease tasks: ``score``, ``called``).
     ``estimate``: the mean over seeds of each seed's test metric (at its own validation
     threshold). ``low`` / ``high``: percentiles of the same seed-mean over ``n_boot``
-    resamples of test patients (the same resamples for every group of a task). Also
-    ``n_seeds``, ``seed_min`` / ``seed_max`` / ``seed_sd`` (spread between training runs).
+    replicates that resample training seeds and then test patients (:data:`INTERVAL_METHOD`;
+    the same replicates for every group of a task). Also ``n_seeds``, ``seed_min`` /
+    ``seed_max`` / ``seed_sd`` (spread between training runs).
     """
     pooled = seed_pooled(predictions, group_by, metrics, n_boot, seed)
     rows = []
