@@ -825,3 +825,481 @@ def qc_manifest(manifest: pd.DataFrame, limits=None, *, column: str = PRED_MASK_
         if name in manifest.columns:
             table.insert(position, name, manifest[name].to_numpy())
     return table
+
+
+# ----------------------------------------------------------------------------- diseased lungs
+# Lung conventions, test-time flips, lesion burden and mask quality control (docs/segmentation.md).
+
+
+def _flip_lr(logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``(N, C, H, W)`` of a mirrored image, brought back: columns mirrored and the two
+    lungs exchanged (the network calls the lung on the image right "left" whatever it sees)."""
+    flipped = torch.flip(logits, dims=[-1])
+    order = list(range(flipped.shape[1]))
+    order[LUNG_LEFT], order[LUNG_RIGHT] = LUNG_RIGHT, LUNG_LEFT
+    return flipped[:, order]
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    *,
+    input_size: int,
+    output_shapes: Sequence[tuple[int, int]] | None = None,
+    flips: bool = False,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+) -> list[np.ndarray]:
+    """Class probabilities ``(C, h, w)`` float32 per image, on each image's output grid.
+
+    As :func:`predict_label_maps` (logits resized bilinearly to ``output_shapes[i]``, default
+    the image's shape), with ``flips``: the softmax of the image and of its mirror image
+    (mapped back, lungs exchanged) are averaged (test-time augmentation).
+    """
+    from cxrlib.data.transforms import resize_image as _resize
+
+    if output_shapes is None:
+        output_shapes = [tuple(np.shape(image)) for image in images]
+    if len(output_shapes) != len(images):
+        raise ValueError(f"{len(output_shapes)} output shapes for {len(images)} images")
+    net, target = _model_device(model, device)
+    results: list[np.ndarray] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        batch = np.stack([_resize(np.asarray(image, dtype=np.uint8), input_size) for image in chunk])
+        tensor = torch.from_numpy(batch).to(target).float().div_(255.0)[:, None]
+        probabilities = torch.softmax(net(tensor).float(), dim=1)
+        if flips:
+            mirrored = torch.softmax(net(torch.flip(tensor, dims=[-1])).float(), dim=1)
+            probabilities = (probabilities + _flip_lr(mirrored)) / 2
+        for offset in range(len(chunk)):
+            shape = tuple(int(s) for s in output_shapes[start + offset])
+            item = probabilities[offset:offset + 1]
+            if tuple(item.shape[-2:]) != shape:
+                item = F.interpolate(item, size=shape, mode="bilinear", align_corners=False)
+            results.append(item[0].cpu().numpy())
+    return results
+
+
+def labels_by_convention(probabilities: np.ndarray, *, postprocess: bool = True) -> dict[str, np.ndarray]:
+    """Lung label maps (0 / 1 left / 2 right) from class probabilities ``(C, H, W)``.
+
+    A 3-class segmenter (background, left, right) gives one map, returned under both keys
+    (``"anatomical"`` and ``"visible"`` are the same prediction: which one it is depends on
+    the masks it learnt from). A 4-class segmenter of :func:`retrocardiac_training_labels`
+    (label 3 = the lung behind the heart) gives ``"visible"`` (labels 1 and 2 only) and
+    ``"anatomical"`` (label 3 added to the nearer lung).
+    """
+    labels = probabilities.argmax(axis=0).astype(np.uint8)
+    if probabilities.shape[0] < 4:
+        clean = postprocess_labels(labels) if postprocess else labels
+        return {"anatomical": clean, "visible": clean.copy()}
+    from scipy import ndimage
+
+    visible = np.where(labels == 3, BACKGROUND, labels).astype(np.uint8)
+    behind = labels == 3
+    anatomical = visible.copy()
+    if behind.any() and np.isin(visible, (LUNG_LEFT, LUNG_RIGHT)).any():
+        # each retrocardiac pixel joins the lung it is nearest to
+        to_left = ndimage.distance_transform_edt(visible != LUNG_LEFT) if (visible == LUNG_LEFT).any() else None
+        to_right = ndimage.distance_transform_edt(visible != LUNG_RIGHT) if (visible == LUNG_RIGHT).any() else None
+        if to_left is None:
+            anatomical[behind] = LUNG_RIGHT
+        elif to_right is None:
+            anatomical[behind] = LUNG_LEFT
+        else:
+            anatomical[behind] = np.where(to_left[behind] <= to_right[behind], LUNG_LEFT, LUNG_RIGHT)
+    if postprocess:
+        anatomical, visible = postprocess_labels(anatomical), postprocess_labels(visible)
+    return {"anatomical": anatomical, "visible": visible}
+
+
+def retrocardiac_training_labels(labels: np.ndarray, cardiomediastinum: np.ndarray | None) -> np.ndarray:
+    """Training labels that hold both conventions: 0 background, 1 / 2 the visible left /
+    right lung, 3 the lung behind the cardiomediastinum (anatomical minus visible).
+
+    ``labels``: anatomical lung label map ``(H, W)`` (0..2); ``cardiomediastinum``: ``(H, W)``
+    bool, or ``None`` for a visible-convention reference (returned unchanged: no label 3).
+    Train with ``include_heart=True`` (4 classes); :func:`labels_by_convention` reads the
+    predictions back.
+    """
+    labels = np.asarray(labels, dtype=np.uint8)
+    if cardiomediastinum is None:
+        return labels.copy()
+    behind = np.asarray(cardiomediastinum, dtype=bool) & np.isin(labels, (LUNG_LEFT, LUNG_RIGHT))
+    out = labels.copy()
+    out[behind] = 3
+    return out
+
+
+def _optional_mask(row: dict, column: str, shape: tuple[int, int]) -> np.ndarray | None:
+    from cxrlib.data.datasets import has_path
+    from cxrlib.data.io import read_mask
+    from cxrlib.data.transforms import resize_mask
+
+    if not has_path(row, column):
+        return None
+    mask = read_mask(mf.resolve_path(None, str(row[column])))
+    return mask if mask.shape == tuple(shape) else resize_mask(mask, shape)
+
+
+@dataclass
+class ReferenceMasks:
+    """The reference masks of one manifest row, on one grid: lung ``labels`` (0..2) as the
+    source draws them, its ``convention``, the ``cardiomediastinum`` (``None`` when the
+    source has none) and ``lesions`` (ground glass, consolidation; ``None`` where not drawn)."""
+
+    labels: np.ndarray
+    convention: str
+    cardiomediastinum: np.ndarray | None
+    lesions: list[np.ndarray | None]
+
+    @property
+    def lesion_burden(self) -> float:
+        """Share of the lung covered by lesions (NaN for a source without lesion masks)."""
+        from cxrlib.evaluate.segmentation import lesion_burden
+
+        if self.convention != "anatomical" or self.cardiomediastinum is None:
+            return float("nan")
+        return lesion_burden(lung_mask_from_labels(self.labels), self.lesions)
+
+
+#: Manifest columns of the lesion masks (the covid-segmentations adapter writes them).
+LESION_COLUMNS: tuple[str, ...] = ("mask_ground_glass", "mask_consolidation")
+CARDIOMEDIASTINUM_COLUMN = "mask_cardiomediastinum"
+
+
+def reference_masks(row: dict, size: int | tuple[int, int] | None = None) -> ReferenceMasks:
+    """Read a manifest row's reference masks (:class:`ReferenceMasks`), resized to ``size``
+    (``None``: the lung masks' own grid). Its convention comes from
+    :func:`cxrlib.data.masks.lung_convention_of` (``visible`` when unknown)."""
+    from cxrlib.data.masks import lung_convention_of
+
+    labels = load_label_map(row, size=size)
+    convention = lung_convention_of(row) or "visible"
+    heart = _optional_mask(row, CARDIOMEDIASTINUM_COLUMN, labels.shape)
+    lesions = [_optional_mask(row, column, labels.shape) for column in LESION_COLUMNS]
+    return ReferenceMasks(labels=labels, convention=convention, cardiomediastinum=heart, lesions=lesions)
+
+
+@dataclass
+class ConventionEvaluation:
+    """Scores of a segmenter under each lung convention its references allow.
+
+    ``per_image``: one row per image and convention (``image_id, convention, patient_id,
+    label, source, lesion_burden``, then ``dice_/iou_/hd95_`` x ``left/right/lungs``);
+    ``summary[convention]``: :func:`cxrlib.evaluate.segmentation.summarize_by_convention`.
+    ``images`` (uint8 on the reference grid), ``truth`` (references as drawn), ``pred``
+    (``{convention: label maps}``) and ``cardiomediastinum`` are kept in row order.
+    """
+
+    per_image: pd.DataFrame
+    summary: dict[str, dict]
+    images: list[np.ndarray] = field(repr=False)
+    truth: list[np.ndarray] = field(repr=False)
+    pred: dict[str, list[np.ndarray]] = field(repr=False)
+    cardiomediastinum: list[np.ndarray | None] = field(repr=False)
+    flips: bool = False
+
+    def metrics(self) -> dict:
+        """For ``metrics.json``: ``{convention: {dice_mean, dice_ci95, dice_left_mean, ...,
+        dice_worst_decile, n_images, n_patients}}`` plus ``test_time_flips``."""
+        out: dict[str, object] = {"test_time_flips": bool(self.flips)}
+        for convention, summary in self.summary.items():
+            rows = self.per_image[self.per_image["convention"] == convention]
+            flat: dict[str, object] = {"n_images": int(len(rows)), "n_patients": int(rows["patient_id"].nunique()),
+                                       "dice_worst_decile": summary["dice_lungs_worst_decile"]}
+            for metric in METRICS:
+                for region in REGIONS:
+                    name = metric if region == "lungs" else f"{metric}_{region}"
+                    flat[f"{name}_mean"] = summary[f"{metric}_{region}_mean"]
+                    flat[f"{name}_ci95"] = summary[f"{metric}_{region}_ci95"]
+            out[convention] = flat
+        return out
+
+    def table(self, digits: int = 3) -> pd.DataFrame:
+        """Mean [95% CI] of Dice and HD95 per region (rows) and convention (columns), as text."""
+        records = []
+        for metric in ("dice", "hd95"):
+            for region, region_name in REGIONS.items():
+                record = {"metric": METRICS[metric], "region": region_name}
+                for convention, summary in self.summary.items():
+                    places = 1 if metric == "hd95" else digits
+                    low, high = summary[f"{metric}_{region}_ci95"]
+                    record[f"{convention} lungs"] = (f"{summary[f'{metric}_{region}_mean']:.{places}f} "
+                                                     f"[{low:.{places}f}, {high:.{places}f}]")
+                records.append(record)
+        return pd.DataFrame(records).set_index(["metric", "region"])
+
+    def by_burden(self, **options) -> pd.DataFrame:
+        """Dice / HD95 per lesion-burden bin and convention
+        (:func:`cxrlib.evaluate.segmentation.metrics_by_burden`; images with a burden only)."""
+        from cxrlib.evaluate.segmentation import metrics_by_burden
+
+        rows = self.per_image[self.per_image["lesion_burden"].notna()]
+        options.setdefault("groups", "patient_id")
+        return metrics_by_burden(rows, **options)
+
+    def ranked(self, convention: str = "anatomical", by: str = "dice_lungs") -> pd.DataFrame:
+        """Rows of one convention sorted worst first, with ``index`` into the image lists."""
+        table = self.per_image[self.per_image["convention"] == convention]
+        return table.sort_values([by, "image_id"]).reset_index(drop=True)
+
+
+def evaluate_by_convention(
+    model: nn.Module,
+    manifest: pd.DataFrame,
+    *,
+    input_size: int,
+    split: str | None = None,
+    flips: bool = False,
+    size: int | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    n_boot: int = 2000,
+) -> ConventionEvaluation:
+    """Score a segmenter on the rows of ``split`` (``None``: all) under every convention the
+    references allow: anatomical and visible (cardiomediastinum removed from both) for
+    covid-segmentations rows, visible for covid19-radiography rows (and other visible sources).
+
+    References are read on their own grid (``size=None``) or resized to ``size``; the
+    prediction is made on that grid with or without test-time ``flips``
+    (:func:`predict_probabilities`) and post-processed. A 4-class segmenter
+    (:func:`retrocardiac_training_labels`) is scored with its anatomical output against
+    anatomical references and its visible output against visible ones. Intervals resample
+    patients.
+    """
+    from cxrlib.evaluate.segmentation import (
+        per_image_metrics_by_convention,
+        summarize_by_convention,
+    )
+
+    rows = manifest if split is None else manifest[manifest["split"] == split]
+    rows = with_masks(rows)
+    if rows.empty:
+        raise ValueError(f"no rows with lung masks in split {split!r}")
+    references, images = [], []
+    for row in rows.to_dict("records"):
+        reference = reference_masks(row, size=size)
+        references.append(reference)
+        image = read_image(mf.resolve_path(manifest, row["path"]))
+        images.append(resize_image(image, reference.labels.shape))
+    probabilities = predict_probabilities(model, images, input_size=input_size,
+                                          output_shapes=[r.labels.shape for r in references],
+                                          flips=flips, batch_size=batch_size, device=device)
+    predictions = [labels_by_convention(p) for p in probabilities]
+    tables = []
+    for index, reference in enumerate(references):
+        pred = predictions[index][reference.convention]
+        table = per_image_metrics_by_convention(
+            [pred], [reference.labels], reference_conventions=[reference.convention],
+            cardiomediastinum=[reference.cardiomediastinum], image_ids=[rows["image_id"].iloc[index]])
+        tables.append(table)
+    per_image = pd.concat(tables, ignore_index=True)
+    info = rows.set_index("image_id")
+    burden = {image_id: ref.lesion_burden for image_id, ref in zip(rows["image_id"], references, strict=True)}
+    per_image.insert(2, "patient_id", info.loc[per_image["image_id"], "patient_id"].to_numpy())
+    per_image.insert(3, "label", info.loc[per_image["image_id"], "label"].to_numpy())
+    per_image.insert(4, "source", info.loc[per_image["image_id"], "source"].to_numpy())
+    per_image.insert(5, "lesion_burden", per_image["image_id"].map(burden).astype(float))
+    summary = summarize_by_convention(per_image.drop(columns=["label", "source", "lesion_burden"]),
+                                      seed=seed, groups="patient_id", n_boot=n_boot)
+    pred = {name: [p[name] for p in predictions] for name in ("anatomical", "visible")}
+    return ConventionEvaluation(per_image=per_image, summary=summary, images=images,
+                                truth=[r.labels for r in references], pred=pred,
+                                cardiomediastinum=[r.cardiomediastinum for r in references], flips=flips)
+
+
+def mask_qc_table(
+    label_maps: Sequence[np.ndarray],
+    images: Sequence[np.ndarray | None] | None = None,
+    image_ids: Sequence[object] | None = None,
+    limits=None,
+) -> pd.DataFrame:
+    """Quality control of predicted lung label maps, no reference needed.
+
+    ``label_maps``: ``(H, W)`` label maps; ``images``: the images they were predicted on
+    (same shapes; ``None``: judged on the whole frame). Returns one row per image:
+    ``image_id, qc_pass (bool), qc_reason`` (``""`` when passed) and the measures of
+    :func:`cxrlib.data.masks.lung_mask_qc` (``area_fraction, lr_ratio, ...``).
+    """
+    from cxrlib.data.masks import LungQCLimits, lung_mask_qc
+
+    limits = limits or LungQCLimits()
+    images = list(images) if images is not None else [None] * len(label_maps)
+    ids = list(range(len(label_maps))) if image_ids is None else list(image_ids)
+    if not len(images) == len(ids) == len(label_maps):
+        raise ValueError(f"{len(label_maps)} label maps, {len(images)} images and {len(ids)} ids")
+    records = []
+    for image_id, labels, image in zip(ids, label_maps, images, strict=True):
+        qc = lung_mask_qc(labels, image, limits)
+        records.append({"image_id": image_id, "qc_pass": qc.passed, "qc_reason": qc.reason, **qc.measures})
+    return pd.DataFrame(records)
+
+
+def qc_manifest(manifest: pd.DataFrame, limits=None, *, column: str = PRED_MASK_COLUMN) -> pd.DataFrame:
+    """:func:`mask_qc_table` of every row of a :func:`segment_manifest` result (its ``column`` of
+    predicted label maps, judged against the row's image on the same grid). Returns the
+    table with ``patient_id, label, source`` of each row after ``image_id``."""
+    label_maps, images = [], []
+    for row in manifest.to_dict("records"):
+        labels = read_label_map(mf.resolve_path(manifest, row[column]))
+        image = read_image(mf.resolve_path(manifest, row["path"]))
+        label_maps.append(labels)
+        images.append(resize_image(image, labels.shape))
+    table = mask_qc_table(label_maps, images, manifest["image_id"].tolist(), limits)
+    for position, name in enumerate(("patient_id", "label", "source"), start=1):
+        if name in manifest.columns:
+            table.insert(position, name, manifest[name].to_numpy())
+    return table
+
+
+# ----------------------------------------------------------------------------- recipe: opacified lungs
+
+
+class LabelMapPairs(torch.utils.data.Dataset):
+    """In-memory ``(image, label map)`` pairs for :func:`cxrlib.train.segmentation.train_segmentation`.
+
+    ``images``: ``(H, W)`` uint8; ``labels``: ``(H, W)`` uint8 (e.g. from
+    :func:`retrocardiac_training_labels`), all of one size. Items are ``(image (1, H, W)
+    float32 in [0, 1], labels (H, W) int64)``; ``augment`` draws from a generator seeded by
+    ``(seed, epoch, index)`` as :class:`cxrlib.data.datasets.SegmentationDataset` does.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], *, augment=None,
+                 seed: int = 0) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images for {len(labels)} label maps")
+        self.images, self.labels = list(images), list(labels)
+        self.augment, self.seed, self.epoch = augment, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, labels = self.images[index], self.labels[index]
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+            image, labels = self.augment(image, labels, rng)
+        if image.dtype == np.uint8:
+            image = image.astype(np.float32) / 255.0
+        return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+                torch.from_numpy(labels.astype(np.int64)))
+
+
+@dataclass
+class DiseasedLungRecipe:
+    """Settings of :func:`train_diseased_lung_segmenter` (saved with the run).
+
+    A 4-class U-Net (background, visible left / right lung, lung behind the heart:
+    :func:`retrocardiac_training_labels`) learns from several mask sources at once; lesions
+    are painted into training lungs (:class:`cxrlib.data.transforms.OpacityAugment`, with
+    probability ``opacity_p``); the films of the expert-annotated source are repeated
+    ``expert_repeats`` times per epoch so that diseased lungs weigh more; test-time
+    ``flips`` average the image and its mirror image.
+    """
+
+    image_size: int = 128
+    base_channels: int = 8
+    depth: int = 4
+    epochs: int = 12
+    batch_size: int = 8
+    lr: float = 2e-3
+    opacity_p: float = 0.5
+    expert_repeats: int = 4
+    flips: bool = True
+    seed: int = 0
+    max_steps_per_epoch: int | None = None
+
+    def train_config(self, device: str = "auto"):
+        from cxrlib.train.segmentation import SegTrainConfig
+
+        return SegTrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                              image_size=self.image_size, include_heart=True,
+                              unet={"base_channels": self.base_channels, "depth": self.depth},
+                              seed=self.seed, device=device, progress=False,
+                              max_steps_per_epoch=self.max_steps_per_epoch)
+
+
+def diseased_lung_rows(
+    visible_source: pd.DataFrame,
+    expert_source: pd.DataFrame,
+    *,
+    n_train_patients: int = 400,
+    n_test_patients: int = 100,
+    n_expert_test_patients: int = 12,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Patient-level train / val / test rows of two mask sources, concatenated.
+
+    ``visible_source``: e.g. the covid19-radiography adapter's manifest (split as notebook 02
+    splits it: :func:`segmentation_splits` with ``n_train_patients``, ``n_test_patients``,
+    ``seed``, so its test rows are notebook 02's); ``expert_source``: the covid-segmentations
+    manifest, whose ``n_expert_test_patients`` patients are held out whole. The two sources
+    share no film (checked: :func:`cxrlib.data.manifest.check_leakage` on the result);
+    their copies elsewhere (the ieee8023 films) share the patient ids, so a later split of
+    a cohort holding them can keep them apart.
+    """
+    visible = segmentation_splits(visible_source, n_train_patients=n_train_patients,
+                                  n_test_patients=n_test_patients, val_fraction=val_fraction, seed=seed)
+    expert = segmentation_splits(expert_source, n_test_patients=n_expert_test_patients,
+                                 val_fraction=val_fraction, seed=seed)
+    rows = pd.concat([visible, expert], ignore_index=True)
+    overlap = set(visible["patient_id"]) & set(expert["patient_id"])
+    if overlap:
+        raise ValueError(f"the two mask sources share patients: {sorted(overlap)[:5]}")
+    mf.check_leakage(rows)
+    return rows
+
+
+def training_pairs(rows: pd.DataFrame, size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images (uint8) and 4-class labels (:func:`retrocardiac_training_labels`) of ``rows``,
+    resized to ``size`` x ``size``."""
+    images, labels = [], []
+    for row in rows.to_dict("records"):
+        reference = reference_masks(row, size=size)
+        heart = reference.cardiomediastinum if reference.convention == "anatomical" else None
+        labels.append(retrocardiac_training_labels(reference.labels, heart))
+        images.append(resize_image(read_image(mf.resolve_path(rows, row["path"])), size))
+    return images, labels
+
+
+def train_diseased_lung_segmenter(
+    rows: pd.DataFrame,
+    run_dir: str | os.PathLike,
+    recipe: DiseasedLungRecipe | None = None,
+    *,
+    device: str = "auto",
+    on_epoch_end=None,
+):
+    """Train the :class:`DiseasedLungRecipe` U-Net on the ``train`` rows of ``rows``
+    (:func:`diseased_lung_rows`), choose the epoch on ``val``; resume from ``run_dir``.
+
+    Returns :class:`cxrlib.train.segmentation.SegTrainResult`; score it with
+    :func:`evaluate_by_convention` (``flips=recipe.flips``) on each source's test rows.
+    """
+    from cxrlib.data.transforms import OpacityAugment, PairedAugment
+    from cxrlib.runs import write_json
+    from cxrlib.train.segmentation import train_segmentation
+
+    recipe = recipe or DiseasedLungRecipe()
+    train, val = rows[rows["split"] == "train"], rows[rows["split"] == "val"]
+    expert = train["source"] == "covid-segmentations"
+    train = pd.concat([train[~expert]] + [train[expert]] * max(1, recipe.expert_repeats), ignore_index=True)
+    augment = PairedAugment(opacity=OpacityAugment(p=recipe.opacity_p, lung_labels=(LUNG_LEFT, LUNG_RIGHT, 3))
+                            if recipe.opacity_p > 0 else None)
+    train_set = LabelMapPairs(*training_pairs(train, recipe.image_size), augment=augment, seed=recipe.seed)
+    val_set = LabelMapPairs(*training_pairs(val, recipe.image_size))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from dataclasses import asdict
+
+    write_json(run_dir / "recipe.json", {**asdict(recipe), "n_train_items": len(train_set),
+                                         "n_val": len(val_set)})
+    return train_segmentation(train_set, val_set, run_dir, recipe.train_config(device), on_epoch_end=on_epoch_end)

@@ -1,0 +1,103 @@
+"""Lung segmentation on diseased adult lungs: train the multi-source recipe and score it.
+
+    python benchmarks/bench_diseased_lungs.py --radiography DATA/covid19-radiography \
+        --segmentations DATA/covid-segmentations --out /tmp/diseased-lungs [--cohort MANIFEST.csv]
+
+Trains :class:`cxrlib.stages.lung_segmentation.DiseasedLungRecipe` on covid19-radiography
+(visible lungs, notebook 02's split) and the covid-segmentations training patients
+(anatomical lungs, held-out patients kept out), then writes ``metrics.json`` with Dice / HD95
+under each lung convention on both test sets (with and without test-time flips), the
+per-image tables, Dice against lesion burden, and, with ``--cohort`` (a manifest such as
+notebook 01's), the mask quality control of the cohort's segmentation with its gallery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from _common import load_average, write_result
+
+from cxrlib.data import manifest as mf
+from cxrlib.data.sources import Covid19RadiographyDatabase, CovidSegmentations
+from cxrlib.stages import lung_segmentation as seg
+from cxrlib.viz import figures
+from cxrlib.viz import segmentation as segviz
+
+
+def _yes(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--radiography", required=True, help="covid19-radiography folder")
+    parser.add_argument("--segmentations", required=True, help="covid-segmentations folder")
+    parser.add_argument("--out", required=True, help="output folder (the U-Net resumes from it)")
+    parser.add_argument("--cohort", default="", help="manifest to segment and quality-control")
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
+    parser.add_argument("--n-expert-test-patients", type=int, default=12)
+    for item in fields(seg.DiseasedLungRecipe):
+        kind = {bool: _yes, type(None): int}.get(type(item.default), type(item.default))
+        parser.add_argument(f"--{item.name.replace('_', '-')}", type=kind, default=item.default)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipe = seg.DiseasedLungRecipe(**{f.name: getattr(args, f.name) for f in fields(seg.DiseasedLungRecipe)})
+    out = Path(args.out)
+    visible = Covid19RadiographyDatabase(args.radiography).manifest()
+    expert = CovidSegmentations(args.segmentations, cache_dir=out / "expert-masks").manifest()
+    rows = seg.diseased_lung_rows(visible, expert, n_expert_test_patients=args.n_expert_test_patients,
+                                  seed=recipe.seed)
+    mf.write_manifest(rows, out / "rows.csv")
+
+    def report(record):
+        print(f"epoch {record['epoch']}: loss {record['train_loss']:.3f} val Dice {record['val_dice']:.4f} "
+              f"({record['time_s']:.0f} s, load {load_average()})", flush=True)
+
+    started = time.perf_counter()
+    result = seg.train_diseased_lung_segmenter(rows, out / "unet", recipe, device="cpu", on_epoch_end=report)
+    train_seconds = float(result.history["time_s"].sum())
+    metrics: dict = {"recipe": vars(recipe), "train_seconds": train_seconds, "best_epoch": result.best_epoch,
+                     "best_val_dice": result.best_val_dice, "load_average": load_average(),
+                     "session_seconds": time.perf_counter() - started}
+    for name, source in (("covid_segmentations_test", "covid-segmentations"),
+                         ("covid19_radiography_test", "covid19-radiography")):
+        test = rows[(rows["split"] == "test") & (rows["source"] == source)]
+        for flips in (False, True):
+            evaluation = seg.evaluate_by_convention(result.model, test, input_size=recipe.image_size,
+                                                    flips=flips, device="cpu", seed=recipe.seed)
+            key = f"{name}{'_flips' if flips else ''}"
+            metrics[key] = evaluation.metrics()
+            evaluation.per_image.to_csv(out / f"{key}_per_image.csv", index=False)
+            print(key, "\n", evaluation.table(), flush=True)
+            if source == "covid-segmentations" and flips == recipe.flips:
+                burden = evaluation.by_burden(bins=(0.0, 0.1, 0.3, 1.0001))
+                burden.to_csv(out / "dice_by_burden.csv", index=False)
+                metrics["dice_by_burden"] = burden.to_dict("records")
+                figures.save_figure(segviz.dice_by_burden_figure(evaluation, by_burden=burden),
+                                    out / "dice_by_burden.png")
+                for convention in ("anatomical", "visible"):
+                    figures.save_figure(segviz.convention_gallery(evaluation, k=4, convention=convention),
+                                        out / f"best_worst_{convention}.png")
+    if args.cohort:
+        cohort = mf.read_manifest(args.cohort)
+        started = time.perf_counter()
+        segmented = seg.segment_manifest(result.model, cohort, out / "cohort", input_size=recipe.image_size,
+                                         device="cpu")
+        qc = seg.qc_manifest(segmented)
+        qc.to_csv(out / "cohort_qc.csv", index=False)
+        metrics["cohort_qc"] = {"n_images": int(len(qc)), "n_failed": int((~qc["qc_pass"]).sum()),
+                                "failed_share": float((~qc["qc_pass"]).mean()),
+                                "reasons": qc.loc[~qc["qc_pass"], "qc_reason"].str.split(" \\(").str[0]
+                                .value_counts().to_dict(),
+                                "seconds": time.perf_counter() - started}
+        figures.save_figure(segviz.qc_failure_gallery(segmented, qc, max_images=30), out / "cohort_qc_failures.png")
+    write_result(out / "metrics.json", metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

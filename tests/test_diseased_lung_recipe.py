@@ -1,0 +1,69 @@
+"""The multi-source recipe end to end on tiny fixtures: rows, training, scores per convention, QC."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_covid_segmentations import build_layout
+from test_sources import build_radiography
+
+from cxrlib.data.sources import Covid19RadiographyDatabase, CovidSegmentations
+from cxrlib.stages import lung_segmentation as seg
+
+
+def expert_manifest(tmp_path) -> pd.DataFrame:
+    """The covid-segmentations fixture with two more patients (films copied from a.jpg)."""
+    root = build_layout(tmp_path / "covseg")
+    metadata = pd.read_csv(root / "metadata.csv", dtype=str, keep_default_na=False)
+    structure = pd.read_csv(root / "structure.csv", dtype=str, keep_default_na=False)
+    extra_meta, extra_structure = [], []
+    for patient, film in (("4", "d.jpg"), ("5", "e.jpg"), ("6", "f.jpg")):
+        shutil.copy(root / "images" / "a.jpg", root / "images" / film)
+        extra_meta.append(metadata.iloc[0].replace({"a.jpg": film, "1": patient}))
+        copied = structure[structure["Filename"] == "a.jpg"].copy()
+        copied["Filename"] = film
+        extra_structure.append(copied)
+    pd.concat([metadata, pd.DataFrame(extra_meta)]).to_csv(root / "metadata.csv", index=False)
+    pd.concat([structure, *extra_structure]).to_csv(root / "structure.csv", index=False)
+    with pytest.warns(UserWarning):
+        return CovidSegmentations(root, cache_dir=tmp_path / "cache").manifest()
+
+
+def test_rows_keep_patients_apart_and_the_recipe_trains_and_scores(tmp_path, one_thread):
+    visible = Covid19RadiographyDatabase(build_radiography(tmp_path / "db", {"Viral Pneumonia": 8})).manifest()
+    expert = expert_manifest(tmp_path)
+    rows = seg.diseased_lung_rows(visible, expert, n_train_patients=5, n_test_patients=2,
+                                  n_expert_test_patients=1, seed=0)
+    for source, part in rows.groupby("source"):
+        splits = part.groupby("patient_id")["split"].nunique()
+        assert (splits == 1).all(), source  # a patient never straddles splits
+        assert set(part["split"]) == {"train", "val", "test"}, source
+    recipe = seg.DiseasedLungRecipe(image_size=32, base_channels=4, depth=2, epochs=1, batch_size=4,
+                                    expert_repeats=2, opacity_p=1.0)
+    result = seg.train_diseased_lung_segmenter(rows, tmp_path / "unet", recipe, device="cpu")
+    assert (tmp_path / "unet" / "recipe.json").is_file() and result.checkpoint_path.is_file()
+    test = rows[rows["split"] == "test"]
+    evaluation = seg.evaluate_by_convention(result.model, test, input_size=32, flips=True, size=64, n_boot=20)
+    per_image = evaluation.per_image
+    expert_ids = set(test.loc[test["source"] == "covid-segmentations", "image_id"])
+    conventions = per_image.groupby("image_id")["convention"].apply(set)
+    assert all(conventions[i] == {"anatomical", "visible"} for i in expert_ids)
+    assert all(conventions[i] == {"visible"} for i in set(conventions.index) - expert_ids)
+    assert per_image.loc[per_image["image_id"].isin(expert_ids), "lesion_burden"].notna().all()
+    assert per_image.loc[~per_image["image_id"].isin(expert_ids), "lesion_burden"].isna().all()
+    metrics = evaluation.metrics()
+    assert metrics["test_time_flips"] is True and {"anatomical", "visible"} <= set(metrics)
+    assert 0.0 <= metrics["visible"]["dice_mean"] <= 1.0
+    assert set(evaluation.by_burden(n_boot=20)["convention"]) == {"anatomical", "visible"}
+
+
+def test_flipped_logits_come_back_with_the_lungs_exchanged():
+    logits = np.zeros((1, 4, 2, 3), dtype=np.float32)
+    logits[0, 1, :, 2] = 5.0  # "left lung" on the image right of the mirrored image
+    import torch
+
+    back = seg._flip_lr(torch.from_numpy(logits)).numpy()
+    assert back[0, 2, 0, 0] == 5.0 and back[0, 1].max() == 0.0
