@@ -179,6 +179,41 @@ def test_sizes_that_lie_do_not_get_past_the_count(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+class _Zeros(io.RawIOBase):
+    """A stream of ``size`` zero bytes, made as it is read (what a lying member inflates to)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.left)
+        buffer[:count] = bytes(count)
+        self.left -= count
+        return count
+
+
+@pytest.mark.parametrize(
+    ("declared", "compressed", "words"),
+    [(1000, None, "writes more than its declared 1000 bytes"),
+     (None, 50_000, "expands more than 200:1"),
+     (None, None, "past 200:1")],  # against the archive file's own size
+)
+def test_bytes_are_counted_as_they_are_written(tmp_path, declared, compressed, words):
+    """The count does not trust headers: whatever a decoder yields is counted chunk by chunk,
+    and writing stops at the first chunk past a limit (never the whole 1 GiB)."""
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(b"x" * 60_000)
+    budget = dl._Budget(archive, tmp_path, dl.ExtractLimits())
+    target = tmp_path / "out" / "member.bin"
+    with pytest.raises(ArchiveLimitError, match=words.replace("(", r"\(")):
+        dl._write_counted(_Zeros(1 << 30), target, budget, "member.bin", declared=declared,
+                          compressed=compressed)
+    assert target.stat().st_size <= dl.ExtractLimits().ratio_floor_bytes + dl.CHUNK_SIZE
+
+
 def test_offline_download_of_a_bomb_is_refused_with_exit_2(tmp_path, monkeypatch, capsys):
     zeros_zip(tmp_path / "set.zip")
     item = dl.RemoteFile(url="http://127.0.0.1:9/set.zip", filename="set.zip", unpacks_to="ds")

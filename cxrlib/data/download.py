@@ -600,11 +600,25 @@ class _Budget:
     def refuse(self, member: str, reason: str) -> ArchiveLimitError:
         return ArchiveLimitError(f"refusing to unpack {self.archive}: member {member!r} {reason}")
 
-    def count_members(self, count: int, member: str = "") -> None:
+    def count_members(self, count: int) -> None:
         if count > self.limits.max_members:
             raise ArchiveLimitError(
                 f"refusing to unpack {self.archive}: more than {self.limits.max_members} members "
                 f"(ExtractLimits.max_members)")
+
+    def check_declared(self, member: str, total: int) -> None:
+        """Refuse before writing when the sizes declared so far already break a limit.
+
+        For tar this runs while the headers are read, so a compressed stream is not inflated
+        past a limit just to find the next header."""
+        limits = self.limits
+        if total > limits.max_total_bytes:
+            raise self.refuse(member, f"takes the declared unpacked size to {total} bytes, past the "
+                                      f"limit of {limits.max_total_bytes} (ExtractLimits.max_total_bytes)")
+        if total > limits.ratio_floor_bytes and total > limits.max_ratio * self.archive_bytes:
+            raise self.refuse(member, f"takes the archive past {limits.max_ratio:g}:1 ({total} "
+                                      f"bytes declared in a {self.archive_bytes}-byte file; "
+                                      "ExtractLimits.max_ratio): a decompression bomb")
 
     def add(self, member: str, written: int, chunk: int, *, declared: int | None,
             compressed: int | None) -> int:
@@ -683,6 +697,10 @@ def _extract_zip(archive: Path, into: Path, limits: ExtractLimits) -> None:
                 problem = "would land outside the target folder"
             if problem:
                 raise UnsafeArchiveError(archive, info.filename, problem)
+        declared = 0
+        for info in members:
+            declared += info.file_size
+            budget.check_declared(info.filename, declared)
         _check_space(archive, sum(info.file_size for info in members), into)
         try:
             for info in members:
@@ -732,6 +750,8 @@ def _extract_tar(archive: Path, into: Path, limits: ExtractLimits) -> None:
             try:
                 for count, member in enumerate(handle, start=1):
                     budget.count_members(count)
+                    # where this member's data ends in the unpacked stream
+                    budget.check_declared(member.name, member.offset_data + max(0, member.size))
                     if not _JUNK.search(member.name):
                         members.append(member)
             except ArchiveError:
@@ -790,10 +810,13 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *, fmt: 
     (Python >= 3.11.4), which repeats those checks and drops unsafe permission bits.
     ``__MACOSX/`` and ``.DS_Store`` entries are skipped.
 
-    ``limits`` (default :data:`DEFAULT_LIMITS`): the member count is checked before anything
-    is written; file data is copied chunk by chunk and counted as it is written, because
-    declared sizes can lie, so an archive that unpacks past ``max_total_bytes``, expands
-    beyond ``max_ratio`` or writes more than a member declares is stopped at that chunk.
+    ``limits`` (default :data:`DEFAULT_LIMITS`): the member count and the declared sizes are
+    checked before anything is written (for tar while the headers are read, so a compressed
+    stream is not inflated past a limit to find the next header); then file data is copied
+    chunk by chunk and counted as it is written, because declared sizes can lie, so an archive
+    that unpacks past ``max_total_bytes``, expands beyond ``max_ratio`` or writes more than a
+    member declares is stopped at that chunk. A member whose name repeats an earlier one is
+    refused rather than written over it.
 
     Unpacking happens in a temporary folder next to ``target`` that is renamed to
     ``target`` at the end, so ``target`` either does not exist or is complete. If the
