@@ -148,3 +148,104 @@ def test_predict_cell_refuses_a_folder_that_is_no_cell(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="cell.json"):
         stage.predict_cell(tmp_path, pd.DataFrame({"image_id": [], "label": []}), "x")
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory):
+    """A 12-patient development cohort of distinct textured images and an external cohort holding
+    new images, an exact and a re-published (cropped, re-windowed, re-encoded) copy of development
+    images, a corrupt file and a blank image. (Phantom images are too alike for the copy detector:
+    it calls different phantom patients copies, so phantom external cohorts use exact copies only.)"""
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
+
+    from cxrlib.data.copies import republish
+
+    base = tmp_path_factory.mktemp("external")
+    rng = np.random.default_rng(0)
+
+    def texture(path):
+        field = gaussian_filter(rng.normal(size=(160, 128)), 3) + 0.5 * gaussian_filter(rng.normal(size=(160, 128)), 1)
+        image = np.clip(128 + 60 * field / field.std(), 0, 255).astype(np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        return str(path), image
+
+    rows = []
+    for p in range(12):
+        for k in range(1 + p % 2):
+            path, _ = texture(base / "dev" / f"d{p}_{k}.png")
+            rows.append({"image_id": f"d{p}_{k}", "path": path, "label": ("normal", "covid")[p % 2],
+                         "patient_id": f"dp{p}", "split": ("train", "val", "test")[p % 3], "origin": "real",
+                         "source": "dev"})
+    development = pd.DataFrame(rows)
+    source, other = development.iloc[0], development.iloc[-1]
+    rows = []
+    for p in range(5):
+        path, _ = texture(base / "ext" / f"e{p}.png")
+        rows.append({"image_id": f"new-{p}", "path": path, "label": "covid", "patient_id": f"new-p{p}"})
+    folder = base / "odd"
+    folder.mkdir()
+    Image.open(source["path"]).save(folder / "exact.png")
+    Image.fromarray(republish(np.asarray(Image.open(other["path"])), ["crop", "window", "jpeg"],
+                              np.random.default_rng(0))).save(folder / "near.png")
+    Image.fromarray(np.full((128, 128), 90, dtype=np.uint8)).save(folder / "blank.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for name, patient in (("exact", "ext-A"), ("near", "ext-B"), ("blank", "ext-C"), ("broken", "ext-D")):
+        rows.append({"image_id": name, "path": str(folder / f"{name}.png"), "label": "covid", "patient_id": patient})
+    # ext-A has a second, unique image: it goes with its patient
+    sibling, _ = texture(folder / "sibling.png")
+    rows.append({"image_id": "new-sibling", "path": sibling, "label": "covid", "patient_id": "ext-A"})
+    external = pd.DataFrame(rows).assign(origin="real", source="ext", view="PA")
+    return development, external, source, other
+
+
+def test_assemble_external_drops_copies_and_their_patients(cohorts, tmp_path):
+    from cxrlib.data.external import assemble_external, read_external
+
+    development, external, source, other = cohorts
+    kept, report = assemble_external(external, development, name="odd one", out_dir=tmp_path, near="copies")
+    excluded = report.excluded.set_index("image_id")["reason"].to_dict()
+    assert excluded == {"broken": "unreadable", "blank": "degenerate", "exact": "exact copy of development",
+                        "near": "near copy of development", "new-sibling": "patient of a development copy"}
+    copies = report.copies.set_index("image_id")
+    assert copies.loc["exact", "development_image_id"] == source["image_id"]
+    assert copies.loc["near", "development_patient_id"] == other["patient_id"]
+    assert set(kept["image_id"]) == set(external["image_id"]) - set(excluded)
+    assert (kept["split"] == "test").all() and (kept["cohort"] == "odd one").all()
+    metrics = report.metrics()
+    assert metrics["n_excluded_by_reason"]["near copy of development"] == 1 and metrics["n_linked_patients"] == 2
+    written = read_external(tmp_path, allowed_roots=[Path(external["path"].iloc[0]).parent.parent])
+    assert list(written) == ["odd one"] and sorted(written["odd one"]["image_id"]) == sorted(kept["image_id"])
+    assert (tmp_path / "external" / "odd_one" / "copies.csv").is_file()
+
+
+def test_assemble_external_resizes_like_the_development_cohort(cohorts, tmp_path):
+    from cxrlib.data.external import assemble_external, read_external
+    from cxrlib.data.io import read_image
+
+    development, external, _, _ = cohorts
+    kept, _ = assemble_external(external, development, name="resized", out_dir=tmp_path, size=64, near=None)
+    assert all(read_image(p).shape == (64, 64) for p in kept["path"])
+    assert "near" in set(kept["image_id"])  # exact copies only: the re-published one stays
+    assert set(read_external(tmp_path)) == {"resized"}
+
+
+def test_bad_external_input_stops_in_one_line_naming_the_cohort(cohorts, tmp_path):
+    from cxrlib.data.external import ExternalCohortError, assemble_external, load_external
+
+    development, external, _, _ = cohorts
+    with pytest.raises(ExternalCohortError, match="external cohort 'nosuch': unknown recipe"):
+        load_external("nosuch", tmp_path)
+    with pytest.raises(ExternalCohortError, match="external cohort 'realdata':.*expects") as info:
+        load_external("realdata", tmp_path)
+    assert "\n" not in str(info.value)
+    recipe = tmp_path / "odd.yaml"
+    recipe.write_text("name: odd\nsources: {a: {adapter: image-folder, root: a}}\n"
+                      "classes: {tuberculosis: [{source: a}]}\n")
+    with pytest.raises(ExternalCohortError, match=r"unknown class\(es\) \['tuberculosis'\]"):
+        load_external(recipe, tmp_path)
+    with pytest.raises(ExternalCohortError, match="'empty': no image"):
+        assemble_external(external.iloc[:0], development, name="empty")
+    with pytest.raises(ExternalCohortError, match="'copies only': no image left"):
+        assemble_external(development.iloc[:3], development, name="copies only", near=None)
