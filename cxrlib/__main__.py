@@ -6,7 +6,7 @@ Commands:
   results   write a run's results page from its metrics (or from a saved summary.json)
   compare   the headline metrics and claims of several runs side by side
   data      list known public datasets (data list) and fetch the open ones (data download)
-  reader    the reader study as a web app (reader prepare / serve / export)
+  reader    the reader study as a web app (reader prepare / serve / link / export)
   docs      regenerate docs/references.md from the adapters' metadata (docs references)
 """
 
@@ -147,6 +147,22 @@ def _cmd_reader_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reader_link(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from cxrlib.reader_web import ReaderStudy, study_token
+
+    try:
+        study = ReaderStudy(args.study)
+        key = study.reissue(args.reader)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"reader link failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"http://{args.host}:{args.port}/?token={study_token(study.folder)}"
+          f"#reader={quote(args.reader)}&key={quote(key)}")
+    return 0
+
+
 def _cmd_reader_export(args: argparse.Namespace) -> int:
     from cxrlib.reader_study import collect_answers, score_table
     from cxrlib.reader_web import export_answers
@@ -243,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow serving on interfaces other than loopback (anyone with the link can read)")
     q.add_argument("--new-token", action="store_true", help="replace the study's link secret (old links stop)")
     q.set_defaults(func=_cmd_reader_serve)
+    q = reader_sub.add_parser("link", help="a new personal link for a reader who lost theirs")
+    q.add_argument("--study", required=True, help="study folder")
+    q.add_argument("--reader", required=True, help="reader name")
+    q.add_argument("--host", default="127.0.0.1", help="host name readers reach the server by")
+    q.add_argument("--port", type=int, default=8866, help="port the server listens on")
+    q.set_defaults(func=_cmd_reader_link)
     q = reader_sub.add_parser("export", help="copy every reader's answers to a folder notebook 06 reads")
     q.add_argument("--study", required=True, help="study folder")
     q.add_argument("--to", required=True, help="e.g. RUN_DIR/<notebook 06 folder>/reader_study")

@@ -345,6 +345,7 @@ class ReaderStudy:
             raise ValueError(f"reader name longer than {MAX_NAME_LENGTH} characters")
         reader = rs._check_name("reader", reader)
         with self._lock:
+            self._reload_registry()  # 'reader link' may have changed it
             answer_file, _ = rs.session_paths(
                 self.answers_dir, reader, self.settings.session, own_sequence=True
             )
@@ -361,15 +362,36 @@ class ReaderStudy:
             write_json(self.answers_dir / READERS_FILE, self._readers)
             return key, self._state(self._session(reader))
 
+    def _reload_registry(self) -> None:
+        registry = self.answers_dir / READERS_FILE
+        self._readers = read_json(registry) if registry.is_file() else {}
+
+    def _key_matches(self, reader: str, key: Any) -> bool:
+        entry = self._readers.get(reader)
+        return (
+            entry is not None
+            and isinstance(key, str)
+            and hmac.compare_digest(_key_hash(key), entry["key_sha256"])
+        )
+
     def _open(self, reader: Any, key: Any) -> rs.ReaderSession:
-        entry = self._readers.get(str(reader))
-        if (
-            entry is None
-            or not isinstance(key, str)
-            or not hmac.compare_digest(_key_hash(key), entry["key_sha256"])
-        ):
-            raise AccessDenied("unknown reader or wrong reader key")
-        return self._session(str(reader))
+        reader = str(reader)
+        if not self._key_matches(reader, key):
+            self._reload_registry()  # a key reissued by 'reader link' is on disk only
+            if not self._key_matches(reader, key):
+                raise AccessDenied("unknown reader or wrong reader key")
+        return self._session(reader)
+
+    def reissue(self, reader: str) -> str:
+        """A new key for a reader who lost their page address (the old key stops working)."""
+        with self._lock:
+            self._reload_registry()
+            if reader not in self._readers:
+                raise KeyError(f"no reader {reader!r} in this study; readers: {self.readers}")
+            key = secrets.token_urlsafe(18)
+            self._readers[reader]["key_sha256"] = _key_hash(key)
+            write_json(self.answers_dir / READERS_FILE, self._readers)
+            return key
 
     def state(self, reader: Any, key: Any) -> dict[str, Any]:
         """Where this reader stands: ``n``, ``answered``, ``done``; the current ``trial`` and its opaque

@@ -347,3 +347,21 @@ def test_serving_beyond_loopback_needs_the_explicit_flag(study_dir, capsys):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_lost_link_is_replaced_and_the_old_key_stops_working(served, capsys):
+    from urllib.parse import unquote
+
+    from cxrlib.__main__ import main
+
+    folder, start = served
+    client = start()
+    old = client.request("/api/start", {"reader": "ann"})[1]["key"]
+    assert main(["reader", "link", "--study", str(folder), "--reader", "ann"]) == 0
+    link = capsys.readouterr().out.strip()
+    assert link.startswith(f"http://127.0.0.1:8866/?token={client.token}#reader=ann&key=")
+    new = unquote(link.rsplit("&key=", 1)[1])
+    # the running server takes the new key and refuses the old one
+    assert client.request("/api/state", {"reader": "ann", "key": new})[0] == 200
+    assert client.request("/api/state", {"reader": "ann", "key": old})[0] == 403
+    assert main(["reader", "link", "--study", str(folder), "--reader", "nobody"]) == 1
