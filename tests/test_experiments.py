@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlib.stages import classifiers as ex
 from cxrlib.data import cohort
 from cxrlib.data import manifest as mf
 from cxrlib.data.oracle import oracle_synthetic
 from cxrlib.data.phantom import CohortConfig, write_cohort
+from cxrlib.stages import classifiers as ex
 
 matplotlib.use("Agg")
 
@@ -33,7 +33,6 @@ def manifests(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         real, _ = cohort.assemble(mf.read_manifest(base / "phantom" / "manifest.csv"), seed=0)
-    real.attrs["root"] = str(base / "phantom")
     with_synthetic = oracle_synthetic(real, base / "synthetic", checkpoint="test", size=64)
     return real, with_synthetic
 
@@ -255,16 +254,16 @@ def test_site_and_lung_controls(manifests, tmp_path):
     assert (lungs["n_train_covid_real"] == ((real["split"] == "train") & (real["label"] == "covid")).sum()).all()
 
 
-def test_input_manifest_prefers_the_latest_stage(tmp_path):
-    with pytest.raises(FileNotFoundError, match="notebook 01"):
-        ex.input_manifest(tmp_path)
-    for stage in ("01_data", "02_segmentation"):
-        (tmp_path / stage).mkdir()
-        (tmp_path / stage / "manifest.csv").write_text("x\n")
-        assert ex.input_manifest(tmp_path) == (tmp_path / stage / "manifest.csv", stage)
-    (tmp_path / "03_cyclegan").mkdir()
-    (tmp_path / "03_cyclegan" / "manifest.csv").write_text("x\n")
-    assert ex.input_manifest(tmp_path)[1] == "03_cyclegan"
+def test_grid_config_from_params_is_the_notebook_mapping():
+    from cxrlib.stages.runtime import stage_parameters
+
+    params = stage_parameters("04", "quick", SEED=5, DEVICE="cpu")
+    config = ex.grid_config_from_params(params, conditions=["real"])
+    assert config.seeds == (5,) and config.conditions == ("real",) and config.tasks == ("normal_vs_covid",)
+    assert config.image_size == 32 and config.lr == params["LEARNING_RATE"] and config.boot_seed == 5
+    assert config.steps_per_epoch == 4 and config.n_boot == 200 and config.device == "cpu"
+    whole = ex.grid_config_from_params({**params, "STEPS_PER_EPOCH": 0, "N_SEEDS": 3})
+    assert whole.steps_per_epoch is None and whole.seeds == (5, 6, 7)
 
 
 def test_figures_and_explorer_build(grid):
@@ -299,7 +298,7 @@ def test_shared_images_give_the_same_pixels_as_a_fresh_dataset(manifests):
 
     combined = manifests[1]
     rows = combined[combined["label"].isin(["normal", "covid"])].iloc[::7]
-    shared = ex.SharedImages(combined, root=combined.attrs["root"], image_size=32, input_mode="whole")
+    shared = ex.SharedImages(combined, image_size=32, input_mode="whole")
     view = shared.subset(rows, ["normal", "covid"])
     fresh = ClassificationDataset(rows, image_size=32, label_map={"normal": 0, "covid": 1})
     assert len(view) == len(fresh) and list(view.labels) == list(fresh.labels)
@@ -309,3 +308,32 @@ def test_shared_images_give_the_same_pixels_as_a_fresh_dataset(manifests):
     augmented.set_epoch(2)
     assert not np.array_equal(augmented[0][0].numpy(), view[0][0].numpy())
     assert view.source.augment is None  # the views do not change each other
+
+
+def _predictions_with_seed_spread():
+    """20 test images of 20 patients; 'real' finds every COVID-19 image with seed 0 only, 'real_gnc_gpc' never."""
+    rows = []
+    for condition, found_by in (("real", {0}), ("real_gnc_gpc", set())):
+        for seed in (0, 1, 2):
+            for i in range(20):
+                positive = i < 10
+                called = positive and seed in found_by
+                rows.append({"task": "normal_vs_covid", "arch": "small_cnn", "condition": condition,
+                             "imbalance": "1:20", "seed": seed, "image_id": f"i{i}", "patient_id": f"p{i}",
+                             "label": "covid" if positive else "normal", "score": 0.9 if called else 0.1 + i / 100,
+                             "called": called})
+    return pd.DataFrame(rows)
+
+
+def test_comparisons_cover_the_spread_between_training_seeds():
+    """Seed-means 1/3 vs 0 on identical patients: a patient-only interval has zero width; two levels reach 0."""
+    table = ex.compare_conditions(_predictions_with_seed_spread(), "real", "real_gnc_gpc", ("sensitivity",),
+                                  n_boot=2000, seed=0)
+    row = table.iloc[0]
+    assert row["difference"] == pytest.approx(-1 / 3)
+    assert row["difference_high"] == 0.0 and row["difference_low"] <= -2 / 3
+    assert row["baseline_per_seed"] == [1.0, 0.0, 0.0] and "seeds" in row["interval"]
+    from cxrlib.evaluate.claims import NO_DIFFERENCE, difference_claim
+
+    claim = difference_claim("x", row["difference"], row["difference_low"], row["difference_high"])
+    assert claim.verdict == NO_DIFFERENCE

@@ -64,6 +64,14 @@ def test_quick_pipeline_runs_every_notebook(tmp_path, monkeypatch):
     # executed notebooks keep their widgets' state (the explorers show without a kernel)
     executed = nbformat.read(result.stages[0].output, as_version=4)
     assert executed.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state")
+    # the same profile, seed and machine give the same metrics (every value but wall-clock times)
+    again = run_pipeline(dataset="phantom", profile="quick", run_dir=tmp_path / "again", device="cpu",
+                         progress=False)
+    for first, second in zip(result.stages, again.stages, strict=True):
+        stage = stages.get_stage(first.notebook.removesuffix(".ipynb"))
+        assert _without_timings(json.loads(stages.output_path(run_dir, stage, "metrics.json").read_text())) == \
+            _without_timings(json.loads(stages.output_path(tmp_path / "again", stage, "metrics.json").read_text())), \
+            f"{stage.name}: a rerun computed other metrics"
     # a notebook run by hand with PROFILE = "quick" computes what the pipeline computed
     by_hand = tmp_path / "by_hand"
     for key in ("01", "02"):

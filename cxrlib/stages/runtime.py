@@ -218,7 +218,8 @@ def open_stage(stage: str | Stage, namespace: MutableMapping[str, Any], *, quiet
     """Open ``stage`` for a notebook whose globals are ``namespace`` (pass ``globals()``).
 
     Applies the ``PROFILE``'s overrides to ``namespace`` (parameters pinned on the command line
-    win), seeds Python / NumPy / PyTorch from ``SEED``, resolves ``RUN_DIR`` (empty:
+    win), seeds Python / NumPy / PyTorch from ``SEED`` and asks PyTorch for deterministic
+    algorithms where it has them, resolves ``RUN_DIR`` (empty:
     ``runs/<DATASET>-<PROFILE>``), creates the stage folder, resolves ``DEVICE`` and sets
     PyTorch's CPU threads from ``NUM_THREADS`` when the notebook declares it (0: every core
     this process may use; never derived from the machine's current load, so a rerun under
@@ -230,7 +231,7 @@ def open_stage(stage: str | Stage, namespace: MutableMapping[str, Any], *, quiet
         raise ValueError(f"notebook {stage.notebook} does not declare {missing} in its parameters cell")
     profile = str(namespace["PROFILE"])
     applied = apply_profile(namespace, stage, profile, pinned=pinned_names())
-    config.seed_everything(int(namespace["SEED"]))
+    config.seed_everything(int(namespace["SEED"]), deterministic=True)
     run_dir = runs.resolve_run_dir(namespace["RUN_DIR"], namespace["DATASET"], profile)
     out_dir = stage_dir(run_dir, stage)
     device = config.resolve_device(str(namespace["DEVICE"]))

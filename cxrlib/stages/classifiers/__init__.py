@@ -79,6 +79,7 @@ from cxrlib.stages.classifiers.grid import (
     score_predictions,
 )
 from cxrlib.stages.classifiers.summaries import (
+    INTERVAL_METHOD,
     SEED_METRICS,
     ci_text,
     summarize_over_seeds,
@@ -101,6 +102,7 @@ __all__ = [
     "Condition",
     "DEFAULT_CONDITIONS",
     "GridConfig",
+    "INTERVAL_METHOD",
     "POSITIVE",
     "SEED_METRICS",
     "SOURCELESS_GENERATORS",

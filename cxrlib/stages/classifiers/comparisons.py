@@ -1,5 +1,5 @@
-"""Paired comparisons of two conditions: the difference of seed-means with a paired
-bootstrap interval over test patients."""
+"""Paired comparisons of two conditions: the difference of seed-means with a paired two-level
+bootstrap interval (training seeds, then test patients)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from cxrlib.stages.classifiers.summaries import percentile_interval, seed_pooled
+from cxrlib.stages.classifiers.summaries import INTERVAL_METHOD, percentile_interval, seed_pooled
 
 
 def compare_conditions(predictions: pd.DataFrame, baseline: str = "real", treatment: str = "real_gnc_gpc",
@@ -18,9 +18,11 @@ def compare_conditions(predictions: pd.DataFrame, baseline: str = "real", treatm
 
     One row per ``(task, arch, imbalance, metric)``: ``baseline`` and ``treatment``
     seed-means with their 95 % intervals and the ``difference`` with its interval, all
-    from the same resamples of test patients (so the difference interval accounts for
-    both models seeing the same patients). Per-seed values are in ``baseline_per_seed``
-    / ``treatment_per_seed``.
+    from the same replicates, each drawing training seeds and then test patients (so the
+    difference interval covers a rerun with other training runs, and accounts for both
+    conditions sharing seeds and patients). Per-seed values are in ``baseline_per_seed`` /
+    ``treatment_per_seed``; ``interval`` says how the intervals were formed. Word a claim
+    from the difference interval with :mod:`cxrlib.evaluate.claims`.
     """
     chosen = predictions[predictions["condition"].isin([baseline, treatment])]
     pooled = seed_pooled(chosen, ("arch", "imbalance", "condition"), metrics, n_boot, seed)
@@ -45,6 +47,7 @@ def compare_conditions(predictions: pd.DataFrame, baseline: str = "real", treatm
                 "baseline_per_seed": [round(v, 4) for v in b_seed.tolist()],
                 "treatment_per_seed": [round(v, 4) for v in t_seed.tolist()],
                 "n_seeds": int(min(len(b_seed), len(t_seed))),
+                "interval": INTERVAL_METHOD,
             })
     return pd.DataFrame(rows)
 
