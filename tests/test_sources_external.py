@@ -159,3 +159,16 @@ def test_new_adapters_are_registered_with_their_metadata():
     for name in ("covid-cxnet", "csv-images"):
         adapter = ADAPTERS[name]
         assert all(str(getattr(adapter, field)).strip() for field in ("title", "citation", "license", "url"))
+
+
+def test_shipped_external_recipes_load_and_cxnet_covid_reads_its_layout(cxnet):
+    assert {"cxnet_covid", "chestxray_pneumonia"} <= set(recipes.available_recipes())
+    within = recipes.load_recipe("chestxray_pneumonia")
+    assert set(within.classes) == {"covid", "pneumonia"}
+    assert {rule.source for rules in within.classes.values() for rule in rules} == {"covid-chestxray"}
+    recipe = recipes.load_recipe("cxnet_covid")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manifest, _ = recipes.build_manifest(recipe, cxnet.parent)
+    # the '-' (normal film) and 'p' (pediatric) marked files are left out
+    assert sorted(manifest["image_id"]) == ["cxnet:001.jpeg", "cxnet:005.jfif", "cxnet:006.webp"]
