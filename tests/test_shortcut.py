@@ -181,3 +181,14 @@ def test_hold_out_sites_splits_whole_sites_and_names_the_cohort():
         cohort.hold_out_sites(frame, ["x"], column="scanner", name="mine")
     with pytest.raises(ValueError, match="unknown site"):
         cohort.load_or_make_held_out_phantom(10, 48, held_out=("nowhere",))
+
+
+def test_cohort_separability_within_one_label(tmp_path):
+    cued = _cohort(tmp_path / "a", cue=True, n_patients=40)
+    other = _cohort(tmp_path / "b", cue=False, n_patients=40, seed=3)  # same ids, other images
+    result = shortcut.cohort_separability(
+        {"a": (cued, shortcut.statistics_table(cued)), "b": (other, shortcut.statistics_table(other))},
+        label="covid", n_boot=100)
+    assert result["column"] == "cohort" and result["values"] == {"a": 40, "b": 40} and result["auc"] > 0.95
+    with pytest.raises(ValueError, match="two cohorts"):
+        shortcut.cohort_separability({"a": (cued, shortcut.statistics_table(cued))})

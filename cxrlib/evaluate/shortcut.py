@@ -446,3 +446,38 @@ def against_floor(
     for column in names.values():
         out.loc[~applies, column] = np.nan
     return out
+
+
+def cohort_separability(
+    cohorts: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]],
+    *,
+    label: str | None = None,
+    features: Sequence[str] = FEATURES,
+    n_splits: int = 5,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How well image statistics tell the cohorts apart: :func:`source_separability` over
+    ``{name: (manifest, its statistics_table)}`` with the cohort as the target.
+
+    ``label``: compare only images of this label (e.g. ``"covid"``: development COVID-19
+    vs external COVID-19, where the disease is the same and only the acquisition differs).
+    Image and patient ids are prefixed with the cohort name, so ids may repeat across
+    cohorts. Returns the :func:`source_separability` dict with ``column == "cohort"``.
+    """
+    frames, tables = [], []
+    for name, (rows, stats) in cohorts.items():
+        if label is not None:
+            rows = rows[mf._column(rows, "label") == label]
+        rows = rows.drop_duplicates("image_id")
+        ids = mf._column(rows, "image_id")
+        frames.append(pd.DataFrame({"image_id": f"{name}|" + ids, "label": mf._column(rows, "label"),
+                                    "patient_id": f"{name}|" + mf._column(rows, "patient_id"),
+                                    "cohort": name}))
+        picked = stats.loc[ids.to_numpy(), [c for c in stats.columns if c in FEATURES]]
+        picked.index = f"{name}|" + ids.to_numpy()
+        tables.append(picked)
+    if len(frames) < 2:
+        raise ValueError("cohort_separability needs at least two cohorts")
+    return source_separability(pd.concat(frames, ignore_index=True), pd.concat(tables), "cohort",
+                               features=features, n_splits=n_splits, n_boot=n_boot, seed=seed)
