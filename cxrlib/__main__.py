@@ -273,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="write a run's results page (results.md) from its metrics, or from a summary")
     p.add_argument("run", help="a run folder, or a summary.json written by an earlier run")
     p.add_argument("--out", default=None, help="where to write the page (default: RUN/results.md)")
+    p.add_argument("--rerun", action="append", default=[], metavar="RUN",
+                   help="a rerun of the same profile (folder or summary.json): the page adds whether each claim "
+                        "holds in it (repeatable)")
+    p.add_argument("--note", action="append", default=[], type=_parameter, metavar="RUN=TEXT",
+                   help="how a run was made (load, threads), shown next to it (repeatable)")
     p.set_defaults(func=_cmd_results)
 
     p = sub.add_parser("compare", help="every headline metric and claim of two or more runs side by side")
@@ -286,15 +291,17 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
     from cxrlib import results, runs
 
-    source = Path(args.run)
-    if not source.exists():
-        raise ValueError(f"{source}: no such run folder or summary file")
-    if source.is_dir() and args.out is None:
+    sources = [Path(args.run), *(Path(run) for run in args.rerun)]
+    missing = [str(source) for source in sources if not source.exists()]
+    if missing:
+        raise ValueError(f"no such run folder or summary file: {', '.join(missing)}")
+    source = sources[0]
+    if source.is_dir() and args.out is None and not args.rerun:
         print(results.write_results(source))
         return 0
-    summary = runs.read_json(source) if source.is_file() else results.summarize_run(source)
-    out = Path(args.out) if args.out else source.with_name(results.RESULTS)
-    text = results.render_markdown(summary)
+    text = results.render_page(source, sources[1:], notes={name: str(note) for name, note in args.note})
+    out = Path(args.out) if args.out else (source / results.RESULTS if source.is_dir()
+                                           else source.with_name(results.RESULTS))
     runs.atomic_write(out, lambda stream: stream.write(text), mode="w")
     print(out)
     return 0

@@ -288,3 +288,42 @@ def render_comparison(comparison: Mapping[str, Any]) -> str:
     n_same = sum(row["holds_in_all"] for row in comparison["claims"])
     lines += ["", f"{n_same} of {len(comparison['claims'])} claims have the same verdict in all runs"]
     return "\n".join(lines) + "\n"
+
+
+def render_comparison_markdown(comparison: Mapping[str, Any]) -> str:
+    """:func:`compare_runs` as a Markdown table of claims: each run's difference, interval and verdict."""
+    labels = comparison["labels"]
+    lines = ["| comparison | " + " | ".join(f"`{label}`" for label in labels) + " | same verdict in all |",
+             "|---|" + "---|" * len(labels) + "---|"]
+    for row in comparison["claims"]:
+        cells = [f"{_fmt_interval(row[label], sign=True)} {row[label]['verdict']}" if label in row else "missing"
+                 for label in labels]
+        lines.append(f"| {row['subject']} | " + " | ".join(cells) + f" | {'yes' if row['holds_in_all'] else '**no**'} |")
+    n_same = sum(row["holds_in_all"] for row in comparison["claims"])
+    lines += ["", f"{n_same} of {len(comparison['claims'])} claims have the same verdict in every run."]
+    return "\n".join(lines) + "\n"
+
+
+def render_page(main: str | os.PathLike | Mapping[str, Any],
+                reruns: Sequence[str | os.PathLike | Mapping[str, Any]] = (),
+                notes: Mapping[str, str] | None = None) -> str:
+    """The results page of a named run, and, given ``reruns``, whether its claims hold in them.
+
+    ``main`` and ``reruns`` are run folders, ``summary.json`` files or loaded summaries;
+    ``notes`` maps a run name to how it was run (load, threads), shown with the comparison.
+    """
+    summary = _load_summary(main)
+    text = render_markdown(summary)
+    if reruns:
+        others = [_load_summary(run) for run in reruns]
+        comparison = compare_runs(summary, *others)
+        lines = ["", "## Do the claims hold when the run is repeated?", "",
+                 "The same profile and seed, rerun on the same machine under other conditions. Each cell: the "
+                 "difference, its 95% interval and the verdict worded from it.", ""]
+        for other in [summary, *others]:
+            note = (notes or {}).get(other.get("run", ""), "")
+            machine = other.get("machine") or {}
+            lines.append(f"- `{other.get('run')}`: commit `{other.get('commit')}`, {machine.get('model', '?')}"
+                         + (f"; {note}" if note else ""))
+        text += "\n".join(lines) + "\n\n" + render_comparison_markdown(comparison)
+    return text
