@@ -157,3 +157,22 @@ def test_registered_and_bad_tables_name_the_file(tmp_path):
     table.to_csv(root / "structure.csv", index=False)
     with pytest.raises(DatasetFormatError, match="structure.csv.*'Left'"):
         CovidSegmentations(root, cache_dir=tmp_path / "cache").manifest()
+
+
+def test_expert_masks_are_linked_to_the_cohort_films(tmp_path):
+    from cxrlib.stages.lung_segmentation import expert_lesion_mask, link_expert_masks
+
+    root = build_layout(tmp_path / "covseg")
+    with pytest.warns(UserWarning):
+        expert = CovidSegmentations(root, cache_dir=tmp_path / "cache").manifest()
+        cohort = CovidChestXrayDataset(root).manifest()
+    linked = link_expert_masks(cohort, expert).set_index("image_id")
+    assert linked.loc["a.jpg", "expert_image_id"] == "covseg-a.jpg"
+    assert linked.loc["a.jpg", "mask_ground_glass"] == expert.set_index("image_id").loc["covseg-a.jpg",
+                                                                                          "mask_ground_glass"]
+    lesions = expert_lesion_mask(linked.loc["a.jpg"].to_dict(), (20, 30))
+    assert lesions.shape == (20, 30) and lesions.any()
+    assert not expert_lesion_mask(linked.loc["b.png"].to_dict(), (20, 30)).any()  # drawn lungs, no lesion
+    cohort.loc[cohort["image_id"] == "a.jpg", "patient_id"] = "ieee8023:99"
+    with pytest.raises(ValueError, match="a.jpg"):
+        link_expert_masks(cohort, expert)

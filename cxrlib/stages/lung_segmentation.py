@@ -974,3 +974,49 @@ def train_diseased_lung_segmenter(
     write_json(run_dir / "recipe.json", {**asdict(recipe), "n_train_items": len(train_set),
                                          "n_val": len(val_set)})
     return train_segmentation(train_set, val_set, run_dir, recipe.train_config(device), on_epoch_end=on_epoch_end)
+
+
+# ----------------------------------------------------------------------------- expert masks on cohort films
+
+
+def link_expert_masks(cohort: pd.DataFrame, expert: pd.DataFrame) -> pd.DataFrame:
+    """The expert mask columns of ``expert`` (covid-segmentations manifest) on the rows of
+    ``cohort`` that show the same film (cohort ``image_id`` == expert ``ieee8023_image_id``,
+    same ``patient_id``).
+
+    Returns a copy of ``cohort`` with every ``mask_*`` column of ``expert`` (except
+    ``mask_path``) added, ``""`` on rows without expert masks, and ``expert_image_id``.
+    A film whose patient differs between the two manifests raises ``ValueError``.
+    """
+    columns = [c for c in expert.columns if c.startswith("mask_") and c != "mask_path"]
+    experts = expert.set_index("ieee8023_image_id")
+    linked = cohort.copy()
+    linked["expert_image_id"] = ""
+    for column in columns:
+        linked[column] = ""
+    for position, (image_id, patient) in enumerate(zip(cohort["image_id"], cohort["patient_id"], strict=True)):
+        if image_id not in experts.index:
+            continue
+        match = experts.loc[image_id]
+        if str(match["patient_id"]) != str(patient):
+            raise ValueError(f"film {image_id}: patient {patient} in the cohort, {match['patient_id']} "
+                             "in the expert manifest")
+        linked.iloc[position, linked.columns.get_loc("expert_image_id")] = match["image_id"]
+        for column in columns:
+            linked.iloc[position, linked.columns.get_loc(column)] = match[column]
+    return linked
+
+
+def expert_lesion_mask(row: dict, shape: tuple[int, int]) -> np.ndarray | None:
+    """Union of a row's expert ground-glass and consolidation masks on a ``shape`` grid
+    (``(H, W)`` bool), or ``None`` when the row has no expert lung masks (no reference: an
+    empty lesion mask would claim "no lesion"). A row with lung masks but no lesion drawn
+    gives an all-False mask."""
+    if _optional_mask(row, "mask_lung_left", tuple(shape)) is None:
+        return None
+    union = np.zeros(tuple(shape), dtype=bool)
+    for column in LESION_COLUMNS:
+        lesion = _optional_mask(row, column, tuple(shape))
+        if lesion is not None:
+            union |= lesion
+    return union
