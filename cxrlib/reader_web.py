@@ -825,9 +825,9 @@ def serve(
     study = ReaderStudy(study_dir)
     token = study_token(study.folder, new=new_token)
     server, thread, url = start_server(study, host=host, port=port, token=token, expose=expose)
-    done = len([r for r in study.readers])
     print(
-        f"serving study {study.settings.session!r} ({study.settings.n_images} images, {done} reader(s) so far) "
+        f"serving study {study.settings.session!r} ({study.settings.n_images} images, "
+        f"{len(study.readers)} reader(s) so far) "
         f"from {study.folder}\nreaders open: {url}\n(answers go to {study.answers_dir}; Ctrl-C stops)",
         flush=True,
     )
