@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from cxrlib.data import manifest as mf
-from cxrlib.data.arrays import ArrayDataset, load_images, load_masks, real_rows  # noqa: F401 (syn.<name>)
+from cxrlib.data.arrays import load_images, load_masks, real_rows  # noqa: F401 (syn.<name>)
 from cxrlib.data.io import pixel_hash, write_png
 from cxrlib.evaluate import synthesis as synth
 from cxrlib.judges import (  # noqa: F401 (notebooks 03 and 06 call them as syn.<name>)
@@ -42,7 +42,6 @@ from cxrlib.judges import (  # noqa: F401 (notebooks 03 and 06 call them as syn.
     judge_generator,
     memorisation,
     oracle_threshold,
-    quiet_inception_fid,
     train_feature_network,
     train_oracle,
 )
