@@ -192,3 +192,12 @@ def test_cohort_separability_within_one_label(tmp_path):
     assert result["column"] == "cohort" and result["values"] == {"a": 40, "b": 40} and result["auc"] > 0.95
     with pytest.raises(ValueError, match="two cohorts"):
         shortcut.cohort_separability({"a": (cued, shortcut.statistics_table(cued))})
+
+
+def test_against_floor_gives_no_verdict_on_per_view_rows():
+    floor = pd.DataFrame({"task": ["t"], "evaluation_set": ["internal"], "auc": [0.6], "auc_low": [0.5],
+                          "auc_high": [0.7]})
+    summary = pd.DataFrame({"task": ["t", "t"], "evaluation_set": ["internal"] * 2, "view": ["all", "PA"],
+                            "metric": ["auc", "auc"], "estimate": [0.9, 0.9], "low": [0.8, 0.8], "high": [1, 1]})
+    marked = shortcut.against_floor(summary, floor, estimate="estimate")
+    assert marked["versus_floor"].tolist() == [shortcut.ABOVE, ""]

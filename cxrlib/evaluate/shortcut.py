@@ -424,8 +424,9 @@ def against_floor(
     ``floor``: :func:`shortcut_floor` output. Adds ``floor_<metric>``,
     ``floor_<metric>_low``, ``floor_<metric>_high``, ``beats_floor`` (bool: the
     classifier's interval lies wholly above the floor's) and ``versus_floor``
-    (:data:`ABOVE`, :data:`NOT_SHOWN`, or ``""`` where either interval is unknown). A
-    missing ``evaluation_set`` column in ``results`` counts as ``internal``.
+    (:data:`ABOVE`, :data:`NOT_SHOWN`, or ``""`` where either interval is unknown, and on
+    per-view rows: the floor pools every view). A missing ``evaluation_set`` column in
+    ``results`` counts as ``internal``.
     """
     out = results.copy()
     if "evaluation_set" in on and "evaluation_set" not in out.columns:
@@ -437,6 +438,8 @@ def against_floor(
     out = out.merge(right, on=list(on), how="left")
     applies = out["metric"] == metric if estimate is not None and "metric" in out.columns \
         else pd.Series(True, index=out.index)
+    if "view" in out.columns and "view" not in on:  # the floor pools every view
+        applies &= out["view"].fillna("").astype(str).isin(["", "all"])
     low = pd.to_numeric(out[low_col], errors="coerce")
     floor_high = pd.to_numeric(out[f"floor_{metric}_high"], errors="coerce")
     known = applies & low.notna() & floor_high.notna()
