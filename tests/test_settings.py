@@ -116,3 +116,43 @@ def test_setting_carries_help_choices_and_aliases() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser, Knobs, exclude=("extra",))
     assert parser.parse_args(["--how", "b"]).mode == "b"
+
+
+def test_training_command_lines_keep_their_option_spellings() -> None:
+    """The options the hand-written parsers had still parse, into the config fields."""
+    from cxrlib.models.diffusion import DiffusionConfig
+    from cxrlib.train import classifier, cyclegan, diffusion, segmentation
+
+    args = cyclegan.build_parser().parse_args([
+        "--manifest", "m.csv", "--domain-a", "normal", "--domain-b", "covid", "--run-dir", "r", "--no-hflip",
+        "--no-amp", "--no-channels-last", "--no-progress", "--no-resume", "--lr", "0.001", "--lambda-id", "0.5",
+        "--generator", "resnet", "--n-blocks", "6", "--max-steps-per-epoch", "3", "--sample-every", "0"])
+    config = from_arguments(cyclegan.CycleGANTrainConfig, args, model={"generator": args.generator})
+    assert (config.hflip, config.amp, config.channels_last, config.progress) == (False, False, False, False)
+    assert (config.lr, config.lambda_id, config.max_steps_per_epoch, config.sample_every) == (0.001, 0.5, 3, 0)
+    assert args.no_resume and args.n_blocks == 6 and config.model == {"generator": "resnet"}
+
+    args = segmentation.build_parser().parse_args([
+        "--manifest", "m.csv", "--run-dir", "r", "--include-heart", "--no-augment", "--depth", "3",
+        "--norm", "group", "--upsample", "bilinear", "--schedule", "step"])
+    config = from_arguments(segmentation.SegTrainConfig, args, unet={"depth": args.depth})
+    assert config.include_heart and not config.augment and config.schedule == "step"
+    assert (args.norm, args.upsample) == ("group", "bilinear")
+
+    args = classifier.build_parser().parse_args([
+        "--manifest", "m.csv", "--run-dir", "r", "--arch", "small_cnn", "--classes", "normal", "covid",
+        "--patience", "0", "--input-mode", "lung_masked", "--augment", "heavy", "--imbalance", "balanced_sampler"])
+    config = from_arguments(classifier.ClassifierTrainConfig, args, num_classes=2, patience=args.patience or None)
+    assert config.classes == ["normal", "covid"] and config.patience is None and config.augment == "heavy"
+    assert (config.arch, config.input_mode, config.imbalance) == ("small_cnn", "lung_masked", "balanced_sampler")
+
+    args = diffusion.build_parser().parse_args([
+        "m.csv", "out", "--channels", "16", "32", "--latent", "--prediction-type", "epsilon",
+        "--max-steps-per-epoch", "0", "--max-train-minutes", "2", "--vae-epochs", "3"])
+    model = from_arguments(DiffusionConfig, args)
+    config = from_arguments(diffusion.DiffusionTrainConfig, args, model=model,
+                            max_train_seconds=60 * args.max_train_minutes or None)
+    assert model.block_out_channels == (16, 32) and model.latent and model.prediction_type == "epsilon"
+    assert config.max_steps_per_epoch is None and config.max_train_seconds == 120 and config.vae_epochs == 3
+    assert from_arguments(diffusion.DiffusionTrainConfig, diffusion.build_parser().parse_args(["m", "o"]),
+                          model=DiffusionConfig()) == diffusion.DiffusionTrainConfig()
