@@ -567,8 +567,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> dict[str, Any]:
         length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            raise ValueError("request body too large")
+        if not 0 <= length <= MAX_BODY_BYTES:
+            raise ValueError(f"request body of {length} bytes (0 to {MAX_BODY_BYTES} accepted)")
         payload = json.loads(self.rfile.read(length) or b"{}")
         if not isinstance(payload, dict):
             raise ValueError("request body must be a JSON object")

@@ -253,6 +253,15 @@ def test_a_reader_opens_only_their_own_session(served):
         b"{" + b" " * 5000 + b"}",
     ):
         assert client.request("/api/start", bad)[0] == 400
+    import http.client
+
+    host, port = client.base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.putrequest("POST", f"/api/start?token={client.token}")
+    connection.putheader("Content-Length", "-1")  # would block a naive read until the socket closes
+    connection.endheaders()
+    assert connection.getresponse().status == 400
+    connection.close()
     # same images for every reader, each in an order of their own
     study = rw.ReaderStudy(folder)
     ann_order, bob_order = (
