@@ -314,3 +314,17 @@ def test_unknown_transfer_syntax_is_refused():
                  lambda: dicom_record(io.BytesIO(data), salt="fuzz")):
         with pytest.raises(CxrInputError, match="unknown transfer syntax"):
             call()
+
+
+def test_garbled_header_element_is_refused():
+    """Found by the fuzzer: an element with an unknown VR ('TS' for BitsStored) made pydicom
+    raise NotImplementedError when the record read it."""
+    tag = b"\x28\x00\x01\x01US"  # (0028,0101) BitsStored, explicit VR little endian
+    assert DICOM.count(tag) == 1
+    data = DICOM.replace(tag, b"\x28\x00\x01\x01TS")
+    for call in (lambda: read_dicom(io.BytesIO(data)), lambda: read_image(data),
+                 lambda: dicom_record(io.BytesIO(data), salt="fuzz")):
+        result = bounded(call)
+        assert isinstance(result, CxrInputError) or result is not None
+    with pytest.raises(CxrInputError, match="garbled DICOM header element"):
+        dicom_record(io.BytesIO(data), salt="fuzz")

@@ -27,6 +27,8 @@ import os
 import re
 import secrets
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,6 +91,21 @@ def _read_dataset(
         raise
     except Exception as error:  # noqa: BLE001 - a truncated or garbled header is a bad file
         raise DicomReadError(name, f"unreadable DICOM header ({type(error).__name__}: {error})") from error
+
+
+@contextmanager
+def _garbled_elements_refused(name: str) -> Iterator[None]:
+    """Turn any failure while header elements are read into :class:`DicomReadError`.
+
+    pydicom converts an element when it is first accessed, so a garbled one (an unknown VR,
+    a value that does not parse) fails there, with whatever exception pydicom raises."""
+    try:
+        yield
+    except (DicomReadError, MemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 - any garbled element makes the file unreadable
+        detail = " ".join(str(error).split())[:200]
+        raise DicomReadError(name, f"garbled DICOM header element ({type(error).__name__}: {detail})") from error
 
 
 def _check_single_grayscale(ds: Any, name: str) -> None:
@@ -298,8 +315,9 @@ def read_dicom(
 
     name = _name(source)
     ds = _read_dataset(source, stop_before_pixels=False)
-    _check_single_grayscale(ds, name)
-    _check_pixel_count(ds, name, MAX_PIXELS if max_pixels is None else int(max_pixels))
+    with _garbled_elements_refused(name):
+        _check_single_grayscale(ds, name)
+        _check_pixel_count(ds, name, MAX_PIXELS if max_pixels is None else int(max_pixels))
     stored = _decode_pixels(ds, name)
     try:
         modality = apply_modality_lut(stored, ds)
@@ -481,10 +499,10 @@ def dicom_record(source: str | os.PathLike | IO[bytes], *, salt: str | bytes) ->
     # pixel values stay on disk (deferred), but their presence and length are checked, so a
     # truncated or pixel-less file is refused here as read_dicom refuses it
     ds = _read_dataset(source, stop_before_pixels=False, defer_size=_DEFER_BYTES)
-    _check_single_grayscale(ds, name)
-    _check_pixel_count(ds, name, MAX_PIXELS)
-    _check_pixel_length(ds, name, _stream_size(source))
-    with warnings.catch_warnings():
+    with _garbled_elements_refused(name), warnings.catch_warnings():
+        _check_single_grayscale(ds, name)
+        _check_pixel_count(ds, name, MAX_PIXELS)
+        _check_pixel_length(ds, name, _stream_size(source))
         # RSNA and others write PatientAge as a bare "58"; parse_age reads that on purpose,
         # so pydicom's "Invalid value for VR AS" warning (one per distinct value) is noise
         warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)
