@@ -107,20 +107,48 @@ def resolve_device(device: str = "auto"):
     return torch.device(name)
 
 
-def cpu_threads(requested: int = 0) -> int:
-    """PyTorch CPU threads to use: ``requested`` if > 0, else the cores other work leaves idle.
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    On a shared machine, more threads than idle cores make every step wait for descheduled
-    threads (four times slower than one thread was measured on 2 busy cores). ``0`` picks
-    ``round(cores - 1-minute load average)``, at least 1 and at most PyTorch's default.
+
+def set_cpu_threads(requested: int = 0) -> int:
+    """Set PyTorch's intra-op CPU threads and return the number set.
+
+    ``requested > 0`` is taken as it is; ``0`` means every core this process may use. The
+    count never depends on the machine's current load: floating-point reductions split over
+    another number of threads add up in another order, so a load-dependent count would make
+    a rerun compute different numbers.
     """
     import torch
 
-    if requested > 0:
-        return int(requested)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested < 0:
+        raise ValueError(f"NUM_THREADS must be >= 0, got {requested}")
+    threads = int(requested) if requested > 0 else available_cores()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def cpu_description() -> dict[str, object]:
+    """What a timing or a result was computed on: CPU model, cores, PyTorch's CPU capability, bf16."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        load = 0.0
-    return int(max(1, min(torch.get_num_threads(), round(cores - load))))
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:  # not Linux
+        pass
+    return {
+        "model": model,
+        "cores": available_cores(),
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+    }

@@ -6,6 +6,7 @@ the phantom generator (:mod:`cxrlib.data.oracle`); every model trains for a few 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import matplotlib
@@ -97,7 +98,7 @@ def test_a_rerun_loads_every_cell_and_a_killed_grid_resumes(grid, manifests, mon
     resumed = ex.run_grid(manifests[1], config, run_dir)
     assert len(calls) == 1 and (resumed["status"] == "trained").sum() == 1
     # other evaluation settings rescore the stored predictions without training
-    rescored = ex.run_grid(manifests[1], ex.GridConfig.from_dict({**vars(config), "n_boot": 30}), run_dir)
+    rescored = ex.run_grid(manifests[1], dataclasses.replace(config, n_boot=30), run_dir)
     assert len(calls) == 1 and (rescored["status"] == "loaded").all()
     assert np.allclose(rescored["auc"], resumed["auc"])
 

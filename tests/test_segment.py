@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from cxrlib.stages import lung_segmentation as segment
 from cxrlib.data import manifest as mf
 from cxrlib.data.io import read_image, read_mask, write_png
 from cxrlib.data.masks import LUNG_LEFT, LUNG_RIGHT
 from cxrlib.models.unet import UNet
+from cxrlib.stages import lung_segmentation as segment
 
 SIZE = 32
 
@@ -71,9 +71,7 @@ def write_cohort(folder: Path, n_patients: int = 6, images_per_patient: int = 2,
                 row["mask_path"] = f"masks/{image_id}.png"
                 write_png(folder / row["mask_path"], mask_left | mask_right)
             rows.append(row)
-    manifest = pd.DataFrame(rows)
-    manifest.attrs["root"] = str(folder)
-    return manifest
+    return mf.absolute_paths(pd.DataFrame(rows), folder)
 
 
 # ----------------------------------------------------------------------------- label-map files
@@ -102,7 +100,7 @@ def test_file_stems_are_safe_and_distinct():
 def test_split_manifest_keeps_splits_and_caps_patients(tmp_path):
     manifest = write_cohort(tmp_path, n_patients=12)
     rows = segment.segmentation_splits(manifest)
-    assert len(rows) == len(manifest) and rows.attrs["root"] == manifest.attrs["root"]
+    assert len(rows) == len(manifest) and rows["path"].tolist() == manifest["path"].tolist()
     capped = segment.segmentation_splits(manifest, n_train_patients=3, n_test_patients=2, seed=1)
     patients = capped.groupby("split")["patient_id"].nunique()
     assert patients["train"] + patients["val"] == 3 and patients["test"] == 2
@@ -176,27 +174,31 @@ def test_segment_manifest_writes_masks_and_image_variants(tmp_path):
     manifest = write_cohort(tmp_path / "data", n_patients=3, image_size=40)
     out = tmp_path / "run" / "02_segmentation"
     result = segment.segment_manifest(OracleNet(), manifest, out, input_size=20, batch_size=4)
-    assert result.attrs["root"] == str(out.resolve()) and len(result) == len(manifest)
-    mf.validate(result, check_files=True)  # old paths were rebased, new ones exist
+    assert len(result) == len(manifest) and result["path"].tolist() == manifest["path"].tolist()
+    mf.validate(result, check_files=True)  # old paths kept, new ones exist
     row = result.iloc[0]
-    assert row["mask_pred_lung"] == f"masks/{row['image_id']}.png"
-    labels = segment.read_label_map(out / row["mask_pred_lung"])
+    assert row["mask_pred_lung"] == str(out.resolve() / "masks" / f"{row['image_id']}.png")
+    labels = segment.read_label_map(row["mask_pred_lung"])
     image = read_image(mf.resolve_path(result, row["path"]))
-    crop = read_image(out / row["path_lung_crop"])
-    masked = read_image(out / row["path_lung_masked"])
+    crop = read_image(row["path_lung_crop"])
+    masked = read_image(row["path_lung_masked"])
     assert labels.shape == image.shape == crop.shape == masked.shape == (40, 40)
     assert set(np.unique(labels)) == {0, 1, 2}
     assert np.all(masked[labels == 0] == 0) and np.array_equal(masked[labels > 0], image[labels > 0])
     assert 0.1 < float(row["pred_lung_fraction"]) < 0.5
 
     written = mf.write_manifest(result, out / "manifest.csv")
-    back = mf.read_manifest(written)
+    assert "masks/p0_s0.png" in written.read_text()  # relative on disk
+    with pytest.raises(mf.ManifestError, match="outside the allowed folders"):
+        mf.read_manifest(written)  # the images lie outside the run folder: allowed only when asked
+    back = mf.read_manifest(written, allowed_roots=[tmp_path / "data"])
     mf.validate(back, check_files=True)
     # written elsewhere, every path column (path_*, mask_*) is rebased and still points at the files
     elsewhere = mf.write_manifest(back, tmp_path / "elsewhere" / "manifest.csv")
-    moved = mf.read_manifest(elsewhere)
+    assert ",../run/02_segmentation/lung_crop/" in elsewhere.read_text()
+    moved = mf.read_manifest(elsewhere, allowed_roots=[tmp_path])
     mf.validate(moved, check_files=True)
-    assert moved.iloc[0]["path_lung_crop"].startswith("../run/02_segmentation/")
+    pd.testing.assert_frame_equal(moved, back)
 
 
 def test_failed_segmentation_keeps_whole_image_crop(tmp_path):
@@ -211,8 +213,8 @@ def test_failed_segmentation_keeps_whole_image_crop(tmp_path):
     row = result.iloc[0]
     assert float(row["pred_lung_fraction"]) == 0.0
     original = read_image(mf.resolve_path(result, row["path"]))
-    assert np.array_equal(read_image(tmp_path / "out" / row["path_lung_crop"]), original)
-    assert read_image(tmp_path / "out" / row["path_lung_masked"]).max() == 0
+    assert np.array_equal(read_image(row["path_lung_crop"]), original)
+    assert read_image(row["path_lung_masked"]).max() == 0
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -296,15 +298,3 @@ def test_segmentation_figures_and_viewer_build(tmp_path):
     viewer = segviz.segmentation_viewer(evaluation)
     assert viewer.children
     plt.close("all")
-
-
-def test_cpu_threads_leaves_busy_cores_alone(monkeypatch):
-    assert segment.cpu_threads(3) == 3
-    monkeypatch.setattr(segment.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(segment.torch, "get_num_threads", lambda: 4)
-    monkeypatch.setattr(segment.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-    assert segment.cpu_threads() == 4
-    monkeypatch.setattr(segment.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
-    assert segment.cpu_threads() == 1
-    monkeypatch.setattr(segment.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-    assert segment.cpu_threads() == 1

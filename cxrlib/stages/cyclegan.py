@@ -6,7 +6,7 @@ add the results to the COVID-19 class. This module does the parts of that stage 
 more than a few lines:
 
 - :func:`generate_synthetic`: translate the training images of one class, write the PNGs
-  under ``RUN_DIR/03_cyclegan/synthetic/<generator>/`` and return manifest rows whose
+  under the stage folder's ``synthetic/<generator>/`` and return manifest rows whose
   ``origin`` names generator, checkpoint and source image, with the source's patient and
   split (so a synthetic image can never land in another split than its source);
 - :func:`evaluate_translator`: every number notebook 03 reports for one translator, from
@@ -48,14 +48,10 @@ from cxrlib.judges import (  # noqa: F401 (notebooks 03 and 06 call them as syn.
 from cxrlib.train.classifier import ClassifierTrainResult
 from cxrlib.train.cyclegan_inference import translate
 
-#: Folder of this stage inside a run.
-STAGE = "03_cyclegan"
 #: Translator name -> source class (the target class is :data:`TARGET_LABEL`).
 TRANSLATORS: dict[str, str] = {"G_NC": "normal", "G_PC": "pneumonia"}
 #: Lung mask columns of the phantom manifest (the reference masks of the source image).
 LUNG_MASK_COLUMNS: tuple[str, ...] = ("mask_lung_left", "mask_lung_right")
-#: Earlier stages whose manifest this stage reads, latest first.
-INPUT_STAGES: tuple[str, ...] = ("02_segmentation", "01_data")
 #: Source columns that describe the source image itself, not its patient or anatomy:
 #: blanked in synthetic rows (a crop or lesion mask of the source is wrong for its translation).
 _SOURCE_ONLY_PREFIXES: tuple[str, ...] = ("path_", "mask_pred", "pred_")
@@ -63,17 +59,6 @@ _SOURCE_ONLY_COLUMNS: tuple[str, ...] = ("mask_lesion", "severity", "content_has
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def input_manifest_path(run_dir: str | os.PathLike) -> Path:
-    """The latest earlier stage manifest of a run: ``02_segmentation/manifest.csv`` when it
-    exists, else ``01_data/manifest.csv`` (FileNotFoundError naming both when neither does)."""
-    candidates = [Path(run_dir) / stage / "manifest.csv" for stage in INPUT_STAGES]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no earlier stage manifest in {run_dir}: looked for {[str(p) for p in candidates]}; "
-                            "run notebook 01 first")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -90,7 +75,6 @@ def generate_synthetic(
     *,
     split: str = "train",
     target_label: str = TARGET_LABEL,
-    root: str | Path | None = None,
     batch_size: int = 16,
     device: str | torch.device | None = None,
 ) -> pd.DataFrame:
@@ -104,16 +88,15 @@ def generate_synthetic(
     ``source = "synthetic"``, ``origin = make_origin(generator_name, checkpoint_name, source
     id)``, a fresh ``content_hash`` (when the manifest has that column) and the columns
     that describe the source image itself (derived crops, predicted masks, lesion mask,
-    severity) emptied. Paths are relative to ``manifest.attrs["root"]``, so
+    severity) emptied. Paths are absolute, like the manifest's, so
     ``mf.write_manifest(pd.concat([manifest, rows]), ...)`` keeps them valid.
     """
     out_dir = Path(out_dir)
     sources = real_rows(manifest, split, [source_label])
-    base = Path(root) if root is not None else Path(manifest.attrs.get("root") or out_dir)
     columns = list(manifest.columns)
     if len(sources) == 0:
         return pd.DataFrame(columns=columns)
-    translated = translate(generator, load_images(sources, image_size, root=root), batch_size=batch_size,
+    translated = translate(generator, load_images(sources, image_size), batch_size=batch_size,
                            device=device)
     rows = []
     for (_, source), image in zip(sources.iterrows(), translated, strict=True):
@@ -125,7 +108,7 @@ def generate_synthetic(
                 row[column] = ""
         row.update(
             image_id=f"{generator_name}_{source_id}",
-            path=Path(os.path.relpath(path.resolve(), base.resolve())).as_posix(),
+            path=str(path.resolve()),
             label=target_label,
             source="synthetic",
             origin=mf.make_origin(generator_name, checkpoint_name, source_id),
@@ -133,9 +116,7 @@ def generate_synthetic(
         if "content_hash" in columns:
             row["content_hash"] = pixel_hash(image)
         rows.append(row)
-    result = pd.DataFrame(rows, columns=columns)
-    result.attrs = dict(manifest.attrs)
-    return result
+    return pd.DataFrame(rows, columns=columns)
 
 
 def add_synthetic(manifest: pd.DataFrame, synthetic: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -148,7 +129,6 @@ def add_synthetic(manifest: pd.DataFrame, synthetic: Sequence[pd.DataFrame]) -> 
     new_ids = set().union(*(set(rows["image_id"].astype(str)) for rows in new)) if new else set()
     kept = manifest[~manifest["image_id"].astype(str).isin(new_ids)]
     combined = pd.concat([kept, *new], ignore_index=True).fillna("")
-    combined.attrs = dict(manifest.attrs)
     mf.check_leakage(combined)
     return combined
 
@@ -159,18 +139,14 @@ def synthetic_rows(manifest: pd.DataFrame, generator_name: str) -> pd.DataFrame:
         parsed = mf.parse_origin(str(origin)) if origin else None
         return parsed is not None and parsed[0] == generator_name
 
-    rows = manifest[manifest["origin"].astype(str).map(made_by)]
-    rows.attrs = dict(manifest.attrs)
-    return rows
+    return manifest[manifest["origin"].astype(str).map(made_by)]
 
 
 def source_rows(manifest: pd.DataFrame, synthetic: pd.DataFrame) -> pd.DataFrame:
     """The source image row of each synthetic row, in the same order."""
     ids = [mf.parse_origin(str(origin))[2] for origin in synthetic["origin"]]
     indexed = manifest.set_index(manifest["image_id"].astype(str), drop=False)
-    rows = indexed.loc[ids].reset_index(drop=True)
-    rows.attrs = dict(manifest.attrs)
-    return rows
+    return indexed.loc[ids].reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -32,19 +32,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrlib.stages import cyclegan as syn
 from cxrlib import judges
 from cxrlib.data import manifest as mf
 from cxrlib.data.io import pixel_hash, write_png
 from cxrlib.evaluate import synthesis as synth
 from cxrlib.runs import read_json
+from cxrlib.stages import METRICS, output_path
+from cxrlib.stages import cyclegan as syn
 
-#: Folder of this stage inside a run.
-STAGE = "06_diffusion"
 #: Generator name in ``origin`` values and the grid's ``real_diffusion`` condition.
 DIFFUSION = "diffusion"
-#: Earlier stage manifests this stage reads, latest first (03 brings the CycleGAN rows).
-INPUT_STAGES: tuple[str, ...] = ("03_cyclegan", "02_segmentation", "01_data")
 #: Per-generator keys of ``metrics.json``.
 GENERATOR_KEYS: tuple[str, ...] = (
     "n_generated", "fd_cxr", "fd_cxr_floor", "fid_inception", "kid", "kid_std", "oracle_covid_rate",
@@ -52,16 +49,6 @@ GENERATOR_KEYS: tuple[str, ...] = (
     "nearest_train_distance_p01", "nearest_train_distance_min", "possible_copies", "possible_copy_fraction",
     "feature_possible_copy_fraction",
 )
-
-
-def input_manifest_path(run_dir: str | os.PathLike) -> Path:
-    """The latest earlier stage manifest of a run (03, else 02, else 01); FileNotFoundError naming them."""
-    candidates = [Path(run_dir) / stage / "manifest.csv" for stage in INPUT_STAGES]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no earlier stage manifest in {run_dir}: looked for {[str(p) for p in candidates]}; "
-                            "run notebook 01 (and 03 for the CycleGAN comparison) first")
 
 
 # ----------------------------------------------------------------------------- manifest rows
@@ -76,13 +63,12 @@ def diffusion_rows(manifest: pd.DataFrame, images: np.ndarray, labels: Sequence[
     ``label`` = conditioning class, ``patient_id`` = ``image_id`` (no real person), ``source``
     ``"synthetic"``, ``split`` ``"train"``, ``origin`` = ``make_origin("diffusion",
     checkpoint_name)`` (no source image), ``content_hash`` when the manifest has that column;
-    every other column empty. Paths are relative to ``manifest.attrs["root"]``.
+    every other column empty. Paths are absolute, like every manifest path in memory.
     """
     images = np.asarray(images)
     if len(images) != len(labels):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
     out_dir = Path(out_dir)
-    base = Path(manifest.attrs.get("root") or out_dir).resolve()
     columns = list(dict.fromkeys([*manifest.columns, *mf.COLUMNS]))
     origin = mf.make_origin(DIFFUSION, checkpoint_name)
     counters: dict[str, int] = {}
@@ -93,14 +79,12 @@ def diffusion_rows(manifest: pd.DataFrame, images: np.ndarray, labels: Sequence[
         image_id = f"{DIFFUSION}_{label}_{k:04d}"
         path = write_png(out_dir / f"{image_id}.png", image)
         row = dict.fromkeys(columns, "")
-        row.update(image_id=image_id, path=Path(os.path.relpath(path.resolve(), base)).as_posix(), label=str(label),
+        row.update(image_id=image_id, path=str(path.resolve()), label=str(label),
                    patient_id=image_id, source="synthetic", split="train", origin=origin)
         if "content_hash" in columns:
             row["content_hash"] = pixel_hash(image)
         rows.append(row)
-    result = pd.DataFrame(rows, columns=columns)
-    result.attrs = dict(manifest.attrs)
-    return result
+    return pd.DataFrame(rows, columns=columns)
 
 
 def is_diffusion(manifest: pd.DataFrame) -> pd.Series:
@@ -117,7 +101,6 @@ def add_diffusion_rows(manifest: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFra
     (:func:`cxrlib.data.manifest.check_leakage` refuses source-less synthetic rows in val / test)."""
     kept = manifest[~is_diffusion(manifest)]
     combined = pd.concat([kept, rows], ignore_index=True).fillna("")
-    combined.attrs = dict(manifest.attrs)
     mf.check_leakage(combined)
     return combined
 
@@ -247,7 +230,7 @@ def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
 def notebook03_reference(run_dir: str | os.PathLike) -> pd.DataFrame:
     """What notebook 03 reported for ``G_NC`` / ``G_PC`` (its ``metrics.json``, at its own resolution and
     with its own judges): an empty frame when notebook 03 has not run."""
-    path = Path(run_dir) / syn.STAGE / "metrics.json"
+    path = output_path(run_dir, "03", METRICS)
     if not path.is_file():
         return pd.DataFrame()
     metrics = read_json(path)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrlib.config import cpu_threads, resolve_device  # noqa: F401 (cpu_threads: notebook 02 calls it here)
+from cxrlib.config import resolve_device
 from cxrlib.data import manifest as mf
 from cxrlib.data.datasets import load_label_map, mask_layout
 from cxrlib.data.io import read_image, write_png
@@ -104,11 +104,9 @@ def _file_stem(image_id: str) -> str:
 
 
 def with_masks(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Rows that have lung masks (per lung or one union mask); ``attrs`` kept."""
+    """Rows that have lung masks (per lung or one union mask)."""
     keep = [mask_layout(row) is not None for row in manifest.to_dict("records")]
-    rows = manifest[keep].copy()
-    rows.attrs = dict(manifest.attrs)
-    return rows
+    return manifest[keep].copy()
 
 
 def segmentation_splits(
@@ -134,7 +132,7 @@ def segmentation_splits(
       ``val_fraction`` goes to ``val`` for model selection.
 
     Raises ``ValueError`` when asked for more patients than there are, or when the result
-    has no train, val or test rows. ``attrs`` are kept.
+    has no train, val or test rows.
     """
     rows = with_masks(manifest)
     if rows.empty:
@@ -193,9 +191,7 @@ def segmentation_splits(
     missing = [name for name in mf.SPLITS if not (rows["split"] == name).any()]
     if missing:
         raise ValueError(f"no rows with lung masks in split(s) {missing}; the U-Net needs train, val and test")
-    rows = rows.copy()
-    rows.attrs = dict(manifest.attrs)
-    return rows
+    return rows.copy()
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -268,7 +264,7 @@ def segment_manifest(
 ) -> pd.DataFrame:
     """Segment every image of ``manifest``; write masks and image variants; return the new manifest.
 
-    For each row (image at its own resolution, ``path`` relative to ``attrs["root"]``):
+    For each row (image at its own resolution, ``path`` absolute):
 
     - ``out_dir/masks/<image_id>.png``: the predicted lung label map on the image's grid
       (:func:`write_label_map`), column ``mask_pred_lung``;
@@ -280,13 +276,12 @@ def segment_manifest(
     - column ``pred_lung_fraction``: share of the image predicted as lung (a failed
       segmentation shows up as a value near 0).
 
-    Returns a copy of ``manifest`` whose ``attrs["root"]`` is ``out_dir``, with every path
-    (old and new) relative to ``out_dir``: write it with
-    ``write_manifest(df, out_dir / "manifest.csv")``. An image whose lungs are not found
+    Returns a copy of ``manifest`` with the new columns, paths absolute like the old ones:
+    write it with ``write_manifest(df, out_dir / "manifest.csv")``. An image whose lungs are not found
     gets the whole image as its crop and an all-black masked image.
     """
     out_dir = Path(out_dir).resolve()
-    result = mf.rebase_paths(manifest.reset_index(drop=True), manifest.attrs.get("root"), out_dir)
+    result = manifest.reset_index(drop=True).copy()
     stems = [_file_stem(image_id) for image_id in result["image_id"]]
     if len(set(stems)) != len(stems):
         raise ValueError("image ids map to the same file name; make image_id unique")
@@ -305,7 +300,7 @@ def segment_manifest(
         pending = []
         for start in starts:
             chunk = result.iloc[start:start + batch_size]
-            images = [read_image(mf.resolve_path(out_dir, path)) for path in chunk["path"]]
+            images = [read_image(mf.resolve_path(None, path)) for path in chunk["path"]]
             label_maps = predict_label_maps(net, images, input_size=input_size, batch_size=batch_size,
                                             device=target, postprocess=postprocess)
             for offset, (image, labels) in enumerate(zip(images, label_maps, strict=True)):
@@ -323,7 +318,7 @@ def segment_manifest(
                     writer.submit(write_png, out_dir / files[MASKED_COLUMN], mask_lungs(image, lungs, "inside")),
                 ]
                 for column, relative in files.items():
-                    columns[column].append(relative)
+                    columns[column].append(str(out_dir / relative))
                 columns[FRACTION_COLUMN].append(f"{lungs.mean():.4f}")
             # surface a failed write early, and keep the queue short
             for future in pending:
@@ -331,7 +326,6 @@ def segment_manifest(
             pending = []
     for column, values in columns.items():
         result[column] = values
-    result.attrs["root"] = str(out_dir)
     return result
 
 
@@ -431,7 +425,6 @@ def evaluate_segmentation(
     device: str | torch.device | None = None,
     seed: int = 0,
     n_boot: int = 2000,
-    root: str | os.PathLike | None = None,
 ) -> SegmentationEvaluation:
     """Score the U-Net on the rows of ``split`` (``None``: every row) that have lung masks.
 
@@ -444,12 +437,11 @@ def evaluate_segmentation(
     rows = with_masks(rows)
     if rows.empty:
         raise ValueError(f"no rows with lung masks in split {split!r}")
-    base = Path(root) if root is not None else manifest
     started = time.perf_counter()
     truth, images = [], []
     for row in rows.to_dict("records"):
-        labels = load_label_map(row, base, size=None)
-        image = read_image(mf.resolve_path(base, row["path"]))
+        labels = load_label_map(row, size=None)
+        image = read_image(mf.resolve_path(None, row["path"]))
         truth.append(labels)
         images.append(image)
     raw = predict_label_maps(model, images, input_size=input_size, output_shapes=[t.shape for t in truth],

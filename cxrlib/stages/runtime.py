@@ -36,7 +36,15 @@ from typing import Any
 import yaml
 
 from cxrlib import config, runs
-from cxrlib.stages import METRICS, PARAMS, Stage, get_stage, input_manifest, stage_dir, stage_path
+from cxrlib.stages.table import (
+    METRICS,
+    PARAMS,
+    Stage,
+    get_stage,
+    input_manifest,
+    stage_dir,
+    stage_path,
+)
 
 #: Environment variable naming (as a JSON list) the parameters a user pinned on the command line.
 PINNED_ENV = "CXR_PINNED_PARAMS"

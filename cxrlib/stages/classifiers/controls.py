@@ -47,8 +47,7 @@ def site_target(manifest: pd.DataFrame, candidates: Sequence[str] = ("site", "so
 
 
 def site_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig, run_dir: str | os.PathLike, *,
-                 target: str = "site", arch: str | None = None, seed: int | None = None,
-                 root: str | os.PathLike | None = None) -> pd.DataFrame:
+                 target: str = "site", arch: str | None = None, seed: int | None = None) -> pd.DataFrame:
     """Train the grid's classifier to predict ``target`` (acquisition site / source) from the same images.
 
     Every real image of every class is used (train / val / test splits as they are);
@@ -58,7 +57,6 @@ def site_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig,
     ``confusion_matrix``. The cell lives in ``run_dir/controls/site/<arch>/seed<k>/``.
     """
     manifest = leakage_checked(as_frame(manifest))
-    root = root if root is not None else manifest.attrs.get("root")
     arch = arch or config.archs[0]
     seed = config.seeds[0] if seed is None else int(seed)
     real = real_rows(manifest)
@@ -72,14 +70,13 @@ def site_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig,
                  info={"target": target, "classes": ", ".join(classes), "n_train": int(len(train)),
                        "chance_balanced_accuracy": 1.0 / len(classes)})
     log = print if config.progress else None
-    row = run_cell(cell, root=root, n_boot=config.n_boot, boot_seed=config.boot_seed, base=Path(run_dir), log=log)
+    row = run_cell(cell, n_boot=config.n_boot, boot_seed=config.boot_seed, base=Path(run_dir), log=log)
     return tidy_results(pd.DataFrame([row]))
 
 
 def lung_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig, run_dir: str | os.PathLike, *,
                  task: str = "normal_vs_covid", modes: Sequence[str] = ("whole", "lung_masked", "lungs_removed"),
-                 arch: str | None = None, seed: int | None = None,
-                 root: str | os.PathLike | None = None) -> pd.DataFrame:
+                 arch: str | None = None, seed: int | None = None) -> pd.DataFrame:
     """The ``real``-condition disease classifier trained and tested on each input mode in ``modes``.
 
     ``lung_masked`` shows the lungs only, ``lungs_removed`` everything but the lungs
@@ -90,7 +87,6 @@ def lung_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig,
     ``run_dir/controls/lungs/<task>/<arch>/<mode>/seed<k>/``.
     """
     manifest = leakage_checked(as_frame(manifest))
-    root = root if root is not None else manifest.attrs.get("root")
     arch = arch or config.archs[0]
     seed = config.seeds[0] if seed is None else int(seed)
     task_spec = TASKS[task]
@@ -108,6 +104,6 @@ def lung_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig,
                      test=evaluation_rows(manifest, task_spec, "test"),
                      train_config=config.classifier_config(arch, task_spec.classes, seed, input_mode=mode),
                      positive=POSITIVE, info=dict(info))
-        rows.append(run_cell(cell, root=root, n_boot=config.n_boot, boot_seed=config.boot_seed,
+        rows.append(run_cell(cell, n_boot=config.n_boot, boot_seed=config.boot_seed,
                               base=Path(run_dir), log=log))
     return tidy_results(pd.DataFrame(rows))

@@ -10,7 +10,6 @@ from cxrlib.data.classification import (
     INPUT_MODES,
 )
 from cxrlib.models.classifiers import ARCHITECTURES
-from cxrlib.settings import from_mapping
 from cxrlib.train.classifier import ClassifierTrainConfig
 
 #: The class every task is about (the binary tasks' positive class).
@@ -167,11 +166,6 @@ class GridConfig:
             select_metric="auc", seed=seed, device=self.device, num_workers=self.num_workers,
             max_steps_per_epoch=self.steps_per_epoch, progress=False,
         )
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> GridConfig:
-        """:func:`cxrlib.settings.from_mapping`, ignoring keys that are not fields (notebook 06 calls it)."""
-        return from_mapping(cls, values, strict=False)
 
 
 def grid_config_from_params(params: Mapping[str, Any], **overrides: Any) -> GridConfig:

@@ -87,10 +87,10 @@ class SharedImages:
     trained already decodes nothing).
     """
 
-    def __init__(self, rows: pd.DataFrame, *, root: str | os.PathLike | None, image_size: int, input_mode: str,
+    def __init__(self, rows: pd.DataFrame, *, image_size: int, input_mode: str,
                  mask_column: str | None = None) -> None:
         self.rows = rows.drop_duplicates("image_id")
-        self.settings = dict(root=root, image_size=image_size, input_mode=input_mode, mask_column=mask_column)
+        self.settings = dict(image_size=image_size, input_mode=input_mode, mask_column=mask_column)
         self._dataset: ClassificationDataset | None = None
         self.position: dict[str, int] = {}
 
@@ -248,7 +248,7 @@ def _count_columns(rows: pd.DataFrame, split: str, positive: str | None) -> dict
             f"n_{split}_patients": int(rows["patient_id"].nunique())}
 
 
-def run_cell(cell: Cell, *, root: str | Path | None, n_boot: int, boot_seed: int,
+def run_cell(cell: Cell, *, n_boot: int, boot_seed: int,
               base: Path, log: Callable[[str], None] | None) -> dict[str, Any]:
     """Train (or load) one cell and score it; returns its results row."""
     classes = list(cell.train_config.classes or [])
@@ -276,15 +276,15 @@ def run_cell(cell: Cell, *, root: str | Path | None, n_boot: int, boot_seed: int
     fingerprint_file.write_text(fingerprint + "\n")
     started = time.perf_counter()
     val_data = cell.data("val")
-    result = train_classifier(cell.data("train"), val_data, cell.folder, cell.train_config, root=root, resume=resume)
+    result = train_classifier(cell.data("train"), val_data, cell.folder, cell.train_config, resume=resume)
     train_seconds = time.perf_counter() - started
     threshold = result.threshold
     if cell.positive is not None and len(classes) > 2:
         # the 3-class task: the COVID-19-vs-rest threshold, chosen on validation like the binary ones
-        val_prob = predict_proba(result, val_data, root=root)
+        val_prob = predict_proba(result, val_data)
         is_positive = (cell.val["label"] == cell.positive).astype(int).to_numpy()
         threshold = choose_threshold(is_positive, val_prob[:, classes.index(cell.positive)], "youden")
-    test_prob = predict_proba(result, cell.data("test"), root=root)
+    test_prob = predict_proba(result, cell.data("test"))
     predictions = predictions_frame(cell.test, test_prob, classes, threshold if threshold is not None else 0.5,
                                     cell.positive)
     predictions.to_csv(cell.folder / "predictions.csv", index=False)
@@ -339,7 +339,7 @@ def grid_cells(manifest: pd.DataFrame, config: GridConfig) -> list[tuple[dict[st
 
 
 def run_grid(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig | Mapping[str, Any],
-             run_dir: str | os.PathLike, *, root: str | os.PathLike | None = None) -> pd.DataFrame:
+             run_dir: str | os.PathLike) -> pd.DataFrame:
     """Train (or load) every cell of the grid; one tidy results row per cell.
 
     ``manifest``: a split manifest (or its path) with real rows and, for the synthetic
@@ -364,7 +364,6 @@ def run_grid(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig | Ma
     """
     config = config if isinstance(config, GridConfig) else from_mapping(GridConfig, config, strict=False)
     manifest = leakage_checked(as_frame(manifest))
-    root = root if root is not None else manifest.attrs.get("root")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(manifest, config)
@@ -381,7 +380,7 @@ def run_grid(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig | Ma
         labels = {c for name in config.tasks for c in TASKS[name].classes}
         needed = manifest[((made_by == mf.REAL) & manifest["label"].isin(labels))
                           | (made_by.isin(generators) & (manifest["split"] == "train"))]
-        shared = SharedImages(needed, root=root, image_size=config.image_size, input_mode=config.input_mode,
+        shared = SharedImages(needed, image_size=config.image_size, input_mode=config.input_mode,
                               mask_column=config.mask_column)
     rows = []
     for number, (key, _) in enumerate(cells, start=1):
@@ -400,7 +399,7 @@ def run_grid(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig | Ma
             positive=POSITIVE, info=info, shared=shared,
         )
         cell_log = (lambda text, n=number: log(f"[{n}/{len(cells)}] {text}")) if log else None
-        row = run_cell(cell, root=root, n_boot=config.n_boot, boot_seed=config.boot_seed, base=run_dir,
+        row = run_cell(cell, n_boot=config.n_boot, boot_seed=config.boot_seed, base=run_dir,
                         log=cell_log)
         row.update(imbalance=key["imbalance"], ratio=key["ratio"])
         rows.append(row)

@@ -144,7 +144,6 @@ def training_rows(manifest: pd.DataFrame, task: Task | str, condition: Condition
         info.update(covid_target=0, n_train_covid_patients=0, ratio_achieved=float("inf"))
     synthetic = synthetic_rows(manifest, condition.generators)
     train = pd.concat([rows, synthetic])
-    train.attrs = dict(manifest.attrs)
     counts = rows["label"].value_counts()
     info.update({
         "n_train_normal": int(counts.get("normal", 0)),
