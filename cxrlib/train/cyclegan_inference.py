@@ -2,7 +2,7 @@
 
 ::
 
-    G_NC = load_generator(RUN_DIR / "03_cyclegan" / "G_NC", "G_AB")
+    G_NC = load_generator(stage.path_of("03", "G_NC"), "G_AB")  # in a notebook after open_stage
     synthetic = translate(G_NC, normal_images_uint8, batch_size=16)   # (N, H, W) uint8
 
 Training (:mod:`cxrlib.train.cyclegan`) draws its per-epoch sample grids with
@@ -23,7 +23,7 @@ from cxrlib.config import resolve_device
 from cxrlib.data.arrays import first_image, to_signed_unit, to_uint8
 from cxrlib.models.cyclegan import CycleGANConfig, build_generator
 from cxrlib.models.modules import unwrap
-from cxrlib.train.engine import CheckpointError, autocast_context, read_checkpoint
+from cxrlib.train.engine import CheckpointError, Precision, as_precision, read_checkpoint
 
 
 def load_generator(ckpt_or_run_dir: str | Path, which: str = "G_AB", device: str | torch.device = "cpu"
@@ -75,6 +75,7 @@ def translate(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     amp: bool = False,
+    precision: str | Precision = "fp32",
 ) -> np.ndarray:
     """Translate images with one generator: uint8 ``(N, H, W)`` out.
 
@@ -82,17 +83,19 @@ def translate(
     that shape in [-1, 1], or a Dataset whose items are (or start with) ``(1, H, W)`` float
     images in [-1, 1] (:class:`DomainImageDataset`). Sides must suit the generator (a
     multiple of ``2**unet_depth`` for the U-Net). ``device``: where to run (``None``: where
-    the generator is; it is moved there). ``amp``: float16 autocast on CUDA.
+    the generator is; it is moved there). ``precision``: the autocast of the forward passes
+    (:func:`~cxrlib.train.engine.resolve_precision`; ``amp=True`` with ``"fp32"``: float16 on CUDA).
     """
     net = unwrap(generator)
     target = next(net.parameters()).device if device is None else resolve_device(str(device))
     net.to(target)
+    precision = as_precision(precision, target, amp=amp)
     was_training = net.training
     net.eval()
     outputs = []
     try:
         for batch in _translation_batches(images, batch_size):
-            with autocast_context(target, amp):
+            with precision.autocast():
                 translated = net(batch.to(target))
             outputs.append(to_uint8(translated[:, 0]).cpu().numpy())
     finally:
@@ -107,18 +110,19 @@ def translate(
 
 @torch.no_grad()
 def translation_grid(G_AB: nn.Module, G_BA: nn.Module, images_A: torch.Tensor, images_B: torch.Tensor, *,
-                     amp: bool = False, gap: int = 2) -> np.ndarray:
+                     amp: bool = False, gap: int = 2, precision: str | Precision = "fp32") -> np.ndarray:
     """A uint8 picture of both translations: one column per image, six rows.
 
     Rows: A, ``G_AB(A)``, ``G_BA(G_AB(A))``, B, ``G_BA(B)``, ``G_AB(G_BA(B))``. ``images_A``,
     ``images_B``: ``(K, 1, H, W)`` float in [-1, 1] (the same K, H, W), on the generators'
-    device. Returns ``(6 H + 5 gap, K W + (K - 1) gap)`` uint8 with white gaps.
+    device. Returns ``(6 H + 5 gap, K W + (K - 1) gap)`` uint8 with white gaps. ``precision``,
+    ``amp``: as in :func:`translate`.
     """
     nets = [unwrap(G_AB), unwrap(G_BA)]
     modes = [net.training for net in nets]
     for net in nets:
         net.eval()
-    with autocast_context(images_A.device, amp):
+    with as_precision(precision, images_A.device, amp=amp).autocast():
         fake_B = nets[0](images_A)
         rec_A = nets[1](fake_B)
         fake_A = nets[1](images_B)
