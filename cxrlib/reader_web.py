@@ -142,31 +142,35 @@ def prepare_study(
             f"the pools {sizes} cannot fill a reader sequence (need real images and "
             "synthetic images of every generator)"
         )
+    ids = pd.concat([real["image_id"], *(rows["image_id"] for rows in synthetic.values())]).astype(
+        str
+    )
+    if ids.duplicated().any():
+        raise ValueError(f"image ids repeat across pools: {ids[ids.duplicated()].tolist()[:5]}")
     rows = []
-    for generator, pool, truth in [(rs.REAL, real, rs.REAL)] + [
-        (name, pool, rs.SYNTHETIC) for name, pool in synthetic.items()
-    ]:
-        for record in pool.to_dict("records"):
-            opaque = secrets.token_hex(8)
-            write_png(
-                out / IMAGES_DIR / f"{opaque}.png",
-                rs.prepare_image(record["path"], image_size, display_size),
-            )
-            rows.append(
-                {
-                    "image_id": str(record["image_id"]),
-                    "image": opaque,
-                    "generator": generator,
-                    "truth": truth,
-                    "label": str(record.get("label", "")),
-                }
-            )
+    try:
+        for generator, pool, truth in [(rs.REAL, real, rs.REAL)] + [
+            (name, pool, rs.SYNTHETIC) for name, pool in synthetic.items()
+        ]:
+            for record in pool.to_dict("records"):
+                opaque = secrets.token_hex(8)
+                write_png(
+                    out / IMAGES_DIR / f"{opaque}.png",
+                    rs.prepare_image(record["path"], image_size, display_size),
+                )
+                rows.append(
+                    {
+                        "image_id": str(record["image_id"]),
+                        "image": opaque,
+                        "generator": generator,
+                        "truth": truth,
+                        "label": str(record.get("label", "")),
+                    }
+                )
+    except BaseException:
+        shutil.rmtree(out / IMAGES_DIR, ignore_errors=True)  # a half-written study is no study
+        raise
     pool_frame = pd.DataFrame(rows, columns=list(POOL_COLUMNS))
-    if pool_frame["image_id"].duplicated().any():
-        raise ValueError(
-            f"image ids repeat across pools: "
-            f"{pool_frame['image_id'][pool_frame['image_id'].duplicated()].tolist()[:5]}"
-        )
     from cxrlib.runs import atomic_write
 
     text = pool_frame.to_csv(index=False, lineterminator="\n")
@@ -293,6 +297,8 @@ class ReaderStudy:
             raise ValueError(
                 f"{pool_path}: columns {list(pool.columns)} instead of {list(POOL_COLUMNS)}"
             )
+        if not pool["image"].str.fullmatch(r"[0-9a-f]{16}").all():
+            raise ValueError(f"{pool_path}: an 'image' value is not a 16-hex opaque id")
         pool["path"] = [f"{IMAGES_DIR}/{opaque}.png" for opaque in pool["image"]]
         real = pool[pool["generator"] == rs.REAL]
         synthetic = {name: pool[pool["generator"] == name] for name in self.settings.generators}

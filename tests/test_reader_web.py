@@ -374,3 +374,21 @@ def test_a_lost_link_is_replaced_and_the_old_key_stops_working(served, capsys):
     assert client.request("/api/state", {"reader": "ann", "key": new})[0] == 200
     assert client.request("/api/state", {"reader": "ann", "key": old})[0] == 403
     assert main(["reader", "link", "--study", str(folder), "--reader", "nobody"]) == 1
+
+
+def test_prepare_refuses_bad_pools_and_leaves_no_half_study(tmp_path):
+    run = make_tiny_run(tmp_path / "run")
+    real, pools = rw.run_pools(mf.read_manifest(run / STAGE / "manifest.csv"))
+    settings = dict(n_images=10, seed=0, session="s", image_size=64)
+    with pytest.raises(ValueError, match="repeat across pools"):
+        rw.prepare_study(tmp_path / "a", real, {**pools, "copies": real.iloc[:3]}, **settings)
+    assert not (tmp_path / "a").exists()
+    broken = pools["G_NC"].assign(path=str(tmp_path / "missing.png"))
+    with pytest.raises(Exception, match="missing.png"):
+        rw.prepare_study(tmp_path / "b", real, {**pools, "G_NC": broken}, **settings)
+    assert (
+        not (tmp_path / "b" / rw.IMAGES_DIR).exists()
+        and not (tmp_path / "b" / rw.STUDY_FILE).exists()
+    )
+    with pytest.raises(ValueError, match="cannot fill"):
+        rw.prepare_study(tmp_path / "c", real.iloc[:0], pools, **settings)
