@@ -231,7 +231,7 @@ def test_offline_download_of_a_bomb_is_refused_with_exit_2(tmp_path, monkeypatch
 # ---------------------------------------------------------------------- 3. truncated DICOM
 
 
-def small_dicom(pixels: np.ndarray) -> bytes:
+def small_dicom(pixels: np.ndarray, window: tuple[float, float] | None = None) -> bytes:
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -246,6 +246,8 @@ def small_dicom(pixels: np.ndarray) -> bytes:
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = pixels.astype("<u2").tobytes()
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -433,6 +435,20 @@ def test_16_bit_scaling_takes_no_float64_copy_of_the_image(tmp_path):
     low, high = int(pixels.min()), int(pixels.max())
     expected = np.clip(np.rint((pixels.astype(np.float64) - low) * (255.0 / (high - low))), 0, 255)
     np.testing.assert_array_equal(image, expected.astype(np.uint8))
+
+
+@pytest.mark.parametrize("window", [None, (2048.0, 3000.0)])
+def test_dicom_display_scaling_is_memory_bounded(window):
+    """4 megapixels of 12-bit DICOM: the whole-image float64 temporaries took 176-177 MB; the
+    block-wise scaling stays well under 35 bytes per pixel."""
+    data = small_dicom(RNG.integers(0, 4096, (2000, 2000)), window=window)
+    tracemalloc.start()
+    try:
+        image = read_dicom(io.BytesIO(data))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert image.shape == (2000, 2000) and peak < 140e6, f"peak {peak / 1e6:.0f} MB"
 
 
 def test_blockwise_scaling_matches_the_whole_image_formula():

@@ -48,6 +48,8 @@ SALT_ENV = "CXR_ID_SALT"
 #: Ages above this are reported as this value (HIPAA Safe Harbor: ages over 89 identify).
 MAX_AGE_YEARS = 90
 
+#: Samples scaled at a time by :func:`_to_uint8`, to bound its float64 temporaries.
+_BLOCK_VALUES = 1 << 18
 #: Values longer than this stay on disk when :func:`dicom_record` reads a header.
 _DEFER_BYTES = 4096
 
@@ -251,11 +253,23 @@ def _lut_domain(ds: Any) -> np.ndarray:
 
 
 def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Linear map ``low`` -> 0, ``high`` -> 255, clipped; a zero range gives black."""
+    """Linear map ``low`` -> 0, ``high`` -> 255, clipped; a zero range gives black.
+
+    Row block by row block, so the float64 temporaries stay small whatever the image size."""
     if not high > low:
         return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values.astype(np.float64) - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    scale = 255.0 / (high - low)
+    out = np.empty(values.shape, dtype=np.uint8)
+    columns = int(np.prod(values.shape[1:], dtype=np.int64)) or 1
+    step = max(1, _BLOCK_VALUES // columns)
+    for start in range(0, values.shape[0], step):
+        block = values[start:start + step].astype(np.float64)
+        block -= low
+        block *= scale
+        np.rint(block, out=block)
+        np.clip(block, 0, 255, out=block)
+        out[start:start + step] = block
+    return out
 
 
 def read_dicom(
@@ -321,7 +335,7 @@ def read_dicom(
     stored = _decode_pixels(ds, name)
     try:
         modality = apply_modality_lut(stored, ds)
-        values = modality.astype(np.float64)
+        values = np.asarray(modality, dtype=np.float64)  # no second copy when already float64
         if window is not None:
             voi_ds = _window_dataset(ds, center, width)
             shown = apply_windowing(values, voi_ds)
@@ -336,7 +350,8 @@ def read_dicom(
             with np.errstate(over="ignore"):
                 low, high = apply_windowing(np.array([-1e30, 1e30]), ds)
         else:
-            finite = values[np.isfinite(values)]
+            mask = np.isfinite(values)
+            finite = values if mask.all() else values[mask]  # integer data: no copy
             shown = values
             if finite.size:
                 low, high = (float(v) for v in np.percentile(finite, [low_pct, high_pct]))
