@@ -1,0 +1,210 @@
+"""Copy detection with ground truth: recall per re-publication transform, false copies among
+distinct patients, follow-up films not called copies; and throughput / peak memory at scale.
+
+    nice -n 10 python benchmarks/bench_copies.py accuracy [--data /work/shared/realdata] [--n 300]
+    nice -n 10 python benchmarks/bench_copies.py scale --sizes 2500 10000 40000
+
+The images come from folders with patient ids read in place (nothing is copied):
+``covid-chestxray`` (ieee8023 layout: ``metadata.csv`` + ``images/``) and ``nih-cxr14-sample``
+(``Data_Entry_2017.csv`` + ``images/``) under ``--data``. Positives: every sampled film and a
+seeded re-publication of it (:func:`cxrlib.data.copies.republish`: each single transform,
+and combinations). Negatives: every other pair of distinct patients in the same run (the
+detector decides on all pairs; those it does not examine are non-copies). Follow-ups: all
+pairs of different files of one patient, verified directly. Results go to
+``benchmarks/results/copies_<mode>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_average, write_result  # noqa: E402
+
+from cxrlib.data import copies  # noqa: E402
+from cxrlib.data.io import read_image  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Combinations a re-publishing site might apply (each ends, as sites do, resized and re-encoded).
+COMBINATIONS: dict[str, list[str]] = {
+    "crop+window+jpeg": ["crop", "window", "resize", "jpeg"],
+    "pad+rotate+gamma": ["pad", "rotate", "gamma", "resize", "jpeg"],
+    "crop+rotate+equalize+text": ["crop", "rotate", "equalize", "text", "resize", "jpeg"],
+    "rotate+crop+pad+window+text": ["rotate", "crop", "pad", "window", "text", "resize", "jpeg"],
+}
+
+
+def labelled_images(data: Path) -> pd.DataFrame:
+    """``path``, ``patient_id``, ``collection`` of every image with a patient id under ``data``."""
+    frames = []
+    ieee = data / "covid-chestxray"
+    if (ieee / "metadata.csv").exists():
+        meta = pd.read_csv(ieee / "metadata.csv", dtype=str, keep_default_na=False)
+        meta = meta[meta["modality"].eq("X-ray")] if "modality" in meta else meta
+        frames.append(pd.DataFrame({"path": [str(ieee / "images" / f) for f in meta["filename"]],
+                                    "patient_id": "ieee:" + meta["patientid"],
+                                    "collection": "covid-chestxray"}))
+    nih = data / "nih-cxr14-sample"
+    if (nih / "Data_Entry_2017.csv").exists():
+        meta = pd.read_csv(nih / "Data_Entry_2017.csv", dtype=str, keep_default_na=False)
+        frames.append(pd.DataFrame({"path": [str(nih / "images" / f) for f in meta["Image Index"]],
+                                    "patient_id": "nih:" + meta["Patient ID"],
+                                    "collection": "nih-cxr14-sample"}))
+    if not frames:
+        raise SystemExit(f"{data}: neither covid-chestxray/metadata.csv nor nih-cxr14-sample/Data_Entry_2017.csv")
+    table = pd.concat(frames, ignore_index=True)
+    return table[table["path"].map(lambda p: Path(p).exists())].reset_index(drop=True)
+
+
+def sample_with_follow_ups(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """``n`` images, patients with several films first (so follow-ups are in the sample)."""
+    rng = np.random.default_rng(seed)
+    counts = table["patient_id"].map(table["patient_id"].value_counts())
+    order = np.lexsort((rng.random(len(table)), (counts <= 1).to_numpy()))
+    multi = table.iloc[order[:n // 2]]
+    rest = table.drop(index=multi.index).sample(n=min(n - len(multi), len(table) - len(multi)),
+                                                random_state=seed)
+    return pd.concat([multi, rest]).reset_index(drop=True)
+
+
+def _quantiles(values: pd.Series, levels: tuple[float, ...] = (0.05, 0.5, 0.95)) -> list[float]:
+    return [round(float(values.quantile(level)), 3) for level in levels] if len(values) else []
+
+
+def run_accuracy(args: argparse.Namespace) -> dict:
+    settings = copies.CopySettings()
+    table = sample_with_follow_ups(labelled_images(Path(args.data)), args.n, args.seed)
+    originals = [read_image(path) for path in table["path"]]
+    patients = table["patient_id"].to_numpy()
+    base = [copies.describe(image, settings) for image in originals]
+    n = len(base)
+
+    # copies already in the data (the same film under two patient ids) are not false copies
+    own = copies.find_copies(base, settings=settings).pairs
+    native = {(a, b) for a, b, is_copy in own[["first", "second", "copy"]].itertuples(index=False)
+              if is_copy and patients[a] != patients[b]}
+    follow = [(a, b) for a in range(n) for b in range(a + 1, n) if patients[a] == patients[b]]
+    follow_evidence = [copies.verify_pair(base[a], base[b], settings) for a, b in follow]
+    follow_called = [copies.is_copy(evidence, settings) for evidence in follow_evidence]
+
+    n_distinct_pairs_base = n * (n - 1) // 2 - len(follow)
+    kinds = {name: [name] for name in copies.TRANSFORMS} | COMBINATIONS
+    per_kind, false_pairs, examined_distinct, all_distinct = {}, [], 0, 0
+    distinct_scores: list[float] = []
+    started = time.perf_counter()
+    for number, (name, steps) in enumerate(kinds.items()):
+        rng = np.random.default_rng([args.seed, number])
+        copied = [copies.describe(copies.republish(image, steps, rng), settings) for image in originals]
+        pairs = copies.find_copies(base + copied, settings=settings).pairs
+        patient_of = np.concatenate([patients, patients])
+        origin = np.concatenate([np.arange(n), np.arange(n)])
+        found = {(int(a), int(b)) for a, b in pairs.loc[pairs["copy"], ["first", "second"]].to_numpy()}
+        hits = sum((i, n + i) in found for i in range(n))
+        true = pairs[(pairs["second"] - pairs["first"]) == n]
+        distinct_scores.extend(pairs.loc[patient_of[pairs["first"]] != patient_of[pairs["second"]]
+                                         ].query("aligned")["score"].tolist())
+        distinct = pairs[patient_of[pairs["first"]] != patient_of[pairs["second"]]]
+        examined_distinct += len(distinct)
+        all_distinct += 2 * n * (2 * n - 1) // 2 - (n + 4 * len(follow))
+        for a, b in distinct.loc[distinct["copy"], ["first", "second"]].to_numpy():
+            key = (min(origin[a], origin[b]), max(origin[a], origin[b]))
+            if key not in native:
+                false_pairs.append({"kind": name, "first": table["path"][origin[a]],
+                                    "second": table["path"][origin[b]]})
+        per_kind[name] = {"recall": round(hits / n, 4), "hits": hits, "n": n,
+                          "candidates_found": len(true), "pairs_examined": len(pairs),
+                          "score_quantiles_5_50_95": _quantiles(true["score"])}
+        print(f"{name:30s} recall {hits / n:.3f} ({hits}/{n}), {len(pairs)} pairs examined", flush=True)
+    return {
+        "n_images": n, "n_patients": int(pd.Series(patients).nunique()), "seed": args.seed,
+        "settings": copies.CopySettings().__dict__,
+        "recall": per_kind,
+        "distinct_patient_pairs": all_distinct, "distinct_patient_pairs_examined": examined_distinct,
+        "false_copies": len(false_pairs),
+        "false_copy_rate": len(false_pairs) / max(all_distinct, 1),
+        "false_copy_rate_among_examined": len(false_pairs) / max(examined_distinct, 1),
+        "false_copy_examples": false_pairs[:20],
+        "copies_in_data_across_patient_ids": len(native),
+        "distinct_patient_pairs_in_originals": n_distinct_pairs_base,
+        "distinct_patient_aligned_score_quantiles_50_95_99_max": _quantiles(
+            pd.Series(distinct_scores), (0.5, 0.95, 0.99, 1.0)),
+        "follow_up_score_quantiles_50_95_99_max": _quantiles(
+            pd.Series([e.correlation for e in follow_evidence]), (0.5, 0.95, 0.99, 1.0)),
+        "follow_up_pairs": len(follow),
+        "follow_up_not_copy_rate": round(1 - float(np.mean(follow_called)), 4) if follow else None,
+        "follow_up_called_copy": [(table["path"][a], table["path"][b])
+                                  for (a, b), called in zip(follow, follow_called, strict=True) if called][:20],
+        "seconds": round(time.perf_counter() - started, 1),
+        "load_average": load_average(),
+    }
+
+
+def run_one_size(args: argparse.Namespace) -> dict:
+    """Describe ``--size`` images (films of the sample, each re-published at random) and find
+    the copies among them; time and peak memory of this process."""
+    settings = copies.CopySettings()
+    table = labelled_images(Path(args.data))
+    originals = [read_image(path) for path in table["path"][: args.n]]
+    rng = np.random.default_rng(args.seed)
+    kinds = list(copies.TRANSFORMS)
+    features, describe_s = [], 0.0
+    for index in range(args.size):
+        image = originals[index % len(originals)]
+        if index >= len(originals):  # later rounds: the same films re-published
+            image = copies.republish(image, list(rng.choice(kinds, size=2, replace=False)), rng)
+        started = time.perf_counter()
+        features.append(copies.describe(image, settings))
+        describe_s += time.perf_counter() - started
+    started = time.perf_counter()
+    result = copies.find_copies(features, settings=settings)
+    detect_s = time.perf_counter() - started
+    return {"images": args.size, "describe_s": round(describe_s, 1),
+            "candidates_and_verify_s": round(detect_s, 1),
+            "total_s": round(describe_s + detect_s, 1), "pairs_examined": len(result.pairs),
+            "copies": int(result.pairs["copy"].sum()),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "load_average": load_average()}
+
+
+def run_scale(args: argparse.Namespace) -> dict:
+    import json
+
+    rows = []
+    for size in args.sizes:
+        command = [sys.executable, __file__, "one-size", "--size", str(size), "--data", args.data,
+                   "--n", str(args.n), "--seed", str(args.seed)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(output.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    return {"sizes": rows, "cpu_threads": "OMP_NUM_THREADS / cv2 defaults of the caller"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["accuracy", "scale", "one-size"])
+    parser.add_argument("--data", default="/work/shared/realdata",
+                        help="folder holding covid-chestxray/ and/or nih-cxr14-sample/")
+    parser.add_argument("--n", type=int, default=300, help="films sampled (accuracy) or read (scale)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2500, 10000, 40000])
+    parser.add_argument("--size", type=int, default=2500, help="one-size: number of images")
+    args = parser.parse_args()
+    if args.mode == "one-size":
+        import json
+
+        print(json.dumps(run_one_size(args)))
+        return
+    payload = run_accuracy(args) if args.mode == "accuracy" else run_scale(args)
+    write_result(RESULTS / f"copies_{args.mode}.json", payload)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,516 @@
+"""Copy detection that survives re-publication: the same film, cropped, padded, rotated,
+re-windowed, resized, re-encoded or annotated, found across and within collections.
+
+Public COVID-19 collections copy films from each other, and every copy has been handled a
+little differently, so byte, pixel and perceptual hashes miss most of them. The detector
+works in three steps, chosen by measurement on ``benchmarks/bench_copies.py``
+(``docs/copies.md`` gives the figures and the alternatives that lost):
+
+1. **describe** each image once (:func:`describe`): uniform borders and padding trimmed,
+   the longest side resized to ``CopySettings.feature_size`` pixels, the histogram
+   equalised (window/level, gamma and equalisation are monotone grey-level maps), then
+   up to ``n_features`` ORB keypoints (OpenCV) and a small ``size``-pixel copy of the
+   canonical image for verification;
+2. **candidates** (:func:`candidate_pairs`): every keypoint descriptor goes into one
+   locality-sensitive-hashing index (OpenCV FLANN LSH, sub-quadratic); each image's
+   descriptors look up their two nearest neighbours, a match passing Lowe's ratio test is
+   a vote for the image it belongs to, and the ``k`` images with the most votes (at least
+   ``min_votes``) become candidates;
+3. **verification** (:func:`verify_pair`): the votes' matches give a similarity map
+   (RANSAC, ``estimateAffinePartial2D``), which ECC alignment (``findTransformECC``,
+   affine) refines on the small canonical images; the pair is then compared on its
+   overlap by the correlation of a band-pass (difference of Gaussians) version, leaving
+   out saturated pixels (clipped windows, burned-in text). The same film gives a high
+   correlation; a follow-up film of the same patient matches in anatomy but not in fine
+   structure. :func:`is_copy` adds limits on rotation, scale and overlap.
+
+:func:`find_copies` runs the three steps over one or more lists of images and returns one
+row per examined pair with its evidence; :func:`folder_paths` lists a folder's images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrlib.data.io import BadFile, ImageReadError, LoadReport, read_image
+
+#: Image file suffixes :func:`folder_paths` lists.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif",
+                                   ".tiff", ".gif", ".dcm", ".dicom")
+#: Columns of :func:`find_copies`' table (``first`` / ``second``: positions in the input).
+PAIR_COLUMNS: tuple[str, ...] = (
+    "first", "second", "path_first", "path_second", "score", "copy", "votes", "inliers",
+    "correlation", "coarse_correlation", "overlap", "rotation_deg", "scale", "aligned",
+)
+
+
+@dataclass(frozen=True)
+class CopySettings:
+    """Knobs of the detector; the defaults are the ones measured in ``docs/copies.md``."""
+
+    feature_size: int = 192         # longest side (pixels) of the image ORB looks at
+    size: int = 128                 # longest side (pixels) of the image verification aligns
+    n_features: int = 200           # ORB keypoints per image
+    ratio: float = 0.85             # Lowe's ratio test for a descriptor match
+    k: int = 5                      # candidate partners per image
+    min_votes: int = 3              # fewer matched keypoints: not a candidate
+    min_inliers: int = 6            # fewer RANSAC inliers: not aligned further, not a copy
+    min_correlation: float = 0.55   # band-pass correlation from which a pair is a copy
+    max_rotation_deg: float = 20.0  # larger rotations are not re-publication
+    max_scale_ratio: float = 2.5    # larger relative scale is not re-publication
+    min_overlap: float = 0.3        # share of the smaller image that must overlap the other
+    blank_std: float = 2.0          # border trimming: a row/column this uniform is padding
+
+    def __post_init__(self) -> None:
+        if self.size < 32 or self.feature_size < 32 or self.k < 1 or self.n_features < 8:
+            raise ValueError(f"CopySettings: size, feature_size >= 32, k >= 1, n_features >= 8 "
+                             f"needed, got {self}")
+
+
+# ----------------------------------------------------------------------------- one image
+
+
+def trim_borders(image: np.ndarray, blank_std: float = 2.0, max_share: float = 0.45) -> np.ndarray:
+    """``image`` ``(H, W)`` without the uniform rows/columns at its edges (padding, borders).
+
+    A row or column is uniform when its standard deviation is below ``blank_std`` grey
+    levels; at most ``max_share`` of each dimension is cut from each side.
+    """
+    pixels = np.asarray(image, dtype=np.float32)
+    height, width = pixels.shape
+
+    def edges(std: np.ndarray, length: int) -> tuple[int, int]:
+        limit = int(length * max_share)
+        busy = np.flatnonzero(std >= blank_std)
+        if not len(busy):
+            return 0, length
+        return min(int(busy[0]), limit), max(int(busy[-1]) + 1, length - limit)
+
+    top, bottom = edges(pixels.std(axis=1), height)
+    left, right = edges(pixels.std(axis=0), width)
+    return np.asarray(image)[top:bottom, left:right]
+
+
+def canonical_image(image: np.ndarray, size: int, blank_std: float = 2.0) -> np.ndarray:
+    """Trimmed, resized (longest side ``size``) and equalised ``(h, w)`` ``uint8`` image."""
+    import cv2
+
+    pixels = np.asarray(image)
+    if pixels.ndim != 2:
+        raise ValueError(f"canonical_image needs an (H, W) grey image, got shape {pixels.shape}")
+    trimmed = np.ascontiguousarray(trim_borders(pixels, blank_std), dtype=np.uint8)
+    height, width = trimmed.shape
+    scale = size / max(height, width)
+    new_size = (max(8, round(width * scale)), max(8, round(height * scale)))
+    resized = cv2.resize(trimmed, new_size, interpolation=cv2.INTER_AREA)
+    return cv2.equalizeHist(resized)
+
+
+@dataclass
+class ImageFeatures:
+    """One image as the detector keeps it (about ``size**2 + 40 * n_features`` bytes).
+
+    ``small``: ``(h, w)`` ``uint8`` canonical image, longest side ``size``; ``points``:
+    ``(K, 2)`` ``float32`` keypoint positions in ``small``'s pixels; ``descriptors``:
+    ``(K, 32)`` ``uint8`` ORB descriptors (``K`` may be 0 for a blank image).
+    """
+
+    small: np.ndarray
+    points: np.ndarray
+    descriptors: np.ndarray
+
+
+def _orb(settings: CopySettings):
+    import cv2
+
+    # small patches and a low FAST threshold: the images are small and smooth
+    return cv2.ORB_create(nfeatures=settings.n_features, scaleFactor=1.3, nlevels=4,
+                          edgeThreshold=15, patchSize=15, fastThreshold=5)
+
+
+def describe(image: np.ndarray, settings: CopySettings = CopySettings(), orb=None) -> ImageFeatures:
+    """:class:`ImageFeatures` of an ``(H, W)`` ``uint8`` image."""
+    import cv2
+
+    canonical = canonical_image(image, settings.feature_size, settings.blank_std)
+    keypoints, descriptors = (orb or _orb(settings)).detectAndCompute(canonical, None)
+    scale = settings.size / settings.feature_size
+    small = cv2.resize(canonical, (max(8, round(canonical.shape[1] * scale)),
+                                   max(8, round(canonical.shape[0] * scale))),
+                       interpolation=cv2.INTER_AREA)
+    points = np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2) * scale
+    if descriptors is None:
+        descriptors = np.zeros((0, 32), dtype=np.uint8)
+    return ImageFeatures(small=small, points=points, descriptors=descriptors)
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+@dataclass
+class PairEvidence:
+    """What verification measured on one pair: ``inliers`` of the RANSAC map among the
+    keypoint matches, ``correlation`` (band-pass, -1..1, the decision), ``coarse_correlation``
+    (the equalised images themselves), ``overlap`` (share of the smaller image), the map's
+    ``rotation_deg`` and ``scale``; ``aligned`` is False when ECC was not run (fewer than
+    ``min_inliers`` inliers) or did not converge (the numbers then come from the keypoint
+    map); such a pair is never a copy."""
+
+    inliers: int
+    correlation: float
+    coarse_correlation: float
+    overlap: float
+    rotation_deg: float
+    scale: float
+    aligned: bool
+
+
+def _band_pass(image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.GaussianBlur(image, (0, 0), 0.8) - cv2.GaussianBlur(image, (0, 0), 3.0)
+
+
+def _masked_corr(first: np.ndarray, second: np.ndarray, mask: np.ndarray) -> float:
+    if mask.sum() < 50:
+        return 0.0
+    a = first[mask].astype(np.float64)
+    b = second[mask].astype(np.float64)
+    a -= a.mean()
+    b -= b.mean()
+    denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+
+
+def match_keypoints(first: ImageFeatures, second: ImageFeatures, ratio: float = 0.85,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Matched keypoint positions ``(M, 2)`` in ``first`` and in ``second`` (ratio test)."""
+    import cv2
+
+    if len(first.descriptors) < 2 or len(second.descriptors) < 2:
+        return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
+    matches = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(first.descriptors, second.descriptors, k=2)
+    good = [pair[0] for pair in matches if len(pair) == 2 and pair[0].distance < ratio * pair[1].distance]
+    return (first.points[[m.queryIdx for m in good]].reshape(-1, 2),
+            second.points[[m.trainIdx for m in good]].reshape(-1, 2))
+
+
+def verify_pair(first: ImageFeatures, second: ImageFeatures,
+                settings: CopySettings = CopySettings()) -> PairEvidence:
+    """Align ``second`` to ``first`` and compare them (see the module docstring)."""
+    import cv2
+
+    template, moving = first.small, second.small
+    height, width = template.shape
+    points_first, points_second = match_keypoints(first, second, settings.ratio)
+    warp, inliers = None, 0
+    if len(points_first) >= 3:
+        # the map takes first's pixels to second's (what ECC and WARP_INVERSE_MAP expect)
+        warp, inlier_mask = cv2.estimateAffinePartial2D(
+            points_first, points_second, method=cv2.RANSAC, ransacReprojThreshold=2.0)
+        inliers = int(inlier_mask.sum()) if inlier_mask is not None else 0
+    if warp is None:  # no usable matches: assume both show the whole film
+        warp = np.array([[moving.shape[1] / width, 0, 0], [0, moving.shape[0] / height, 0]])
+    warp = warp.astype(np.float32)
+    template_f = template.astype(np.float32)
+    moving_f = moving.astype(np.float32)
+    linear = warp[:, :2].astype(np.float64)
+    scale = math.sqrt(abs(float(np.linalg.det(linear))))
+    if scale > 1.05:  # second is sampled more finely: smooth it first so that warping does not alias
+        moving_f = cv2.GaussianBlur(moving_f, (0, 0), 0.5 * math.sqrt(scale**2 - 1))
+    aligned = inliers >= settings.min_inliers  # ECC is most of the cost: only for likely pairs
+    try:
+        if aligned:
+            _, warp = cv2.findTransformECC(
+                template_f, moving_f, warp.copy(), cv2.MOTION_AFFINE,
+                (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 40, 1e-4), None, 3)
+    except cv2.error:
+        aligned = False
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpAffine(moving_f, warp, (width, height), flags=flags, borderValue=0.0)
+    valid = cv2.warpAffine(np.ones_like(moving_f), warp, (width, height), flags=flags,
+                           borderValue=0.0) > 0.99
+    # saturated pixels (a clipped window, burned-in text) carry no structure to compare
+    saturated = ((template == 0) | (template == 255)
+                 | (warped < 0.5) | (warped > 254.5)).astype(np.uint8)
+    usable = valid & ~cv2.dilate(saturated, np.ones((3, 3), np.uint8)).astype(bool)
+    usable = cv2.erode(usable.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    fill = float(warped[valid].mean()) if valid.any() else 0.0
+    correlation = _masked_corr(_band_pass(template_f), _band_pass(np.where(valid, warped, fill)), usable)
+    coarse = _masked_corr(template_f, warped, usable)
+    linear = warp[:, :2].astype(np.float64)
+    determinant = float(np.linalg.det(linear))
+    scale = math.sqrt(abs(determinant))
+    rotation = math.degrees(math.atan2(linear[1, 0] - linear[0, 1], linear[0, 0] + linear[1, 1]))
+    moving_in_first = moving.size / scale**2 if scale > 0 else 0.0
+    overlap = float(valid.sum()) / max(min(template.size, moving_in_first), 1.0)
+    return PairEvidence(inliers=inliers, correlation=correlation, coarse_correlation=coarse,
+                        overlap=min(overlap, 1.0), rotation_deg=rotation, scale=scale,
+                        aligned=aligned)
+
+
+def is_copy(evidence: PairEvidence, settings: CopySettings = CopySettings()) -> bool:
+    """The decision: correlated fine structure under a plausible re-publication map."""
+    scale = max(evidence.scale, 1e-6)
+    return bool(evidence.aligned and evidence.correlation >= settings.min_correlation
+                and abs(evidence.rotation_deg) <= settings.max_rotation_deg
+                and 1 / settings.max_scale_ratio <= scale <= settings.max_scale_ratio
+                and evidence.overlap >= settings.min_overlap)
+
+
+# ----------------------------------------------------------------------------- many images
+
+
+def _binary_index(descriptors: np.ndarray, seed: int = 0):
+    """A faiss index over ``(M, 32)`` ``uint8`` ORB descriptors: exact below 50,000 of them,
+    else an inverted file of about ``4 * sqrt(M)`` lists (search cost ~ ``M**0.5`` per query,
+    so the whole search grows like ``M**1.5``, not ``M**2``)."""
+    import faiss
+
+    n_bits = descriptors.shape[1] * 8
+    if len(descriptors) < 50_000:
+        index = faiss.IndexBinaryFlat(n_bits)
+    else:
+        n_lists = int(min(4096, 4 * math.sqrt(len(descriptors))))
+        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(n_bits), n_bits, n_lists)
+        index.cp.niter = 4  # a rough partition is enough: the lists only need to be local
+        index.cp.seed = seed
+        sample = np.random.default_rng(seed).choice(len(descriptors), min(len(descriptors), 40 * n_lists),
+                                                    replace=False)
+        index.train(descriptors[np.sort(sample)])
+        index.nprobe = 8
+    index.add(descriptors)
+    return index
+
+
+def candidate_pairs(features: Sequence[ImageFeatures], settings: CopySettings = CopySettings(),
+                    groups: Sequence[int] | None = None, chunk: int = 20_000) -> pd.DataFrame:
+    """Pairs worth verifying: ``first < second`` positions in ``features``, with ``votes``.
+
+    All ORB descriptors go into one faiss binary index (:func:`_binary_index`); each
+    descriptor looks up its nearest neighbours, and the nearest one from another image
+    votes for that image when it passes Lowe's ratio test against the nearest one from a
+    third image (so several copies of one film do not cancel each other out). Each image
+    keeps its ``settings.k`` best-voted partners with at least ``min_votes`` votes. With
+    ``groups`` (one id per image), only pairs across groups are kept (and only they vote).
+    Memory: the descriptors (32 bytes each) and the search results of one ``chunk``.
+    """
+    n_images = len(features)
+    empty = pd.DataFrame({"first": [], "second": [], "votes": []}, dtype=int)
+    group_of = np.zeros(n_images, dtype=np.int64) if groups is None else np.asarray(groups)
+    if len(group_of) != n_images:
+        raise ValueError(f"candidate_pairs: {len(group_of)} group ids for {n_images} images")
+    counts = [len(f.descriptors) for f in features]
+    if n_images < 2 or sum(counts) < 2:
+        return empty
+    owner = np.repeat(np.arange(n_images), counts)
+    everything = np.ascontiguousarray(np.concatenate([f.descriptors for f in features if len(f.descriptors)]))
+    index = _binary_index(everything)
+    cross_only = groups is not None and len(set(group_of.tolist())) > 1
+    neighbours = 8
+    voters, voted = [], []
+    for start in range(0, len(everything), chunk):
+        distances, found = index.search(everything[start:start + chunk], neighbours)
+        query_owner = owner[start:start + chunk]
+        other = np.where(found >= 0, owner[np.maximum(found, 0)], -1)
+        usable = (found >= 0) & (other != query_owner[:, None])
+        if cross_only:
+            usable &= group_of[np.maximum(other, 0)] != group_of[query_owner][:, None]
+        rows = np.arange(len(found))
+        first = np.argmax(usable, axis=1)
+        has_first = usable[rows, first]
+        best = other[rows, first]
+        # the nearest usable neighbour that belongs to yet another image
+        runner_up = usable & (other != best[:, None])
+        second = np.argmax(runner_up, axis=1)
+        has_second = runner_up[rows, second]
+        passes = has_first & (~has_second | (distances[rows, first]
+                                             < settings.ratio * distances[rows, second]))
+        voters.append(query_owner[passes])
+        voted.append(best[passes])
+    if not voters:
+        return empty
+    votes = pd.DataFrame({"query": np.concatenate(voters), "partner": np.concatenate(voted)})
+    votes = votes.groupby(["query", "partner"]).size().rename("votes").reset_index()
+    votes = votes[votes["votes"] >= settings.min_votes]
+    votes = votes.sort_values(["query", "votes", "partner"], ascending=[True, False, True])
+    votes = votes.groupby("query").head(settings.k)
+    if not len(votes):
+        return empty
+    first_id = np.minimum(votes["query"], votes["partner"])
+    second_id = np.maximum(votes["query"], votes["partner"])
+    pairs = pd.DataFrame({"first": first_id, "second": second_id, "votes": votes["votes"]})
+    pairs = pairs.groupby(["first", "second"], as_index=False)["votes"].max()
+    return pairs.sort_values(["first", "second"]).reset_index(drop=True).astype(int)
+
+
+def folder_paths(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted; suffixes in :data:`IMAGE_SUFFIXES`)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder")
+    return sorted(path for path in root.rglob("*")
+                  if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def describe_paths(paths: Sequence[str | os.PathLike], settings: CopySettings = CopySettings(),
+                   progress: bool = False) -> tuple[list[ImageFeatures | None], LoadReport]:
+    """:func:`describe` every image file (``None`` and a report line where one is unreadable)."""
+    orb = _orb(settings)
+    report = LoadReport()
+    iterator: Iterable = paths
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(paths, desc="describing images", unit="img")
+    described: list[ImageFeatures | None] = []
+    for path in iterator:
+        try:
+            described.append(describe(read_image(path), settings, orb))
+            report.n_ok += 1
+        except (ImageReadError, ValueError) as error:
+            report.bad.append(BadFile(path=str(path), error=getattr(error, "reason", str(error))))
+            described.append(None)
+    return described, report
+
+
+@dataclass
+class CopyResult:
+    """:func:`find_copies`' answer: ``pairs`` (columns :data:`PAIR_COLUMNS`, one row per
+    examined pair) and the unreadable files in ``report``."""
+
+    pairs: pd.DataFrame
+    report: LoadReport = field(default_factory=LoadReport)
+
+    @property
+    def copies(self) -> pd.DataFrame:
+        """The pairs called copies."""
+        return self.pairs[self.pairs["copy"]].reset_index(drop=True)
+
+
+def find_copies(
+    images: Sequence[str | os.PathLike] | Sequence[ImageFeatures | None],
+    *,
+    groups: Sequence[int] | None = None,
+    settings: CopySettings = CopySettings(),
+    progress: bool = False,
+    on_pair: Callable[[int, int, PairEvidence], None] | None = None,
+    extra_pairs: Iterable[tuple[int, int]] = (),
+) -> CopyResult:
+    """Find copies among ``images`` (paths, or :class:`ImageFeatures` from :func:`describe`).
+
+    With ``groups`` (one collection id per image) only pairs across collections are
+    examined. ``extra_pairs`` (positions) are examined too, whatever the index says. Every
+    candidate pair is verified once; the table lists them all with the evidence, the
+    ``score`` (band-pass correlation) and the ``copy`` decision.
+    """
+    report = LoadReport()
+    if len(images) and not isinstance(images[0], (ImageFeatures, type(None))):
+        described, report = describe_paths(images, settings, progress)  # type: ignore[arg-type]
+        names = [str(path) for path in images]
+    else:
+        described = list(images)  # type: ignore[arg-type]
+        names = ["" for _ in images]
+    readable = [i for i, item in enumerate(described) if item is not None]
+    group_ids = None if groups is None else [groups[i] for i in readable]
+    candidates = candidate_pairs([described[i] for i in readable], settings, group_ids)
+    position = {image: number for number, image in enumerate(readable)}
+    extra = [(min(position[a], position[b]), max(position[a], position[b]), 0)
+             for a, b in extra_pairs if a in position and b in position and a != b]
+    if extra:
+        candidates = (pd.concat([candidates, pd.DataFrame(extra, columns=["first", "second", "votes"])])
+                      .groupby(["first", "second"], as_index=False)["votes"].max().astype(int))
+    rows = []
+    iterator: Iterable = candidates.itertuples(index=False)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=len(candidates), desc="verifying pairs", unit="pair")
+    for first, second, votes in iterator:
+        a, b = readable[first], readable[second]
+        evidence = verify_pair(described[a], described[b], settings)  # type: ignore[arg-type]
+        if on_pair is not None:
+            on_pair(a, b, evidence)
+        rows.append({"first": a, "second": b, "path_first": names[a], "path_second": names[b],
+                     "score": round(evidence.correlation, 4), "copy": is_copy(evidence, settings),
+                     "votes": votes, "inliers": evidence.inliers,
+                     "correlation": round(evidence.correlation, 4),
+                     "coarse_correlation": round(evidence.coarse_correlation, 4),
+                     "overlap": round(evidence.overlap, 3), "rotation_deg": round(evidence.rotation_deg, 2),
+                     "scale": round(evidence.scale, 3), "aligned": evidence.aligned})
+    pairs = pd.DataFrame(rows, columns=list(PAIR_COLUMNS))
+    pairs["copy"] = pairs["copy"].astype(bool)
+    return CopyResult(pairs=pairs, report=report)
+
+
+# ----------------------------------------------------------------------------- re-publication
+
+#: Single transforms :func:`republish` knows (each as re-publication does it).
+TRANSFORMS: tuple[str, ...] = ("crop", "pad", "rotate", "window", "gamma", "equalize", "resize",
+                               "jpeg", "text")
+
+
+def republish(image: np.ndarray, kinds: str | Sequence[str], rng: np.random.Generator) -> np.ndarray:
+    """``image`` ``(H, W)`` ``uint8`` as another collection might re-publish it.
+
+    ``kinds`` (applied in order) are names from :data:`TRANSFORMS`: ``crop`` (2-20% off each
+    side), ``pad`` (a uniform border of 3-15% per side), ``rotate`` (2-10 degrees either
+    way, corners filled black), ``window`` (new window/level, clipping both ends),
+    ``gamma`` (0.5-0.8 or 1.25-2), ``equalize`` (histogram equalisation), ``resize``
+    (longest side 160-256 px), ``jpeg`` (quality 20-60), ``text`` (burned-in labels and an
+    arrow). Returns a new ``uint8`` image.
+    """
+    import cv2
+
+    out = np.ascontiguousarray(image, dtype=np.uint8).copy()
+    for kind in [kinds] if isinstance(kinds, str) else kinds:
+        height, width = out.shape
+        if kind == "crop":
+            top, bottom, left, right = rng.uniform(0.02, 0.2, size=4)
+            out = out[round(top * height):height - round(bottom * height),
+                      round(left * width):width - round(right * width)].copy()
+        elif kind == "pad":
+            sides = [round(share * length) for share, length in
+                     zip(rng.uniform(0.03, 0.15, size=4), (height, height, width, width), strict=True)]
+            value = int(rng.choice([0, 255, int(rng.integers(20, 235))]))
+            out = cv2.copyMakeBorder(out, *sides, cv2.BORDER_CONSTANT, value=value)
+        elif kind == "rotate":
+            angle = float(rng.uniform(2, 10) * rng.choice([-1, 1]))
+            matrix = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
+            out = cv2.warpAffine(out, matrix, (width, height), flags=cv2.INTER_LINEAR, borderValue=0)
+        elif kind == "window":
+            low, high = rng.uniform(0, 60), rng.uniform(170, 255)
+            out = np.clip((out.astype(np.float32) - low) / (high - low) * 255, 0, 255).astype(np.uint8)
+        elif kind == "gamma":
+            gamma = float(rng.choice([rng.uniform(0.5, 0.8), rng.uniform(1.25, 2.0)]))
+            out = (255 * (out / 255.0) ** gamma).round().astype(np.uint8)
+        elif kind == "equalize":
+            out = cv2.equalizeHist(out)
+        elif kind == "resize":
+            scale = rng.uniform(160, 256) / max(height, width)
+            out = cv2.resize(out, (max(8, round(width * scale)), max(8, round(height * scale))),
+                             interpolation=cv2.INTER_AREA)
+        elif kind == "jpeg":
+            ok, encoded = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(20, 61))])
+            out = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
+        elif kind == "text":
+            scale = max(height, width) / 320
+            for _ in range(int(rng.integers(1, 4))):
+                x, y = int(rng.integers(0, width * 3 // 4)), int(rng.integers(height // 10, height))
+                label = str(rng.choice(["L", "R", "AP", "PA", "PORTABLE", "SUPINE", "Day 3"]))
+                cv2.putText(out, label, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * scale,
+                            255, max(1, round(2 * scale)), cv2.LINE_AA)
+            start = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+            end = (int(np.clip(start[0] + rng.integers(-60, 60) * scale, 0, width - 1)),
+                   int(np.clip(start[1] + rng.integers(-60, 60) * scale, 0, height - 1)))
+            cv2.arrowedLine(out, start, end, 255, max(1, round(2 * scale)), cv2.LINE_AA, tipLength=0.3)
+        else:
+            raise ValueError(f"republish: unknown transform {kind!r}; known: {', '.join(TRANSFORMS)}")
+    return out
