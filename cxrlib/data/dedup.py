@@ -7,14 +7,14 @@ made from images that also sit in a real set). Two checks find such images:
 - **exact duplicates**: the SHA-256 of the decoded pixels
   (:func:`cxrlib.data.io.pixel_hash`) is equal, so the same image saved twice or
   re-encoded losslessly;
-- **near duplicates**: the perceptual hashes (DCT "pHash" of the ``imagehash`` library,
-  ``hash_size**2`` bits: 256 by default) differ in at most ``max_distance`` bits. pHash
-  survives resizing, JPEG re-compression, small crops and contrast changes, so it also
-  finds the same radiograph published twice at other sizes, and follow-up films that
-  barely changed. The 64-bit pHash (``hash_size=8``) is too coarse for chest X-rays, which
-  all share one layout: on the evaluation pack it paired unrelated NIH and COVID-19 films
-  at 2-4 bits, while 256 bits kept every unrelated pair above 40 bits and the true copies
-  at 0-22.
+- **near duplicates** (copies): the copy detector of :mod:`cxrlib.data.copies` (keypoint
+  candidates from an index, then alignment and correlation of fine structure), which
+  survives what re-publication does: crops up to ~20% per side, borders, rotation,
+  window/level, gamma, equalisation, resizing, JPEG and burned-in text. Pairs whose
+  perceptual hashes (DCT "pHash" of ``imagehash``, ``hash_size**2`` bits: 256 by default)
+  differ in at most ``max_distance`` bits are verified too. pHash alone missed most
+  re-cropped and re-windowed copies (``docs/copies.md``); ``method="phash"`` keeps the old
+  rule (a pair within ``max_distance`` bits is a near copy) for comparison.
 
 :func:`deduplicate` keeps one copy of each exact-duplicate group (all copies are dropped
 when they carry conflicting labels), keeps near duplicates but ties them together, and
@@ -28,19 +28,29 @@ report table (:attr:`DedupReport.table`).
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from cxrlib.data import copies
 from cxrlib.data import manifest as mf
 from cxrlib.data.io import BadFile, ImageReadError, LoadReport, pixel_hash, read_image
 
-#: Columns of :attr:`DedupReport.table`.
+#: Columns of :attr:`DedupReport.table`; for a near copy, ``partner`` and the evidence
+#: columns after it describe the pair with its closest partner (:mod:`cxrlib.data.copies`).
 REPORT_COLUMNS: tuple[str, ...] = (
     "kind", "group", "image_id", "source", "patient_id", "label", "action", "reason", "distance",
+    "partner", "score", "inliers", "overlap", "rotation_deg", "scale",
 )
+#: Evidence columns copied from the detector's pair table into the report.
+_EVIDENCE: tuple[str, ...] = ("score", "inliers", "overlap", "rotation_deg", "scale")
+#: Copy-detector features of the images :func:`hash_images` decoded, by pixel hash, so that
+#: :func:`deduplicate` does not decode them again; bounded (oldest forgotten first).
+_FEATURES: OrderedDict[str, copies.ImageFeatures] = OrderedDict()
+_FEATURE_CACHE_SIZE = 20_000
 #: Bits set in each byte value, for Hamming distances between packed hashes.
 _POPCOUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
 
@@ -89,10 +99,33 @@ def hash_images(
         report.n_ok += 1
         exact.append(pixel_hash(image))
         perceptual.append(perceptual_hash(image, hash_size))
+        _remember(exact[-1], image)
     result = df.copy()
     result["content_hash"] = exact
     result["phash"] = perceptual
     return result, report
+
+
+def _remember(content_hash: str, image: np.ndarray) -> None:
+    if content_hash not in _FEATURES:
+        _FEATURES[content_hash] = copies.describe(image)
+        while len(_FEATURES) > _FEATURE_CACHE_SIZE:
+            _FEATURES.popitem(last=False)
+
+
+def _features(work: pd.DataFrame, rows: list[int]) -> list[copies.ImageFeatures | None]:
+    """Copy-detector features of ``rows`` of ``work``: from :func:`hash_images`' cache, else
+    decoded again (``None`` where the file cannot be read any more)."""
+    found: list[copies.ImageFeatures | None] = []
+    for index in rows:
+        cached = _FEATURES.get(str(work.at[index, "content_hash"]))
+        if cached is None:
+            try:
+                cached = copies.describe(read_image(mf.resolve_path(work, str(work.at[index, "path"]))))
+            except (ImageReadError, ValueError):
+                cached = None
+        found.append(cached)
+    return found
 
 
 def _packed(hashes: list[str]) -> np.ndarray:
@@ -136,6 +169,8 @@ class DedupReport:
     n_exact_groups: int = 0
     n_near_groups: int = 0
     dropped: list[str] = field(default_factory=list)
+    #: every pair the copy detector examined (image ids, paths, evidence, ``copy``)
+    pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def metrics(self) -> dict:
         """Plain-JSON counts for ``metrics.json``."""
@@ -147,6 +182,7 @@ class DedupReport:
             "exact_duplicate_images": int((kinds == "exact").sum()),
             "near_duplicate_groups": int(self.n_near_groups),
             "near_duplicate_images": int((kinds == "near").sum()),
+            "copy_pairs_examined": int(len(self.pairs)),
             "n_dropped": len(self.dropped),
             "dropped_by_reason": {
                 str(reason): int(count)
@@ -161,6 +197,8 @@ def deduplicate(
     *,
     max_distance: int = 24,
     drop_exact: bool = True,
+    method: str = "copies",
+    settings: copies.CopySettings | None = None,
 ) -> tuple[pd.DataFrame, DedupReport]:
     """Drop exact copies, tie near copies together, link the patients of both.
 
@@ -169,8 +207,9 @@ def deduplicate(
     ``content_hash``): with ``drop_exact``, one row is kept (real before synthetic, then
     by ``source`` and ``image_id``) and the others dropped; when the copies carry different
     labels, all are dropped (the label cannot be trusted). Near-duplicate groups
-    (connected components of pHash pairs within ``max_distance`` bits) are kept and get a
-    ``near_dup_group`` id. The patients of every group, dropped copies included, are joined
+    (connected components of the pairs the copy detector calls copies, with ``settings``;
+    pairs within ``max_distance`` pHash bits are always examined; ``method="phash"``: of the
+    pHash pairs themselves) are kept and get a ``near_dup_group`` id. The patients of every group, dropped copies included, are joined
     in a ``patient_group`` column (union-find over ``patient_id``), which
     :func:`cxrlib.data.manifest.split_by_patient` honours. A synthetic row without a
     source image that near-duplicates a real row gets the closest real row as its source
@@ -178,6 +217,8 @@ def deduplicate(
 
     Returns the kept rows (``attrs`` preserved) and a :class:`DedupReport`.
     """
+    if method not in ("copies", "phash"):
+        raise ValueError(f"deduplicate: method must be 'copies' or 'phash', got {method!r}")
     for column in ("content_hash", "phash"):
         if column not in df.columns:
             raise ValueError(f"no {column!r} column: run cxrlib.data.dedup.hash_images(df) first")
@@ -190,10 +231,12 @@ def deduplicate(
     records: list[dict] = []
     drop: set[int] = set()
 
-    def record(kind: str, group: str, index: int, action: str, reason: str, distance: int | str = "") -> None:
+    def record(kind: str, group: str, index: int, action: str, reason: str, distance: int | str = "",
+               evidence: dict | None = None) -> None:
         records.append({"kind": kind, "group": group, "image_id": ids[index],
                         "source": str(work.at[index, "source"]), "patient_id": patients[index],
-                        "label": labels[index], "action": action, "reason": reason, "distance": distance})
+                        "label": labels[index], "action": action, "reason": reason, "distance": distance,
+                        **(evidence or {})})
 
     # exact copies
     hashes = mf._column(work, "content_hash")
@@ -225,31 +268,41 @@ def deduplicate(
     # near copies among the rows still kept (an exact copy adds nothing new)
     candidates = [i for i in work.index if hashed[i] and i not in drop and mf._column(work, "phash")[i]]
     pairs = near_duplicate_pairs([work.at[i, "phash"] for i in candidates], max_distance)
+    examined = pd.DataFrame()
+    evidence: dict[tuple[int, int], dict] = {}
+    if method == "copies":
+        pairs, examined, evidence = _copy_pairs(work, candidates, pairs, settings)
     components = mf._UnionFind(str(i) for i in candidates)
     closest: dict[int, tuple[int, int]] = {}
+    # the closest partner: the smallest pHash distance, then (copies) the highest score
+    rank = {(a, b): (d, -evidence.get((a, b), {}).get("score", 0.0))
+            for a, b, d in pairs.itertuples(index=False)}
     for first, second, distance in pairs.itertuples(index=False):
         a, b = candidates[first], candidates[second]
         components.union(str(a), str(b))
         for one, other in ((a, b), (b, a)):
-            if distance < closest.get(one, (None, max_distance + 1))[1]:
-                closest[one] = (other, int(distance))
+            if one not in closest or rank[(first, second)] < closest[one][2]:
+                closest[one] = (other, int(distance), rank[(first, second)])
     near_group = pd.Series("", index=work.index, dtype=object)
     members_of: dict[str, list[int]] = {}
     for index in closest:
         members_of.setdefault(components.find(str(index)), []).append(index)
     sources = mf._source_ids(work)
+    position = {row: number for number, row in enumerate(candidates)}
     for number, members in enumerate(sorted(members_of.values(), key=min), start=1):
         group = f"near-{number:05d}"
         for index in sorted(members):
             near_group[index] = group
             links.union(patients[min(members)], patients[index])
-            partner, distance = closest[index]
+            partner, distance, _ = closest[index]
             reason = f"near duplicate of {ids[partner]}"
+            key = tuple(sorted((position[index], position[partner])))
+            pair_evidence = {"partner": ids[partner], **evidence.get(key, {})}
             if not real[index] and not sources[index] and real[partner]:
                 generator, checkpoint, _ = mf.parse_origin(work.at[index, "origin"])
                 work.at[index, "origin"] = mf.make_origin(generator, checkpoint, ids[partner])
                 reason += " (taken as its source image: the synthetic image follows it into its split)"
-            record("near", group, index, "grouped", reason, distance)
+            record("near", group, index, "grouped", reason, distance, pair_evidence)
     n_near = len(members_of)
 
     work["near_dup_group"] = near_group
@@ -263,5 +316,35 @@ def deduplicate(
     table = pd.DataFrame(records, columns=list(REPORT_COLUMNS))
     report = DedupReport(table=table, n_input=len(df), max_distance=max_distance,
                          n_exact_groups=n_exact, n_near_groups=n_near,
-                         dropped=[ids[i] for i in sorted(drop)])
+                         dropped=[ids[i] for i in sorted(drop)], pairs=examined)
     return kept, report
+
+
+def _copy_pairs(work: pd.DataFrame, candidates: list[int], phash_pairs: pd.DataFrame,
+                settings: copies.CopySettings | None,
+                ) -> tuple[pd.DataFrame, pd.DataFrame, dict[tuple[int, int], dict]]:
+    """The copy detector on ``candidates`` (row numbers of ``work``), pHash pairs examined too.
+
+    Returns the copies as ``first, second, distance`` positions in ``candidates`` (pHash
+    bits as distance), every examined pair with image ids and evidence, and the evidence
+    of each copy by position pair.
+    """
+    settings = settings or copies.CopySettings()
+    features = _features(work, candidates)
+    result = copies.find_copies(features, settings=settings,
+                                extra_pairs=phash_pairs[["first", "second"]].itertuples(index=False))
+    examined = result.pairs.copy()
+    ids = mf._column(work, "image_id")
+    examined["image_id_first"] = [ids[candidates[i]] for i in examined["first"]]
+    examined["image_id_second"] = [ids[candidates[i]] for i in examined["second"]]
+    examined["path_first"] = [str(work.at[candidates[i], "path"]) for i in examined["first"]]
+    examined["path_second"] = [str(work.at[candidates[i], "path"]) for i in examined["second"]]
+    packed = _packed([str(work.at[i, "phash"]) for i in candidates])
+    examined["phash_distance"] = _POPCOUNT[packed[examined["first"].to_numpy()]
+                                           ^ packed[examined["second"].to_numpy()]].sum(axis=1, dtype=int)
+    found = examined[examined["copy"]]
+    evidence = {(int(row.first), int(row.second)): {name: getattr(row, name) for name in _EVIDENCE}
+                for row in found.itertuples(index=False)}
+    pairs = pd.DataFrame({"first": found["first"], "second": found["second"],
+                          "distance": found["phash_distance"]}).astype(int).reset_index(drop=True)
+    return pairs, examined.drop(columns=["first", "second"]), evidence
