@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,17 @@ from cxrlib.data.io import read_image, read_mask, write_png
 from cxrlib.evaluate.segmentation import dice
 from cxrlib.models.unet import UNet, UNetConfig
 from cxrlib.train.engine import (
+    PRECISION_HELP,
+    PRECISIONS,
     MetricLogger,
+    Precision,
+    as_precision,
     init_distributed,
     load_checkpoint,
     make_loader,
     progress_bar,
     read_checkpoint,
+    resolve_precision,
     save_checkpoint,
     seed_epoch,
     set_loader_epoch,
@@ -175,7 +180,8 @@ class TextSegConfig:
     on whole images); ``crop``, ``text_fraction``: the training windows
     (:class:`TextCropDataset`); ``epochs`` x ``steps_per_epoch`` steps of ``batch_size``
     crops, AdamW ``lr``; ``threshold``: text probability that counts as text;
-    ``seed``, ``device``, ``progress``.
+    ``seed``, ``device``, ``progress``; ``precision`` (:func:`~cxrlib.train.engine.resolve_precision`;
+    the saved config holds the resolved one).
     """
 
     base_channels: int = 8
@@ -190,6 +196,11 @@ class TextSegConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    precision: str = field(default="fp32", metadata={"help": PRECISION_HELP, "choices": PRECISIONS})
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def unet_config(self) -> UNetConfig:
         return UNetConfig(in_channels=1, num_classes=2, depth=self.depth, base_channels=self.base_channels,
@@ -217,6 +228,9 @@ def train_text_segmenter(images: np.ndarray, masks: np.ndarray, run_dir: str | o
     """
     config = config or TextSegConfig()
     ctx = init_distributed(config.device)
+    precision = resolve_precision(config.precision, ctx.device)
+    config = replace(config, precision=precision.name)  # the checkpoint records what ran
+    scaler = precision.grad_scaler()
     run_dir = Path(run_dir)
     last_path = run_dir / "last.pt"
     seed_everything(config.seed)
@@ -242,10 +256,13 @@ def train_text_segmenter(images: np.ndarray, masks: np.ndarray, run_dir: str | o
             total, steps = 0.0, 0
             while steps < config.steps_per_epoch:  # several passes when the set is small
                 for batch, labels in loader:
-                    loss, _ = segmentation_loss(net(batch.to(ctx.device)), labels.to(ctx.device))
+                    with precision.autocast():
+                        logits = net(batch.to(ctx.device))
+                    loss, _ = segmentation_loss(logits.float(), labels.to(ctx.device))  # float32 loss
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                     total += float(loss.detach())
                     steps += 1
                     if steps >= config.steps_per_epoch:
@@ -274,25 +291,32 @@ def load_text_segmenter(path: str | os.PathLike, device: str = "cpu") -> TextSeg
 
 
 @torch.no_grad()
-def text_probability(segmenter: TextSegmenter | nn.Module, images: np.ndarray, *, batch_size: int = 8) -> np.ndarray:
-    """Per-pixel text probability ``(N, H, W)`` float32 in [0, 1] of uint8 images ``(N, H, W)``."""
+def text_probability(segmenter: TextSegmenter | nn.Module, images: np.ndarray, *, batch_size: int = 8,
+                     precision: str | Precision = "fp32") -> np.ndarray:
+    """Per-pixel text probability ``(N, H, W)`` float32 in [0, 1] of uint8 images ``(N, H, W)``.
+
+    ``precision``: the autocast of the forward passes (:func:`~cxrlib.train.engine.resolve_precision`).
+    """
     net = segmenter.model if isinstance(segmenter, TextSegmenter) else segmenter
     device = next(net.parameters()).device
+    precision = as_precision(precision, device)
     images = np.asarray(images)
     if images.ndim == 2:
         images = images[None]
     out = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start:start + batch_size].astype(np.float32) / 255.0)[:, None].to(device)
-        out.append(net(batch).softmax(dim=1)[:, 1].cpu().numpy())
+        with precision.autocast():
+            logits = net(batch)
+        out.append(logits.float().softmax(dim=1)[:, 1].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(images.shape, np.float32)
 
 
 def predict_text_masks(segmenter: TextSegmenter, images: np.ndarray, *, threshold: float | None = None,
-                       batch_size: int = 8) -> np.ndarray:
+                       batch_size: int = 8, precision: str | Precision = "fp32") -> np.ndarray:
     """Text masks ``(N, H, W)`` bool: text probability >= ``threshold`` (default: the config's)."""
     cut = segmenter.config.threshold if threshold is None else float(threshold)
-    return text_probability(segmenter, images, batch_size=batch_size) >= cut
+    return text_probability(segmenter, images, batch_size=batch_size, precision=precision) >= cut
 
 
 #: File endings :func:`sample_folder_images` reads (what :func:`cxrlib.data.io.read_image` reads).

@@ -63,20 +63,23 @@ from cxrlib.evaluate.classification import choose_thresholds
 from cxrlib.models.classifiers import ARCHITECTURES, Classifier, build_classifier
 from cxrlib.settings import add_arguments, from_arguments, from_mapping, setting
 from cxrlib.train.engine import (
+    PRECISION_HELP,
+    PRECISIONS,
     DistContext,
     MetricLogger,
+    Precision,
     all_reduce_sum,
-    autocast_context,
+    as_precision,
     barrier,
     broadcast_buffers,
     cleanup_distributed,
     init_distributed,
     load_checkpoint,
     lr_factor,
-    make_grad_scaler,
     make_loader,
     progress_bar,
     read_checkpoint,
+    resolve_precision,
     save_checkpoint,
     seed_epoch,
     set_loader_epoch,
@@ -88,7 +91,8 @@ from cxrlib.train.engine import (
 # Changing these between a checkpoint and a resumed run changes what the weights mean.
 _MODEL_FIELDS = ("arch", "classes", "num_classes", "input_mode", "image_size")
 # Changing these on resume is expected (more epochs, another machine, quieter output).
-_HARMLESS_FIELDS = ("epochs", "patience", "device", "num_workers", "progress", "max_steps_per_epoch")
+_HARMLESS_FIELDS = ("epochs", "patience", "device", "num_workers", "progress", "max_steps_per_epoch", "precision",
+                    "amp")
 _SELECT_METRICS = ("auc", "balanced_accuracy", "loss")
 _IMBALANCE = ("weighted_loss", "balanced_sampler", "none")
 
@@ -129,8 +133,10 @@ class ClassifierTrainConfig:
 
     Runtime:
     - ``seed`` (weights, order, augmentation, patches); ``device`` (``"auto"``, ``"cpu"``,
-      ``"cuda"``...; under torchrun the local rank's GPU); ``amp`` and ``channels_last``
-      (CUDA only); ``num_workers``; ``max_steps_per_epoch`` (quick runs); ``progress``.
+      ``"cuda"``...; under torchrun the local rank's GPU); ``precision`` (``"fp32"``, ``"bf16"``,
+      ``"fp16"``, ``"auto"``: :func:`~cxrlib.train.engine.resolve_precision`; the resolved one is
+      saved); ``amp`` (with ``precision="fp32"``: the former CUDA float16 switch) and
+      ``channels_last`` (CUDA only); ``num_workers``; ``max_steps_per_epoch`` (quick runs); ``progress``.
     """
 
     arch: str = setting("resnet18", "network architecture", choices=sorted(ARCHITECTURES))
@@ -159,13 +165,16 @@ class ClassifierTrainConfig:
     select_metric: Literal["auc", "balanced_accuracy", "loss"] = setting("auc", "validation metric to select by")
     seed: int = setting(0, "random seed for weights, data order, augmentation")
     device: str = setting("auto", "auto, cpu, cuda or mps (torchrun: GPU of the local rank)")
-    amp: bool = setting(True, "float16 autocast and gradient scaling (CUDA only)")
+    precision: str = setting("fp32", PRECISION_HELP, choices=PRECISIONS)
+    amp: bool = setting(True, "with --precision fp32: float16 autocast and gradient scaling on CUDA")
     channels_last: bool = setting(True, "NHWC memory layout (CUDA only)")
     num_workers: int = setting(0, "DataLoader worker processes per process")
     max_steps_per_epoch: int | None = setting(None, "cap on steps per epoch (quick runs)")
     progress: bool = setting(True, "progress bars")
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
         if self.input_mode not in INPUT_MODES:
@@ -320,7 +329,7 @@ def _gather(parts: list[Any], ctx: DistContext) -> list[Any]:
 
 
 @torch.no_grad()
-def _predict_loader(net: nn.Module, loader: DataLoader, device: torch.device, *, amp: bool,
+def _predict_loader(net: nn.Module, loader: DataLoader, device: torch.device, *, precision: Precision,
                     channels_last: bool, progress: bool, ctx: DistContext | None = None,
                     desc: str = "predict") -> tuple[np.ndarray, np.ndarray | None]:
     """Softmax probabilities ``(n, C)`` float64 for the loader's items, in loader order.
@@ -336,7 +345,7 @@ def _predict_loader(net: nn.Module, loader: DataLoader, device: torch.device, *,
         if stacked:
             n_images, k = images.shape[:2]
             images = images.flatten(0, 1)
-        with autocast_context(device, amp):
+        with precision.autocast():
             logits = net(_to_device(images, device, channels_last))
         prob = logits.float().softmax(dim=1)
         if stacked:
@@ -377,13 +386,13 @@ def validation_metrics(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     return metrics
 
 
-def _evaluate(model: nn.Module, loader: DataLoader, labels: np.ndarray, ctx: DistContext, *, amp: bool,
+def _evaluate(model: nn.Module, loader: DataLoader, labels: np.ndarray, ctx: DistContext, *, precision: Precision,
               channels_last: bool, progress: bool) -> tuple[dict[str, float], np.ndarray]:
     """Validation metrics and the full ``(N, C)`` probabilities, identical on every rank."""
     net = unwrap(model)  # no DDP hooks: shards may differ in length
     was_training = net.training
     net.eval()
-    prob, _ = _predict_loader(net, loader, ctx.device, amp=amp, channels_last=channels_last,
+    prob, _ = _predict_loader(net, loader, ctx.device, precision=precision, channels_last=channels_last,
                               progress=progress, ctx=ctx, desc="val")
     net.train(was_training)
     indices = np.fromiter(iter(loader.sampler), dtype=np.int64)
@@ -449,7 +458,8 @@ def train_classifier(
     config = config.resolved(train_labels_raw)
     ctx = ctx or init_distributed(config.device)
     device = ctx.device
-    amp = config.amp and device.type == "cuda"
+    precision = resolve_precision(config.precision, device, amp=config.amp)
+    config = replace(config, precision=precision.name)  # config.json records what ran
     channels_last = config.channels_last and device.type == "cuda"
     run_dir = Path(run_dir)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
@@ -466,9 +476,10 @@ def train_classifier(
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.schedule, config.epochs))
-    scaler = make_grad_scaler(device, amp)
+    scaler = precision.grad_scaler()
     saved_config = to_plain(asdict(config))
-    run_info = {"world_size": ctx.world_size, "device": str(device), "amp": amp,
+    run_info = {"world_size": ctx.world_size, "device": str(device), "amp": precision.enabled,
+                **precision.record(),
                 "channels_last": channels_last, "torch_version": str(torch.__version__)}
 
     lower_is_better = config.select_metric == "loss"
@@ -520,11 +531,12 @@ def train_classifier(
             set_loader_epoch(train_loader, epoch)
             lr = optimizer.param_groups[0]["lr"]
             train_stats, steps = _train_one_epoch(model, train_loader, optimizer, scaler, class_weights, config,
-                                                  ctx, amp=amp, channels_last=channels_last, epoch=epoch)
+                                                  ctx, precision=precision, channels_last=channels_last,
+                                                  epoch=epoch)
             step += steps
             scheduler.step()
             broadcast_buffers(model, ctx)  # every rank evaluates and keeps rank 0's weights
-            val_stats, val_prob = _evaluate(model, val_loader, val_labels, ctx, amp=amp,
+            val_stats, val_prob = _evaluate(model, val_loader, val_labels, ctx, precision=precision,
                                             channels_last=channels_last, progress=config.progress)
             value = val_stats["val_loss" if lower_is_better else f"val_{config.select_metric}"]
             improved = _is_better(value, best_metric, config.select_metric)
@@ -573,7 +585,7 @@ def train_classifier(
 
 def _train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler, class_weights: torch.Tensor | None,
-                     config: ClassifierTrainConfig, ctx: DistContext, *, amp: bool, channels_last: bool,
+                     config: ClassifierTrainConfig, ctx: DistContext, *, precision: Precision, channels_last: bool,
                      epoch: int) -> tuple[dict[str, float], int]:
     """One pass over ``loader`` (at most ``max_steps_per_epoch`` steps).
 
@@ -591,7 +603,7 @@ def _train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.opti
     for images, labels in bar:
         images = _to_device(images, ctx.device, channels_last)
         labels = labels.to(ctx.device, non_blocking=True).long()
-        with autocast_context(ctx.device, amp):
+        with precision.autocast():
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, weight=class_weights)
         optimizer.zero_grad(set_to_none=True)
@@ -677,6 +689,7 @@ def predict_proba(
     device: str | torch.device | None = None,
     amp: bool = False,
     progress: bool = False,
+    precision: str | Precision = "fp32",
 ) -> np.ndarray:
     """Class probabilities ``(N, C)`` float64 (rows sum to 1), in the row order of ``data``.
 
@@ -685,22 +698,24 @@ def predict_proba(
     ``(image (1, H, W) float in [0, 1], label)`` (a ClassificationDataset is never
     augmented here). In patch mode this is the mean probability over
     ``config.eval_patches`` patches (:func:`predict_patches`). ``device``: where to run
-    (``None``: where the model is). One process (no DDP).
+    (``None``: where the model is). ``precision``: the autocast of the forward passes
+    (:func:`~cxrlib.train.engine.resolve_precision`; ``amp=True`` with ``"fp32"``: float16 on CUDA,
+    as before). One process (no DDP).
     """
     net, config = _model_and_config(model, config)
     dataset = _prediction_dataset(data, config, root)
     if isinstance(dataset, ClassificationDataset) and dataset.input_mode == "patch":
         k = config.eval_patches if config is not None else 10
         return predict_patches(net, dataset, k, batch_size=batch_size, device=device, amp=amp,
-                               progress=progress).proba
+                               progress=progress, precision=precision).proba
     net = unwrap(net)
     target = next(net.parameters()).device if device is None else resolve_device(str(device))
     net.to(target)
     was_training = net.training
     net.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    prob, _ = _predict_loader(net, loader, target, amp=amp and target.type == "cuda", channels_last=False,
-                              progress=progress)
+    prob, _ = _predict_loader(net, loader, target, precision=as_precision(precision, target, amp=amp),
+                              channels_last=False, progress=progress)
     net.train(was_training)
     return prob
 
@@ -733,13 +748,14 @@ def predict_patches(
     device: str | torch.device | None = None,
     amp: bool = False,
     progress: bool = False,
+    precision: str | Precision = "fp32",
 ) -> PatchPrediction:
     """Classify ``k`` lung-centred patches per image and aggregate them (majority vote, mean probability).
 
     ``data``: manifest rows (prepared with the model's config, patch mode) or a
     ClassificationDataset in patch mode. Patches are drawn from a generator seeded by
     ``(seed, image index)`` (default: the dataset's seed), so predictions repeat.
-    ``batch_size`` counts patches.
+    ``batch_size`` counts patches; ``precision`` and ``amp`` as in :func:`predict_proba`.
     """
     net, config = _model_and_config(model, config)
     dataset = _prediction_dataset(data, config, root)
@@ -752,8 +768,8 @@ def predict_patches(
     net.eval()
     stack = PatchStack(dataset, k, seed=seed)
     loader = DataLoader(stack, batch_size=max(1, batch_size // k), shuffle=False)
-    proba, votes = _predict_loader(net, loader, target, amp=amp and target.type == "cuda", channels_last=False,
-                                   progress=progress, desc="patches")
+    proba, votes = _predict_loader(net, loader, target, precision=as_precision(precision, target, amp=amp),
+                                   channels_last=False, progress=progress, desc="patches")
     net.train(was_training)
     centres = np.stack([dataset.patches(i, k, seed)[1] for i in range(len(dataset))]) if len(dataset) else \
         np.zeros((0, k, 2), dtype=np.int64)

@@ -67,20 +67,21 @@ from cxrlib.models.cyclegan import CycleGAN, CycleGANConfig
 from cxrlib.settings import add_arguments, from_arguments, from_mapping, setting
 from cxrlib.train.cyclegan_inference import load_generator, translate, translation_grid  # noqa: F401 (notebook 03)
 from cxrlib.train.engine import (
+    PRECISION_HELP,
+    PRECISIONS,
     CheckpointError,
     DistContext,
     MetricLogger,
     all_reduce_sum,
-    autocast_context,
     barrier,
     broadcast_buffers,
     cleanup_distributed,
     init_distributed,
     load_checkpoint,
-    make_grad_scaler,
     make_loader,
     progress_bar,
     read_checkpoint,
+    resolve_precision,
     save_checkpoint,
     seed_epoch,
     set_loader_epoch,
@@ -95,7 +96,7 @@ LOSS_TERMS = ("loss_G", "adv_AB", "adv_BA", "cycle_A", "cycle_B", "idt_A", "idt_
 _MODEL_FIELDS = ("model", "image_size")
 # Changing these on resume is expected (more epochs, another machine, quieter output).
 _HARMLESS_FIELDS = ("epochs", "epochs_decay", "device", "num_workers", "progress", "max_steps_per_epoch",
-                    "sample_every", "n_samples", "log_every")
+                    "sample_every", "n_samples", "log_every", "precision", "amp")
 
 
 @dataclass
@@ -121,8 +122,10 @@ class CycleGANTrainConfig:
     - ``seed``: weights, pairing, flips and pool draws all follow it.
     - ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"`` (under torchrun each process
       takes the GPU of its local rank); ``num_workers``: DataLoader worker processes.
-    - ``amp``: float16 autocast + gradient scaling, CUDA only; ``channels_last``: NHWC
-      layout, CUDA only.
+    - ``precision``: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"``
+      (:func:`~cxrlib.train.engine.resolve_precision`; ``config.json`` holds the resolved one);
+      ``amp``: with ``precision="fp32"``, the former CUDA float16 switch; ``channels_last``:
+      NHWC layout, CUDA only.
     - ``max_steps_per_epoch``: cap on steps per epoch (quick runs); ``None``: all.
     - ``log_every``: steps between progress-bar updates (the only host synchronisations
       inside an epoch); ``progress``: tqdm bars.
@@ -144,7 +147,8 @@ class CycleGANTrainConfig:
     seed: int = setting(0, "random seed for weights, pairing, flips and pools")
     device: str = setting("auto", "auto, cpu, cuda or mps (torchrun: GPU of the local rank)")
     num_workers: int = setting(0, "DataLoader worker processes per process")
-    amp: bool = setting(True, "float16 autocast and gradient scaling (CUDA only)")
+    precision: str = setting("fp32", PRECISION_HELP, choices=PRECISIONS)
+    amp: bool = setting(True, "with --precision fp32: float16 autocast and gradient scaling on CUDA")
     channels_last: bool = setting(True, "NHWC memory layout (CUDA only)")
     max_steps_per_epoch: int | None = setting(None, "cap on steps per epoch (quick runs)")
     log_every: int = setting(10, "steps between progress-bar loss updates")
@@ -153,6 +157,8 @@ class CycleGANTrainConfig:
     n_samples: int = setting(4, "images per direction in a sample grid")
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.epochs < 0 or self.epochs_decay < 0 or self.epochs + self.epochs_decay < 1:
             raise ValueError(f"need epochs, epochs_decay >= 0 and at least one epoch in all: {self}")
         if self.batch_size < 1 or self.log_every < 1 or self.n_samples < 0 or self.sample_every < 0:
@@ -197,7 +203,8 @@ class CycleGANResult:
 
     ``G_AB`` (A -> B) and ``G_BA`` (B -> A): the generators after the last epoch, in eval
     mode; ``model``: all four networks; ``history``: one row per epoch (``epoch``, ``lr``,
-    the :data:`LOSS_TERMS` means, ``time_s``); ``checkpoint_path``: ``last.pt``.
+    the :data:`LOSS_TERMS` means, ``time_s``); ``checkpoint_path``: ``last.pt``; ``precision``:
+    the resolved precision it ran in (for ``metrics.json``).
     """
 
     G_AB: nn.Module
@@ -205,6 +212,7 @@ class CycleGANResult:
     history: pd.DataFrame
     checkpoint_path: Path
     model: CycleGAN
+    precision: str = "fp32"
 
 
 # --------------------------------------------------------------------------- image pool
@@ -307,7 +315,7 @@ class CycleGANTrainer:
         self.ctx = ctx or DistContext(device=next(model.parameters()).device)
         device = self.ctx.device
         self.model = model
-        self.amp = config.amp and device.type == "cuda"
+        self.precision = resolve_precision(config.precision, device, amp=config.amp)
         self.G_AB, self.G_BA = wrap_ddp(model.G_AB, self.ctx), wrap_ddp(model.G_BA, self.ctx)
         self.D_A, self.D_B = wrap_ddp(model.D_A, self.ctx), wrap_ddp(model.D_B, self.ctx)
         self.optimizer_G = _adam(itertools.chain(model.G_AB.parameters(), model.G_BA.parameters()), config, device)
@@ -318,7 +326,7 @@ class CycleGANTrainer:
 
         self.scheduler_G = torch.optim.lr_scheduler.LambdaLR(self.optimizer_G, factor)
         self.scheduler_D = torch.optim.lr_scheduler.LambdaLR(self.optimizer_D, factor)
-        self.scaler = make_grad_scaler(device, self.amp)
+        self.scaler = self.precision.grad_scaler()
         self.pool_A = ImagePool(config.pool_size)  # fake domain-A images G_BA(B), for D_A
         self.pool_B = ImagePool(config.pool_size)  # fake domain-B images G_AB(A), for D_B
 
@@ -339,7 +347,7 @@ class CycleGANTrainer:
 
         # Generators: the discriminators are frozen (no weight gradients) and used without DDP.
         set_requires_grad((plain_D_A, plain_D_B), False)
-        with autocast_context(device, self.amp):
+        with self.precision.autocast():
             if with_identity:
                 fake_B, idt_B = self.G_AB(torch.cat([real_A, real_B])).split(n)
                 fake_A, idt_A = self.G_BA(torch.cat([real_B, real_A])).split(n)
@@ -366,9 +374,9 @@ class CycleGANTrainer:
 
         # Discriminators: real and (pooled, detached) fake images in one pass each.
         set_requires_grad((plain_D_A, plain_D_B), True)
-        pooled_A = self.pool_A.query(fake_A).to(real_A.dtype)
-        pooled_B = self.pool_B.query(fake_B).to(real_B.dtype)
-        with autocast_context(device, self.amp):
+        pooled_A = self.pool_A.query(fake_A.float()).to(real_A.dtype)  # the pools keep float32 images
+        pooled_B = self.pool_B.query(fake_B.float()).to(real_B.dtype)
+        with self.precision.autocast():
             score_real_A, score_pooled_A = self.D_A(torch.cat([real_A, pooled_A])).split(n)
             score_real_B, score_pooled_B = self.D_B(torch.cat([real_B, pooled_B])).split(n)
         loss_D_A = 0.5 * ((score_real_A.float() - 1.0).square().mean() + score_pooled_A.float().square().mean())
@@ -469,7 +477,8 @@ def train_cyclegan(
     config = config.resolved()
     ctx = ctx or init_distributed(config.device)
     device = ctx.device
-    amp = config.amp and device.type == "cuda"
+    precision = resolve_precision(config.precision, device, amp=config.amp)
+    config = replace(config, precision=precision.name)  # config.json records what ran
     channels_last = config.channels_last and device.type == "cuda"
     run_dir = Path(run_dir)
     last_path = run_dir / "last.pt"
@@ -482,13 +491,17 @@ def train_cyclegan(
         model = model.to(memory_format=torch.channels_last)
     trainer = CycleGANTrainer(model, config, ctx)
     saved_config = to_plain(asdict(config))
-    run_info = {"world_size": ctx.world_size, "device": str(device), "amp": amp,
+    run_info = {"world_size": ctx.world_size, "device": str(device), "amp": precision.enabled,
+                **precision.record(),
                 "channels_last": channels_last, "torch_version": str(torch.__version__)}
 
     start_epoch, step = 1, 0
     if resume and last_path.is_file():
         checkpoint = read_checkpoint(last_path)
-        changed = _config_differences(checkpoint.get("config") or {}, saved_config)
+        saved = dict(checkpoint.get("config") or {})
+        if isinstance(saved.get("model"), Mapping):  # fields added since (upsample) take their defaults
+            saved["model"] = {**{f.name: f.default for f in fields(CycleGANConfig)}, **saved["model"]}
+        changed = _config_differences(saved, saved_config)
         clashing = {k: v for k, v in changed.items() if k in _MODEL_FIELDS}
         if clashing:
             raise ValueError(f"{last_path} was trained with other model settings {clashing} (saved, now); "
@@ -534,7 +547,7 @@ def train_cyclegan(
                 if samples is not None and (epoch % config.sample_every == 0 or epoch == config.total_epochs):
                     from cxrlib.data.io import write_png
 
-                    grid = translation_grid(model.G_AB, model.G_BA, *samples, amp=amp)
+                    grid = translation_grid(model.G_AB, model.G_BA, *samples, precision=precision)
                     write_png(run_dir / "samples" / f"epoch_{epoch:03d}.png", grid)
                 save_checkpoint(last_path, model=model, scaler=trainer.scaler, epoch=epoch, step=step,
                                 config=saved_config, extra={"run": run_info, "loss_terms": list(LOSS_TERMS)},
@@ -548,7 +561,7 @@ def train_cyclegan(
 
     model.eval()
     return CycleGANResult(G_AB=model.G_AB, G_BA=model.G_BA, history=logger.frame(), checkpoint_path=last_path,
-                          model=model)
+                          model=model, precision=precision.name)
 
 
 def _train_one_epoch(trainer: CycleGANTrainer, loader: DataLoader, config: CycleGANTrainConfig,

@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,11 @@ from cxrlib.models.diffusion import DiffusionConfig, DiffusionModel, training_sc
 from cxrlib.runs import to_plain
 from cxrlib.settings import add_arguments, from_arguments, from_mapping, setting
 from cxrlib.train.engine import (
+    PRECISION_HELP,
+    PRECISIONS,
     DistContext,
     MetricLogger,
+    Precision,
     all_reduce_mean,
     barrier,
     init_distributed,
@@ -48,6 +51,7 @@ from cxrlib.train.engine import (
     make_loader,
     progress_bar,
     read_checkpoint,
+    resolve_precision,
     save_checkpoint,
     seed_epoch,
     set_loader_epoch,
@@ -77,7 +81,10 @@ class DiffusionTrainConfig:
       resumed runs (``None``: no limit). An epoch starts only when the time so far plus the
       last epoch's duration fits, so training ends within the budget at an epoch boundary
       (the autoencoder stage of the latent model is not counted).
-    - ``seed``, ``device``, ``num_workers``, ``amp`` (CUDA float16), ``progress``.
+    - ``precision``: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"``
+      (:func:`~cxrlib.train.engine.resolve_precision`; the resolved one is saved); ``amp``: with
+      ``precision="fp32"``, the former CUDA float16 switch.
+    - ``seed``, ``device``, ``num_workers``, ``progress``.
     """
 
     model: DiffusionConfig = setting(factory=DiffusionConfig, help="networks and noise process")
@@ -99,10 +106,13 @@ class DiffusionTrainConfig:
     seed: int = setting(0, "seed of weights, batches and noise")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
     num_workers: int = setting(0, "DataLoader worker processes per process")
-    amp: bool = setting(True, "float16 autocast (CUDA only)")
+    precision: str = setting("fp32", PRECISION_HELP, choices=PRECISIONS)
+    amp: bool = setting(True, "with --precision fp32: float16 autocast and gradient scaling on CUDA")
     progress: bool = setting(True, "progress bars")
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if isinstance(self.model, Mapping):
             self.model = from_mapping(DiffusionConfig, self.model, strict=False)
         if self.schedule not in ("constant", "cosine"):
@@ -209,7 +219,8 @@ def train_diffusion(
         config = from_mapping(DiffusionTrainConfig, config, strict=False)
     ctx = ctx or init_distributed(config.device)
     device = ctx.device
-    amp = config.amp and device.type == "cuda"
+    precision = resolve_precision(config.precision, device, amp=config.amp)
+    config = replace(config, precision=precision.name)  # config.json records what ran
     run_dir = Path(run_dir)
     last_path = run_dir / "last.pt"
     if ctx.is_main:
@@ -233,7 +244,9 @@ def train_diffusion(
     model.to(device)
     dataset = _Images(images, label_index, hflip=config.hflip)
     if config.model.latent and checkpoint is None:
-        _train_vae(model, dataset, run_dir / "vae", config, ctx)
+        # The former amp switch left the autoencoder in float32; so does "fp32" with amp=True.
+        vae_precision = precision if precision.requested != "fp32" else Precision(device_type=device.type)
+        _train_vae(model, dataset, run_dir / "vae", config, ctx, vae_precision)
         config.model.vae_scaling_factor = _latent_scale(model, dataset, device)
         model.config.vae_scaling_factor = config.model.vae_scaling_factor
     elif config.model.latent:
@@ -246,7 +259,7 @@ def train_diffusion(
     unet = model.unet
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.schedule, config.epochs))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = precision.grad_scaler()
     ema = EMAModel(unet.parameters(), decay=config.ema_decay)
     saved_config = to_plain(asdict(config))
     start_epoch, step = 1, 0
@@ -290,8 +303,8 @@ def train_diffusion(
                     break
                 batch = batch.to(device)
                 batch_labels = batch_labels.to(device)
-                with torch.no_grad():
-                    target_space = model.encode(batch) if model.vae is not None else batch
+                with torch.no_grad(), precision.autocast():
+                    target_space = model.encode(batch).float() if model.vae is not None else batch
                 noise = torch.randn_like(target_space)
                 timesteps = torch.randint(0, config.model.num_train_timesteps, (len(batch),), device=device)
                 noisy = noiser.add_noise(target_space, noise, timesteps)
@@ -299,7 +312,7 @@ def train_diffusion(
                 cond = torch.where(drop, torch.full_like(batch_labels, config.model.null_class), batch_labels)
                 target = (noise if config.model.prediction_type == "epsilon"
                           else noiser.get_velocity(target_space, noise, timesteps))
-                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+                with precision.autocast():
                     prediction = net(noisy, timesteps, class_labels=cond).sample
                 loss = nn.functional.mse_loss(prediction.float(), target.float())
                 optimizer.zero_grad(set_to_none=True)
@@ -325,7 +338,7 @@ def train_diffusion(
             if ctx.is_main:
                 save_checkpoint(last_path, model=unet, optimizer=optimizer, scheduler=lr_schedule, scaler=scaler,
                                 epoch=epoch, step=step, config=saved_config,
-                                extra={"world_size": ctx.world_size, "device": str(device),
+                                extra={"world_size": ctx.world_size, "device": str(device), **precision.record(),
                                        "train_seconds": train_seconds, "last_epoch_s": last_epoch_s},
                                 state={"ema": ema.state_dict()})
             barrier()
@@ -358,9 +371,11 @@ def _over_budget(budget: float | None, spent: float, last_epoch: float, ctx: Dis
 
 
 def _train_vae(model: DiffusionModel, dataset: Dataset, vae_dir: Path, config: DiffusionTrainConfig,
-               ctx: DistContext) -> None:
+               ctx: DistContext, precision: Precision | None = None) -> None:
     """Train (or resume) the autoencoder: L1 + MSE reconstruction + ``vae_kl_weight`` * KL."""
     vae = model.vae
+    precision = precision or Precision(device_type=ctx.device.type)
+    scaler = precision.grad_scaler()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     last_path = vae_dir / "last.pt"
     start_epoch, step = 1, 0
@@ -382,13 +397,18 @@ def _train_vae(model: DiffusionModel, dataset: Dataset, vae_dir: Path, config: D
             if config.max_steps_per_epoch is not None and steps >= config.max_steps_per_epoch:
                 break
             batch = batch.to(ctx.device)
-            posterior = unwrap(net).encode(batch).latent_dist
-            reconstruction = unwrap(net).decode(posterior.sample()).sample
+            with precision.autocast():
+                posterior = unwrap(net).encode(batch).latent_dist
+            if posterior.parameters.dtype != torch.float32:  # the sample and the KL in float32
+                posterior = type(posterior)(posterior.parameters.float())
+            with precision.autocast():
+                reconstruction = unwrap(net).decode(posterior.sample()).sample.float()
             loss = (nn.functional.l1_loss(reconstruction, batch) + nn.functional.mse_loss(reconstruction, batch)
                     + config.vae_kl_weight * posterior.kl().mean())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             total += float(loss.detach()) * len(batch)
             count += len(batch)
             step += 1

@@ -1,4 +1,4 @@
-"""What every training loop shares: distributed context, loaders, checkpoints, logs, AMP.
+"""What every training loop shares: distributed context, loaders, checkpoints, logs, precision.
 
 The pieces are small functions, not a framework; a loop for a model family
 (:mod:`cxrlib.train.segmentation`, later CycleGAN, classifiers, diffusion) calls them in
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -458,15 +459,173 @@ class MetricLogger:
 
 # --------------------------------------------------------------------------- mixed precision
 
+#: What a loop may be asked for: ``auto`` resolves per device (:func:`resolve_precision`).
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: Help text of the ``precision`` field every training config carries.
+PRECISION_HELP = ("autocast precision: fp32 (none), bf16, fp16 (CUDA, with gradient scaling) or auto "
+                  "(bf16 on CPUs with native bf16 and on recent GPUs, fp16 on older GPUs, else fp32)")
+
+
+def cpu_has_native_bf16(description: Mapping[str, Any] | None = None) -> bool:
+    """True when the CPU multiplies bf16 matrices in hardware (``avx512_bf16`` or ``amx_bf16`` flag).
+
+    ``description``: :func:`cxrlib.config.cpu_description` (read now when ``None``). Without
+    these flags PyTorch emulates bf16 products, which is slower than float32.
+    """
+    if description is None:
+        from cxrlib.config import cpu_description
+
+        description = cpu_description()
+    return bool(description.get("avx512_bf16") or description.get("amx_bf16"))
+
+
+def cuda_bf16_supported(device: str | torch.device = "cuda") -> bool:
+    """True when the GPU has bf16 tensor cores (compute capability 8.0 and above: Ampere on)."""
+    device = torch.device(device)
+    if getattr(torch.version, "hip", None):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A precision resolved for one device: the autocast and gradient scaling a loop uses.
+
+    ``name``: ``"fp32"`` (no autocast), ``"bf16"`` or ``"fp16"`` (autocast to that dtype;
+    ``fp16`` also scales gradients); ``device_type``: ``"cpu"``, ``"cuda"``...;
+    ``requested``: what the config asked for; ``reason``: one line on why. Parameters,
+    gradients, optimizer state, losses and metrics stay float32 whatever the name: only the
+    operations autocast lists (convolutions, matrix products) run in the lower precision.
+    """
+
+    name: str = "fp32"
+    device_type: str = "cpu"
+    requested: str = "fp32"
+    reason: str = "asked for"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The autocast dtype (``torch.float32`` for ``fp32``)."""
+        return _DTYPES[self.name]
+
+    @property
+    def enabled(self) -> bool:
+        """True when autocast is on (``bf16`` or ``fp16``)."""
+        return self.name != "fp32"
+
+    @property
+    def scales_gradients(self) -> bool:
+        """True for ``fp16``: its narrow exponent range needs loss scaling (bf16 has float32's)."""
+        return self.name == "fp16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` to :attr:`dtype` on this device type; a do-nothing context for fp32."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler, active for ``fp16`` only (:attr:`scales_gradients`).
+
+        A disabled scaler's ``scale(loss)`` returns ``loss`` and ``step(optimizer)`` just calls
+        ``optimizer.step()``, so one loop serves every precision.
+        """
+        enabled = self.scales_gradients
+        return torch.amp.GradScaler(self.device_type if enabled else "cuda", enabled=enabled)
+
+    def record(self) -> dict[str, str]:
+        """Plain data for checkpoints and ``metrics.json``: ``precision``, ``precision_requested``,
+        ``precision_reason``."""
+        return {"precision": self.name, "precision_requested": self.requested, "precision_reason": self.reason}
+
+
+def resolve_precision(
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    *,
+    amp: bool = False,
+    cpu: Mapping[str, Any] | None = None,
+    cuda_bf16: bool | None = None,
+) -> Precision:
+    """The :class:`Precision` that ``precision`` (one of :data:`PRECISIONS`) means on ``device``.
+
+    - ``"auto"``: on the CPU bf16 when it has native bf16 (:func:`cpu_has_native_bf16`),
+      else fp32; on CUDA bf16 where the GPU supports it (:func:`cuda_bf16_supported`), else
+      fp16 with gradient scaling; fp32 on other devices (MPS).
+    - ``"fp32"``: no autocast; except that ``amp=True`` (the former CUDA-only switch of the
+      training configs, kept so existing settings run as before) gives fp16 on CUDA.
+    - ``"bf16"``: autocast to bf16 (a warning on a CPU without native bf16, where it is
+      emulated and slower; a ValueError on a GPU without it).
+    - ``"fp16"``: CUDA only, with gradient scaling; refused elsewhere with a ValueError.
+
+    ``cpu`` (a :func:`cxrlib.config.cpu_description`) and ``cuda_bf16`` replace the
+    detection (tests, or to plan for another machine).
+    """
+    requested = str(precision or "fp32").strip().lower()
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    kind = torch.device(device).type
+
+    def chosen(name: str, reason: str) -> Precision:
+        return Precision(name=name, device_type=kind, requested=requested, reason=reason)
+
+    if requested == "fp32":
+        if amp and kind == "cuda":
+            return chosen("fp16", "fp32 asked with amp=True: the former CUDA float16 autocast")
+        return chosen("fp32", "asked for")
+    if kind == "cpu":
+        if requested == "fp16":
+            raise ValueError("precision 'fp16' is for CUDA: on the CPU float16 needs gradient scaling and has "
+                             "no fast kernels; use 'bf16' (or 'auto', which picks it where the CPU has native bf16)")
+        native = cpu_has_native_bf16(cpu)
+        if requested == "auto":
+            if native:
+                return chosen("bf16", "auto: the CPU has native bf16 (avx512_bf16 / amx_bf16)")
+            return chosen("fp32", "auto: the CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag)")
+        if not native:
+            warnings.warn("precision 'bf16' on a CPU without native bf16 (no avx512_bf16 / amx_bf16 flag): "
+                          "PyTorch emulates it, slower than fp32", stacklevel=2)
+            return chosen("bf16", "asked for (emulated: no native bf16 on this CPU)")
+        return chosen("bf16", "asked for")
+    if kind == "cuda":
+        bf16_ok = cuda_bf16_supported(device) if cuda_bf16 is None else bool(cuda_bf16)
+        if requested == "auto":
+            if bf16_ok:
+                return chosen("bf16", "auto: the GPU supports bf16")
+            return chosen("fp16", "auto: the GPU has no bf16; fp16 with gradient scaling")
+        if requested == "bf16" and not bf16_ok:
+            raise ValueError("precision 'bf16' asked for but this GPU has no bf16 support (compute capability "
+                             "below 8.0); use 'fp16' or 'auto'")
+        return chosen(requested, "asked for")
+    if requested == "auto":
+        return chosen("fp32", f"auto: no mixed precision on {kind}")
+    raise ValueError(f"precision {requested!r} is offered on CPU and CUDA only, not on {kind}; use 'fp32' or 'auto'")
+
+
+def as_precision(precision: str | Precision, device: str | torch.device, *, amp: bool = False) -> Precision:
+    """``precision`` resolved for ``device``: a :class:`Precision` for this device type is kept,
+    one for another device type is resolved again from its name, a string goes through
+    :func:`resolve_precision`."""
+    if isinstance(precision, Precision):
+        if precision.device_type == torch.device(device).type:
+            return precision
+        precision = precision.name
+    return resolve_precision(precision, device, amp=amp)
+
 
 def autocast_context(device: str | torch.device, enabled: bool = True,
                      dtype: torch.dtype = torch.float16) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` on CUDA when ``enabled``; a do-nothing context elsewhere.
+    """``torch.autocast`` to ``dtype`` when ``enabled`` on CUDA, or with ``dtype=torch.bfloat16`` on
+    the CPU; a do-nothing context otherwise (float16 on the CPU stays float32).
 
-    CPU training stays in float32: CPU autocast gives little speed and changes results.
+    The training loops use :meth:`Precision.autocast` (from :func:`resolve_precision`) instead.
     """
-    if enabled and torch.device(device).type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=dtype)
+    kind = torch.device(device).type
+    if enabled and (kind == "cuda" or (kind == "cpu" and dtype == torch.bfloat16)):
+        return torch.autocast(device_type=kind, dtype=dtype)
     return contextlib.nullcontext()
 
 

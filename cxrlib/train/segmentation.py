@@ -41,20 +41,23 @@ from cxrlib.config import resolve_device, seed_everything
 from cxrlib.models.unet import UNet, UNetConfig
 from cxrlib.settings import add_arguments, from_arguments, from_mapping, setting
 from cxrlib.train.engine import (
+    PRECISION_HELP,
+    PRECISIONS,
     DistContext,
     MetricLogger,
+    Precision,
     all_reduce_sum,
-    autocast_context,
+    as_precision,
     barrier,
     broadcast_buffers,
     cleanup_distributed,
     init_distributed,
     load_checkpoint,
     lr_factor,
-    make_grad_scaler,
     make_loader,
     progress_bar,
     read_checkpoint,
+    resolve_precision,
     save_checkpoint,
     seed_epoch,
     set_loader_epoch,
@@ -69,7 +72,7 @@ CLASS_NAMES: dict[int, str] = {1: "lung_left", 2: "lung_right", 3: "heart"}
 # Changing these between a checkpoint and a resumed run changes what the weights mean.
 _MODEL_FIELDS = ("unet", "include_heart")
 # Changing these on resume is expected (more epochs, another machine, quieter output).
-_HARMLESS_FIELDS = ("epochs", "device", "num_workers", "progress", "max_steps_per_epoch")
+_HARMLESS_FIELDS = ("epochs", "device", "num_workers", "progress", "max_steps_per_epoch", "precision", "amp")
 
 
 @dataclass
@@ -90,7 +93,10 @@ class SegTrainConfig:
     - ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"`` (under torchrun each
       process takes the GPU of its local rank).
     - ``num_workers``: DataLoader worker processes; ``progress``: tqdm bars.
-    - ``amp``: float16 autocast + gradient scaling, used on CUDA only.
+    - ``precision``: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"``
+      (:func:`~cxrlib.train.engine.resolve_precision`); ``config.json`` records the resolved one.
+    - ``amp``: with ``precision="fp32"``, float16 autocast + gradient scaling on CUDA (the
+      former switch, kept so existing settings run as before).
     - ``channels_last``: NHWC memory layout (faster convolutions on recent GPUs), CUDA only.
     - ``max_steps_per_epoch``: cap on optimizer steps per epoch (quick runs); ``None``: all.
     """
@@ -111,11 +117,14 @@ class SegTrainConfig:
     device: str = setting("auto", "auto, cpu, cuda or mps (torchrun: GPU of the local rank)")
     num_workers: int = setting(0, "DataLoader worker processes per process")
     progress: bool = setting(True, "progress bars")
-    amp: bool = setting(True, "float16 autocast and gradient scaling (CUDA only)")
+    precision: str = setting("fp32", PRECISION_HELP, choices=PRECISIONS)
+    amp: bool = setting(True, "with --precision fp32: float16 autocast and gradient scaling on CUDA")
     channels_last: bool = setting(True, "NHWC memory layout (CUDA only)")
     max_steps_per_epoch: int | None = setting(None, "cap on steps per epoch (quick runs)")
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.schedule not in ("cosine", "step"):
             raise ValueError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.image_size < 1:
@@ -153,7 +162,8 @@ class SegTrainResult:
 
     ``model``: the U-Net with the weights of the best validation epoch, in eval mode;
     ``history``: one row per epoch (``epoch``, ``train_loss``, ``val_dice``, ...);
-    ``checkpoint_path``: ``best.pt`` of the run.
+    ``checkpoint_path``: ``best.pt`` of the run; ``precision``: the resolved precision it ran in
+    (for ``metrics.json``).
     """
 
     model: UNet
@@ -161,6 +171,7 @@ class SegTrainResult:
     best_val_dice: float
     best_epoch: int
     checkpoint_path: Path
+    precision: str = "fp32"
 
 
 # --------------------------------------------------------------------------- loss and metric
@@ -207,14 +218,18 @@ def per_image_dice(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -
 
 @torch.no_grad()
 def evaluate_dice(model: nn.Module, loader: DataLoader, ctx: DistContext, num_classes: int, *,
-                  amp: bool = False, channels_last: bool = False, progress: bool = False) -> dict[str, float]:
+                  precision: str | Precision = "fp32", channels_last: bool = False,
+                  progress: bool = False) -> dict[str, float]:
     """Mean foreground Dice of argmax predictions over every sample of ``loader``.
+
+    ``precision``: the autocast of the forward passes (:func:`~cxrlib.train.engine.resolve_precision`).
 
     Each rank scores its shard; sums and counts are all-reduced, so every rank returns the
     same numbers. Returns ``{"val_dice": mean over images of the mean over classes,
     "val_dice_<class>": mean over images, ...}``.
     """
     net = unwrap(model)  # no DDP hooks: shards may differ in length, no collective inside
+    precision = as_precision(precision, ctx.device)
     was_training = net.training
     net.eval()
     totals = torch.zeros(num_classes, dtype=torch.float64, device=ctx.device)  # [count, per class...]
@@ -222,7 +237,7 @@ def evaluate_dice(model: nn.Module, loader: DataLoader, ctx: DistContext, num_cl
     for images, labels in progress_bar(loader, ctx=ctx, enabled=progress, desc="val", leave=False):
         images = _to_device(images, ctx.device, channels_last)
         labels = labels.to(ctx.device, non_blocking=True)
-        with autocast_context(ctx.device, amp):
+        with precision.autocast():
             logits = net(images)
         scores = per_image_dice(logits.argmax(dim=1), labels, num_classes)
         totals[0] += scores.shape[0]
@@ -297,7 +312,8 @@ def train_segmentation(
     config = config.resolved()
     ctx = ctx or init_distributed(config.device)
     device = ctx.device
-    amp = config.amp and device.type == "cuda"
+    precision = resolve_precision(config.precision, device, amp=config.amp)
+    config = replace(config, precision=precision.name)  # config.json records what ran
     channels_last = config.channels_last and device.type == "cuda"
     run_dir = Path(run_dir)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
@@ -310,9 +326,10 @@ def train_segmentation(
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.epochs))
-    scaler = make_grad_scaler(device, amp)
+    scaler = precision.grad_scaler()
     saved_config = to_plain(asdict(config))
-    run_info = {"world_size": ctx.world_size, "device": str(device), "amp": amp,
+    run_info = {"world_size": ctx.world_size, "device": str(device), "amp": precision.enabled,
+                **precision.record(),
                 "channels_last": channels_last, "torch_version": str(torch.__version__)}
 
     start_epoch, step, best_dice, best_epoch = 1, 0, -math.inf, 0
@@ -356,11 +373,11 @@ def train_segmentation(
             set_loader_epoch(train_loader, epoch)
             lr = optimizer.param_groups[0]["lr"]
             train_stats, steps = _train_one_epoch(model, train_loader, optimizer, scaler, config, ctx,
-                                                  amp=amp, channels_last=channels_last, epoch=epoch)
+                                                  precision=precision, channels_last=channels_last, epoch=epoch)
             step += steps
             scheduler.step()
             broadcast_buffers(model, ctx)  # every rank evaluates and keeps rank 0's weights
-            val_stats = evaluate_dice(model, val_loader, ctx, config.num_classes, amp=amp,
+            val_stats = evaluate_dice(model, val_loader, ctx, config.num_classes, precision=precision,
                                       channels_last=channels_last, progress=config.progress)
             improved = val_stats["val_dice"] > best_dice
             if improved:
@@ -388,12 +405,12 @@ def train_segmentation(
         net.load_state_dict(best_state)
     net.eval()
     return SegTrainResult(model=net, history=logger.frame(), best_val_dice=float(best_dice),
-                          best_epoch=best_epoch, checkpoint_path=best_path)
+                          best_epoch=best_epoch, checkpoint_path=best_path, precision=precision.name)
 
 
 def _train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler, config: SegTrainConfig, ctx: DistContext, *,
-                     amp: bool, channels_last: bool, epoch: int) -> tuple[dict[str, float], int]:
+                     precision: Precision, channels_last: bool, epoch: int) -> tuple[dict[str, float], int]:
     """One pass over ``loader`` (at most ``max_steps_per_epoch`` steps); all-reduced mean losses."""
     model.train()
     total_steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
@@ -405,9 +422,10 @@ def _train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.opti
     for images, labels in bar:
         images = _to_device(images, ctx.device, channels_last)
         labels = labels.to(ctx.device, non_blocking=True).long()
-        with autocast_context(ctx.device, amp):
+        with precision.autocast():
             logits = model(images)
-        loss, parts = segmentation_loss(logits, labels, dice_weight=config.dice_weight, ce_weight=config.ce_weight)
+        # The loss in float32 (a no-op for fp32): soft Dice sums many small terms.
+        loss, parts = segmentation_loss(logits.float(), labels, dice_weight=config.dice_weight, ce_weight=config.ce_weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -475,6 +493,7 @@ def predict_masks(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     postprocess: bool = True,
+    precision: str | Precision = "fp32",
 ) -> np.ndarray:
     """Label maps ``(N, H, W)`` uint8 (0 background, 1 left lung, 2 right lung, 3 heart).
 
@@ -482,18 +501,22 @@ def predict_masks(
     whose items start with such an image (``SegmentationDataset``, ``ImageDataset``).
     ``device``: where to run (``None``: where the model is; the model is moved there).
     ``postprocess`` keeps the largest component of each lung and fills its holes
-    (:func:`cxrlib.data.masks.postprocess_labels`).
+    (:func:`cxrlib.data.masks.postprocess_labels`). ``precision``: the autocast of the forward
+    passes (:func:`~cxrlib.train.engine.resolve_precision`).
     """
     from cxrlib.data.masks import postprocess_labels
 
     net = unwrap(model)
     target = next(net.parameters()).device if device is None else resolve_device(str(device))
     net.to(target)
+    precision = as_precision(precision, target)
     was_training = net.training
     net.eval()
     outputs = []
     for batch in _image_batches(images, batch_size):
-        outputs.append(net(batch.to(target)).argmax(dim=1).to(torch.uint8).cpu().numpy())
+        with precision.autocast():
+            logits = net(batch.to(target))
+        outputs.append(logits.argmax(dim=1).to(torch.uint8).cpu().numpy())
     net.train(was_training)
     if not outputs:
         return np.zeros((0, 0, 0), dtype=np.uint8)
