@@ -5,7 +5,8 @@ Commands:
   pipeline  run the numbered notebooks in order with papermill
   results   write a run's results page from its metrics (or from a saved summary.json)
   compare   the headline metrics and claims of several runs side by side
-  data      list known public datasets (data list) and fetch the open ones (data download)
+  data      list known public datasets (data list), fetch the open ones (data download), find
+            re-published copies of films across folders or manifests (data copies)
   reader    the reader study as a web app (reader prepare / serve / link / export)
   docs      regenerate docs/references.md from the adapters' metadata (docs references)
 """
@@ -111,6 +112,20 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_copies(args: argparse.Namespace) -> int:
+    from cxrlib.data.copies import CopySettings, copies_across, write_pairs
+
+    settings = CopySettings(min_correlation=args.min_correlation, k=args.k)
+    result = copies_across(args.inputs, settings, progress=not args.quiet)
+    out = write_pairs(result, args.out)
+    where = "across the inputs" if len(args.inputs) > 1 else "within the input"
+    print(f"{len(result.pairs)} pairs examined {where}, {int(result.pairs['copy'].sum())} copies; "
+          f"wrote {out}")
+    if result.report.bad:
+        print(result.report, file=sys.stderr)
+    return 0
+
+
 def _cmd_docs(args: argparse.Namespace) -> int:
     from cxrlib.references import references_differ, write_references
 
@@ -127,9 +142,11 @@ def _cmd_reader_prepare(args: argparse.Namespace) -> int:
 
     try:
         out = prepare_from_run(args.run, args.out, n_images=args.images, seed=args.seed, session=args.session,
-                               image_size=args.image_size, display_size=args.display_size)
+                               image_size=args.image_size, display_size=args.display_size,
+                               allowed_roots=args.allow_root)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"reader prepare failed: {exc}", file=sys.stderr)
+        hint = " (--allow-root FOLDER trusts a data folder)" if "outside the allowed folders" in str(exc) else ""
+        print(f"reader prepare failed: {exc}{hint}", file=sys.stderr)
         return 1
     print(f"study folder ready: {out}; serve it with: python -m cxrlib reader serve --study {out}")
     return 0
@@ -234,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
     q.add_argument("--quiet", action="store_true", help="no progress bar or notes")
     q.set_defaults(func=_cmd_data_download)
+    q = data_sub.add_parser(
+        "copies", help="find the same films across image folders / manifests (re-published copies)")
+    q.add_argument("inputs", nargs="+", help="image folders or manifests (.csv/.parquet with a path "
+                                             "column); two or more: pairs across them, one: within it")
+    q.add_argument("--out", required=True, help="CSV: one row per examined pair, with evidence and 'copy'")
+    q.add_argument("--min-correlation", type=float, default=0.55,
+                   help="band-pass correlation from which an aligned pair is a copy (docs/copies.md)")
+    q.add_argument("--k", type=int, default=5, help="candidate partners examined per image")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_data_copies)
 
     p = sub.add_parser("docs", help="regenerate a generated docs page (docs/references.md)")
     p.add_argument("page", choices=["references"], help="references: works, datasets, licenses")
@@ -250,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image-size", type=int, default=None,
                    help="side every image is shrunk to before display (default: IMAGE_SIZE of the run)")
     q.add_argument("--display-size", type=int, default=256, help="side of the images shown")
+    q.add_argument("--allow-root", action="append", default=[], metavar="FOLDER",
+                   help="data folder outside the run and data/ that the run's manifest may point into "
+                        "(repeatable; e.g. the DATA_ROOT of a real-data run)")
     q.set_defaults(func=_cmd_reader_prepare)
     q = reader_sub.add_parser("serve", help="serve a study folder to readers' browsers")
     q.add_argument("--study", required=True, help="study folder made by 'reader prepare'")

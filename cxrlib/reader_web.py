@@ -39,7 +39,7 @@ import shutil
 import sys
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -234,15 +234,18 @@ def prepare_from_run(
     session: str | None = None,
     image_size: int | None = None,
     display_size: int = 256,
+    allowed_roots: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """:func:`prepare_study` on the pools of a finished notebook 06 (:func:`run_pools`); settings not
     given come from the stage's ``params.json`` (``READER_IMAGES``, ``SEED``, ``READER_SESSION``,
-    ``IMAGE_SIZE``), so the study shows the images of the notebook's scripted reader."""
+    ``IMAGE_SIZE``), so the study shows the images of the notebook's scripted reader.
+    ``allowed_roots``: data folders outside the run and the project's data folder that the stage
+    manifest may point into (:func:`cxrlib.data.manifest.read_manifest`)."""
     from cxrlib.data import manifest as mf
 
     stage = run_stage_dir(run_dir)
     params = read_json(stage / "params.json").get("params", {})
-    manifest = mf.read_manifest(stage / "manifest.csv")
+    manifest = mf.read_manifest(stage / "manifest.csv", allowed_roots=allowed_roots, labels=None)
     real, pools = run_pools(manifest)
     if not pools:
         raise ValueError(

@@ -22,10 +22,16 @@ STAGE = "06_diffusion_reader_study"
 
 
 def make_tiny_run(
-    run_dir: Path, *, n_real: int = 12, n_diffusion: int = 8, n_translated: int = 6
+    run_dir: Path,
+    *,
+    n_real: int = 12,
+    n_diffusion: int = 8,
+    n_translated: int = 6,
+    real_images: Path | None = None,
 ) -> Path:
     """A finished notebook 06 in miniature: manifest (real COVID-19 val/test images, normal training
-    images, diffusion samples, G_NC translations), images and params.json; returns ``run_dir``."""
+    images, diffusion samples, G_NC translations), images and params.json; returns ``run_dir``.
+    ``real_images``: a folder for the real images (default: inside the run)."""
     from cxrlib.data.phantom import CohortConfig, generate_cohort
 
     stage = run_dir / STAGE
@@ -35,7 +41,8 @@ def make_tiny_run(
     rows = []
 
     def add(image_id: str, label: str, split: str, origin: str) -> None:
-        path = write_png(stage / "images" / f"{image_id}.png", next(pictures))
+        folder = real_images if real_images is not None and origin == "real" else stage / "images"
+        path = write_png(folder / f"{image_id}.png", next(pictures))
         rows.append(
             {
                 "image_id": image_id,
@@ -392,3 +399,17 @@ def test_prepare_refuses_bad_pools_and_leaves_no_half_study(tmp_path):
     )
     with pytest.raises(ValueError, match="cannot fill"):
         rw.prepare_study(tmp_path / "c", real.iloc[:0], pools, **settings)
+
+
+def test_prepare_reads_images_of_a_data_folder_outside_the_run_only_when_allowed(tmp_path, capsys):
+    from cxrlib.__main__ import main
+
+    run = make_tiny_run(tmp_path / "run", real_images=tmp_path / "dataset")
+    assert main(["reader", "prepare", "--run", str(run), "--out", str(tmp_path / "s")]) == 1
+    assert "--allow-root" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    arguments = ["--allow-root", str(tmp_path / "dataset")]
+    assert (
+        main(["reader", "prepare", "--run", str(run), "--out", str(tmp_path / "s"), *arguments])
+        == 0
+    )
+    assert rw.ReaderStudy(tmp_path / "s").settings.n_images == 10
