@@ -249,3 +249,31 @@ def test_bad_external_input_stops_in_one_line_naming_the_cohort(cohorts, tmp_pat
         assemble_external(external.iloc[:0], development, name="empty")
     with pytest.raises(ExternalCohortError, match="'copies only': no image left"):
         assemble_external(development.iloc[:3], development, name="copies only", near=None)
+
+
+def test_weighted_metrics_equal_the_metrics_of_the_expanded_sample():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    pos = rng.random(40) < 0.4
+    score = np.round(rng.random((2, 40)), 1)  # rounded: many ties
+    called = score >= 0.5
+    weights = rng.integers(0, 3, (3, 40)).astype(float)
+    got = ex.weighted_metrics(pos, score, called, weights)
+    for b in range(3):
+        rows = np.repeat(np.arange(40), weights[b].astype(int))
+        for s in range(2):
+            assert got["auc"][b, s] == pytest.approx(roc_auc_score(pos[rows], score[s, rows]))
+            assert got["sensitivity"][b, s] == pytest.approx(called[s, rows][pos[rows]].mean())
+            assert got["specificity"][b, s] == pytest.approx((~called[s, rows][~pos[rows]]).mean())
+    only_positive = ex.weighted_metrics(np.ones(4, bool), score[:, :4], called[:, :4], np.ones((1, 4)))
+    assert np.isnan(only_positive["auc"]).all() and np.isnan(only_positive["specificity"]).all()
+
+
+def test_score_models_with_a_model_that_missed_images():
+    predictions = _set("internal", n_patients=20, separable=True)
+    missing = predictions[(predictions["seed"] == 1)].index[:4]
+    scored = ex.score_models(predictions.drop(index=missing), by_view=False, n_boot=50).set_index("seed")
+    assert scored.loc[0, "n"] == 40 and scored.loc[1, "n"] == 36 and (scored["auc"] == 1.0).all()
+    summary = ex.summarize_sets(predictions.drop(index=missing), by_view=False, n_boot=50)
+    assert (summary["n"] == 36).all()  # seed-means use the images every seed predicted

@@ -23,13 +23,12 @@ are NaN and only the sensitivity is reported.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
-from cxrlib.evaluate.stats import bootstrap_indices, seed_patient_resamples
+from cxrlib.evaluate.stats import seed_patient_resamples
 
 #: Columns that name one trained model, in order (those present are used).
 MODEL_KEYS: tuple[str, ...] = ("task", "arch", "condition", "imbalance", "control", "input_mode", "seed")
@@ -41,25 +40,8 @@ POSITIVE = "covid"
 ALL_VIEWS = "all"
 
 
-def _rank_auc(positive: np.ndarray, score: np.ndarray) -> float:
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(score)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _rate(values: np.ndarray) -> float:
-    return float(values.mean()) if len(values) else float("nan")
-
-
-#: ``metric -> f(is_positive bool, score float, called bool) -> float`` (NaN when undefined).
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], float]] = {
-    "auc": lambda pos, score, called: _rank_auc(pos, score),
-    "sensitivity": lambda pos, score, called: _rate(called[pos]),
-    "specificity": lambda pos, score, called: _rate(~called[~pos]),
-}
+#: Metrics these functions compute, at each model's validation threshold (NaN when undefined).
+METRICS: tuple[str, ...] = ("auc", "sensitivity", "specificity")
 
 
 def _check(predictions: pd.DataFrame, metrics: Sequence[str]) -> None:
@@ -69,11 +51,68 @@ def _check(predictions: pd.DataFrame, metrics: Sequence[str]) -> None:
         raise ValueError(f"prediction table lacks column(s) {missing}")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(METRICS)}")
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
 
 
-def _interval(samples: Iterable[float], alpha: float = 0.05) -> tuple[float, float]:
-    values = np.asarray(list(samples), dtype=np.float64)
+def weighted_metrics(is_positive: np.ndarray, score: np.ndarray, called: np.ndarray,
+                     weights: np.ndarray) -> dict[str, np.ndarray]:
+    """AUC, sensitivity and specificity of ``S`` models under ``B`` weightings of ``I`` images.
+
+    ``is_positive``: ``(I,)`` bool; ``score``: ``(S, I)`` float; ``called``: ``(S, I)`` bool;
+    ``weights``: ``(B, I)`` non-negative (a bootstrap resample as how often each image was
+    drawn; ones for the sample itself). Returns ``metric -> (B, S)`` float64, NaN where a
+    class has no weight. The AUC is the Mann-Whitney statistic with ties counted one half,
+    on the sample the weights describe (equal to the rank AUC of the expanded sample).
+    """
+    pos = np.asarray(is_positive, dtype=bool)
+    weights = np.asarray(weights, dtype=np.float64)
+    w_pos, w_neg = weights * pos, weights * ~pos
+    n_pos, n_neg = w_pos.sum(axis=1), w_neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sensitivity = (w_pos @ np.asarray(called, dtype=np.float64).T) / n_pos[:, None]
+        specificity = (w_neg @ (~np.asarray(called, dtype=bool)).astype(np.float64).T) / n_neg[:, None]
+        auc = np.empty((weights.shape[0], score.shape[0]))
+        for s, model_score in enumerate(np.asarray(score, dtype=np.float64)):
+            order = np.argsort(model_score, kind="mergesort")
+            ordered = model_score[order]
+            new_group = np.r_[True, ordered[1:] != ordered[:-1]]
+            group = np.cumsum(new_group) - 1
+            starts = np.flatnonzero(new_group)
+            ends = np.r_[starts[1:], len(ordered)]
+            cumulative = np.cumsum(w_neg[:, order], axis=1)
+            before = np.where(starts > 0, cumulative[:, np.maximum(starts - 1, 0)], 0.0)  # (B, G)
+            tied = cumulative[:, ends - 1] - before
+            wins = (w_pos[:, order] * (before[:, group] + 0.5 * tied[:, group])).sum(axis=1)
+            auc[:, s] = wins / (n_pos * n_neg)
+    return {"auc": auc, "sensitivity": sensitivity, "specificity": specificity}
+
+
+def _draw_weights(rows: Iterable[np.ndarray], n_values: int) -> np.ndarray:
+    return np.stack([np.bincount(r, minlength=n_values) for r in rows]).astype(np.float64) \
+        if n_values else np.zeros((0, 0))
+
+
+_WEIGHTS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _patient_weights(groups: np.ndarray, n_boot: int, seed: int, n_seeds: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Seed counts ``(B, S)`` and image weights ``(B, I)`` of :func:`seed_patient_resamples`
+    (with one seed: :func:`bootstrap_indices`), remembered for the last few image sets."""
+    key = (n_seeds, n_boot, seed, tuple(groups))
+    if key not in _WEIGHTS:
+        draws, rows = [], []
+        for draw, sample in seed_patient_resamples(n_seeds, len(groups), n_boot=n_boot, seed=seed, groups=groups):
+            draws.append(np.bincount(draw, minlength=n_seeds))
+            rows.append(sample)
+        if len(_WEIGHTS) > 32:
+            _WEIGHTS.clear()
+        _WEIGHTS[key] = (np.asarray(draws, dtype=np.float64).reshape(n_boot, n_seeds),
+                         _draw_weights(rows, len(groups)))
+    return _WEIGHTS[key]
+
+
+def _interval(samples: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    values = np.asarray(samples, dtype=np.float64)
     if not np.isfinite(values).any():
         return float("nan"), float("nan")
     low, high = np.nanpercentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
@@ -89,14 +128,31 @@ def _views(part: pd.DataFrame, by_view: bool) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
-def _arrays(part: pd.DataFrame, positive: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    return ((part["label"].astype(str) == positive).to_numpy(), part["score"].to_numpy(dtype=np.float64),
-            part["called"].astype(bool).to_numpy(), part["patient_id"].astype(str).to_numpy())
+def _per_seed(part: pd.DataFrame, positive: str) -> tuple[list, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One set's predictions as ``(seeds, is_positive (I,), groups (I,), score (S, I), called (S, I))``,
+    images aligned across seeds (images some seed did not predict are left out)."""
+    part = part.assign(_seed=part["seed"] if "seed" in part.columns else 0,
+                       _called=part["called"].astype(bool).astype(float))
+    score = part.pivot_table(index="_seed", columns="image_id", values="score", aggfunc="first")
+    called = part.pivot_table(index="_seed", columns="image_id", values="_called", aggfunc="first")
+    complete = score.columns[score.notna().all(axis=0)]
+    reference = part.drop_duplicates("image_id").set_index("image_id").loc[complete]
+    return (list(score.index), (reference["label"].astype(str) == positive).to_numpy(),
+            reference["patient_id"].astype(str).to_numpy(), score[complete].to_numpy(dtype=np.float64),
+            called[complete].to_numpy() > 0.5)
+
+
+def _seed_mean(values: np.ndarray, seed_counts: np.ndarray) -> np.ndarray:
+    """``(B, S)`` per-seed values averaged with ``(B, S)`` draw counts, NaN values left out."""
+    finite = np.isfinite(values)
+    weights = seed_counts * finite
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(finite, values, 0.0) * weights).sum(axis=1) / weights.sum(axis=1)
 
 
 def score_models(
     predictions: pd.DataFrame,
-    metrics: Sequence[str] = ("auc", "sensitivity", "specificity"),
+    metrics: Sequence[str] = METRICS,
     *,
     by_view: bool = True,
     positive: str = POSITIVE,
@@ -112,47 +168,48 @@ def score_models(
     """
     _check(predictions, metrics)
     keys = [k for k in MODEL_KEYS if k in predictions.columns]
+    batch = [k for k in ("task",) if k in keys]  # models of one task see the same images
     rows = []
-    for (*key, name), part in predictions.groupby([*keys, "evaluation_set"], sort=False):
+    for _, part in predictions.groupby([*batch, "evaluation_set"], sort=False):
+        name = part["evaluation_set"].iloc[0]
+        model_id = part[keys].astype(str).agg("\x1f".join, axis=1) if keys else pd.Series("", index=part.index)
+        key_of = dict(zip(model_id, part[keys].to_dict("records"), strict=True))
         for view, subset in _views(part, by_view):
-            pos, score, called, groups = _arrays(subset, positive)
-            row = {**dict(zip(keys, key, strict=True)), "evaluation_set": name, "view": view,
-                   "n": int(len(pos)), "n_pos": int(pos.sum()), "n_patients": int(len(set(groups)))}
-            boot = {m: [] for m in metrics}
-            for draw in bootstrap_indices(len(pos), n_boot=n_boot, seed=seed, groups=groups):
+            table = subset.assign(_model=model_id.loc[subset.index], _called=subset["called"].astype(float))
+            score = table.pivot_table(index="_model", columns="image_id", values="score", aggfunc="first")
+            called = table.pivot_table(index="_model", columns="image_id", values="_called", aggfunc="first")
+            reference = table.drop_duplicates("image_id").set_index("image_id").loc[score.columns]
+            pos = (reference["label"].astype(str) == positive).to_numpy()
+            groups = reference["patient_id"].astype(str).to_numpy()
+            _, weights = _patient_weights(groups, n_boot, seed)
+            score_matrix = score.to_numpy(dtype=np.float64)
+            called_matrix = called.to_numpy() > 0.5
+            complete = np.isfinite(score_matrix).all(axis=1)  # models that predicted every image: one batch
+            batch_boot = weighted_metrics(pos, score_matrix[complete], called_matrix[complete], weights)
+            batch_point = weighted_metrics(pos, score_matrix[complete], called_matrix[complete], np.ones((1, len(pos))))
+            position = np.cumsum(complete) - 1
+            for m_index, model in enumerate(score.index):
+                has = np.isfinite(score_matrix[m_index])  # the images this model predicted
+                if complete[m_index]:
+                    column = slice(position[m_index], position[m_index] + 1)
+                    boot = {m: v[:, column] for m, v in batch_boot.items()}
+                    point = {m: v[:, column] for m, v in batch_point.items()}
+                else:
+                    one = (score_matrix[m_index:m_index + 1, has], called_matrix[m_index:m_index + 1, has])
+                    boot = weighted_metrics(pos[has], *one, _patient_weights(groups[has], n_boot, seed)[1])
+                    point = weighted_metrics(pos[has], *one, np.ones((1, int(has.sum()))))
+                row = {**key_of[model], "evaluation_set": name, "view": view, "n": int(has.sum()),
+                       "n_pos": int(pos[has].sum()), "n_patients": int(len(set(groups[has])))}
                 for m in metrics:
-                    boot[m].append(METRICS[m](pos[draw], score[draw], called[draw]))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                for m in metrics:
-                    low, high = _interval(boot[m])
-                    row.update({m: METRICS[m](pos, score, called), f"{m}_low": low, f"{m}_high": high})
-            rows.append(row)
+                    low, high = _interval(boot[m][:, 0])
+                    row.update({m: float(point[m][0, 0]), f"{m}_low": low, f"{m}_high": high})
+                rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _per_seed(part: pd.DataFrame, positive: str) -> tuple[list, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One set's predictions as ``(seeds, is_positive (I,), groups (I,), score (S, I), called (S, I))``,
-    images aligned across seeds (images some seed did not predict are left out)."""
-    seed_column = "seed" if "seed" in part.columns else None
-    part = part.assign(_seed=part[seed_column] if seed_column else 0)
-    score = part.pivot_table(index="_seed", columns="image_id", values="score", aggfunc="first")
-    called = part.pivot_table(index="_seed", columns="image_id", values="called", aggfunc="first")
-    complete = score.columns[score.notna().all(axis=0)]
-    reference = part.drop_duplicates("image_id").set_index("image_id").loc[complete]
-    return (list(score.index), (reference["label"].astype(str) == positive).to_numpy(),
-            reference["patient_id"].astype(str).to_numpy(), score[complete].to_numpy(dtype=np.float64),
-            called[complete].to_numpy().astype(bool))
-
-
-def _seed_values(metric: str, pos: np.ndarray, score: np.ndarray, called: np.ndarray,
-                 rows: np.ndarray | slice = slice(None)) -> np.ndarray:
-    return np.array([METRICS[metric](pos[rows], s[rows], c[rows]) for s, c in zip(score, called, strict=True)])
 
 
 def summarize_sets(
     predictions: pd.DataFrame,
-    metrics: Sequence[str] = ("auc", "sensitivity", "specificity"),
+    metrics: Sequence[str] = METRICS,
     *,
     group_by: Sequence[str] = ("task", "arch", "condition", "imbalance"),
     by_view: bool = True,
@@ -177,18 +234,16 @@ def summarize_sets(
         key = key if isinstance(key, tuple) else (key,)
         for view, subset in _views(part, by_view):
             seeds, pos, groups, score, called = _per_seed(subset, positive)
+            seed_counts, weights = _patient_weights(groups, n_boot, seed, len(seeds))
+            boot = weighted_metrics(pos, score, called, weights)
+            point = weighted_metrics(pos, score, called, np.ones((1, len(pos))))
             base = {**dict(zip([*group_by, "evaluation_set"], key, strict=True)), "view": view,
                     "n": int(len(pos)), "n_pos": int(pos.sum()), "n_patients": int(len(set(groups)))}
-            boot = {m: [] for m in metrics}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                for draw, sample in seed_patient_resamples(len(seeds), len(pos), n_boot=n_boot, seed=seed,
-                                                           groups=groups):
-                    for m in metrics:
-                        boot[m].append(np.nanmean(_seed_values(m, pos, score[draw], called[draw], sample)))
                 for m in metrics:
-                    per_seed = _seed_values(m, pos, score, called)
-                    low, high = _interval(boot[m])
+                    per_seed = point[m][0]
+                    low, high = _interval(_seed_mean(boot[m], seed_counts))
                     rows.append({**base, "metric": m, "estimate": float(np.nanmean(per_seed)), "low": low,
                                  "high": high, "n_seeds": len(seeds), "seed_min": float(np.nanmin(per_seed)),
                                  "seed_max": float(np.nanmax(per_seed))})
@@ -197,7 +252,7 @@ def summarize_sets(
 
 def internal_minus_external(
     predictions: pd.DataFrame,
-    metrics: Sequence[str] = ("auc", "sensitivity", "specificity"),
+    metrics: Sequence[str] = METRICS,
     *,
     internal: str = INTERNAL,
     group_by: Sequence[str] = ("task", "arch", "condition", "imbalance"),
@@ -210,7 +265,7 @@ def internal_minus_external(
     Each replicate draws the seeds once (the same models on both sets: paired by seed),
     then the internal set's patients and, independently, the external set's patients
     (different people), and takes the difference of the two seed-means. One row per group,
-    ``external`` set and ``metric``: ``internal``, ``external`` (seed-means),
+    ``external`` set and ``metric``: ``internal``, ``external_estimate`` (seed-means),
     ``difference`` with ``low`` / ``high`` (95 %), ``n_seeds`` and ``shown``: whether the
     interval excludes zero (a drop is claimed only then). A metric undefined on a set (AUC
     or specificity of a positives-only cohort) gives NaN.
@@ -232,23 +287,17 @@ def internal_minus_external(
                 continue
             a = [inner[0].index(s) for s in common]
             b = [outer[0].index(s) for s in common]
-            i_pos, i_groups, i_score, i_called = inner[1], inner[2], inner[3][a], inner[4][a]
-            e_pos, e_groups, e_score, e_called = outer[1], outer[2], outer[3][b], outer[4][b]
-            external_rows = bootstrap_indices(len(e_pos), n_boot=n_boot, seed=seed + 7919, groups=e_groups)
-            boot = {m: [] for m in metrics}
+            seed_counts, i_weights = _patient_weights(inner[2], n_boot, seed, len(common))
+            _, e_weights = _patient_weights(outer[2], n_boot, seed + 7919)
+            i_boot = weighted_metrics(inner[1], inner[3][a], inner[4][a], i_weights)
+            e_boot = weighted_metrics(outer[1], outer[3][b], outer[4][b], e_weights)
+            i_point = weighted_metrics(inner[1], inner[3][a], inner[4][a], np.ones((1, len(inner[1]))))
+            e_point = weighted_metrics(outer[1], outer[3][b], outer[4][b], np.ones((1, len(outer[1]))))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                for (draw, i_rows), e_rows in zip(
-                        seed_patient_resamples(len(common), len(i_pos), n_boot=n_boot, seed=seed, groups=i_groups),
-                        external_rows, strict=True):
-                    for m in metrics:
-                        i_value = np.nanmean(_seed_values(m, i_pos, i_score[draw], i_called[draw], i_rows))
-                        e_value = np.nanmean(_seed_values(m, e_pos, e_score[draw], e_called[draw], e_rows))
-                        boot[m].append(i_value - e_value)
                 for m in metrics:
-                    i_est = float(np.nanmean(_seed_values(m, i_pos, i_score, i_called)))
-                    e_est = float(np.nanmean(_seed_values(m, e_pos, e_score, e_called)))
-                    low, high = _interval(boot[m])
+                    i_est, e_est = float(np.nanmean(i_point[m][0])), float(np.nanmean(e_point[m][0]))
+                    low, high = _interval(_seed_mean(i_boot[m], seed_counts) - _seed_mean(e_boot[m], seed_counts))
                     rows.append({**dict(zip(group_by, key, strict=True)), "external": name, "metric": m,
                                  "internal": i_est, "external_estimate": e_est, "difference": i_est - e_est,
                                  "low": low, "high": high, "n_seeds": len(common),
