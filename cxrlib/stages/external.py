@@ -64,6 +64,7 @@ def predict_cell(
     device: str = "cpu",
     batch_size: int = 32,
     cache: bool = True,
+    keys: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """One trained cell's predictions on the images of ``manifest`` of the cell's classes.
 
@@ -73,13 +74,14 @@ def predict_cell(
     (``image_id, patient_id, label, y, prob_<class>, score, called, pred``) plus
     :data:`CELL_KEYS`, ``threshold``, ``evaluation_set`` and ``view``; empty when no row
     has the cell's classes. ``cache``: reuse ``external/<evaluation_set>.csv`` beside the
-    cell when it was made from the same images and checkpoint.
+    cell when it was made from the same images and checkpoint. ``keys``: the cell keys to
+    write (default: those of ``cell.json``; a ``synthetic_only`` cell serves every ratio).
     """
     cell_dir = Path(cell_dir)
     info = _cell_info(cell_dir)
     classes, positive = info["classes"], info["positive"]
     rows = manifest[mf._column(manifest, "label").isin(classes)].drop_duplicates("image_id")
-    keys = {k: info["row"][k] for k in CELL_KEYS if k in info["row"]}
+    keys = dict(keys) if keys is not None else {k: info["row"][k] for k in CELL_KEYS if k in info["row"]}
     if not len(rows):
         return pd.DataFrame(columns=[*keys, "evaluation_set", "image_id", "patient_id", "label", "score",
                                      "called", "threshold", "view"])
@@ -133,7 +135,7 @@ def predict_cells(
     if INTERNAL in cohorts:
         raise ValueError(f"an external cohort may not be called {INTERNAL!r}")
     parts = []
-    records = results.drop_duplicates("cell_dir").to_dict("records")
+    records = results.to_dict("records")  # a synthetic_only cell is in the rows of every ratio
     iterator = records
     if progress:
         from tqdm.auto import tqdm
@@ -148,7 +150,8 @@ def predict_cells(
             internal = with_columns(internal, [development], ("view",))
         parts.append(internal)
         for name, manifest in cohorts.items():
-            parts.append(predict_cell(cell_dir, manifest, name, device=device, batch_size=batch_size, cache=cache))
+            parts.append(predict_cell(cell_dir, manifest, name, device=device, batch_size=batch_size, cache=cache,
+                                      keys=keys))
     parts = [p for p in parts if len(p)]
     if not parts:
         return pd.DataFrame()
