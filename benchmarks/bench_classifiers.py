@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from _common import load_average, sync
 
+from cxrlib.data import manifest as mf
 from cxrlib.data.classification import ClassificationDataset
 from cxrlib.data.io import write_png
 from cxrlib.data.masks import LungPatchSampler
@@ -105,9 +106,7 @@ def _write_images(folder: Path, n: int, size: int) -> pd.DataFrame:
         write_png(folder / path, rng.integers(0, 256, (size, size), dtype=np.uint8))
         rows.append({"image_id": str(index), "path": path, "label": "Normal" if index % 4 else "COVID-19",
                      "mask_pred_lung": "lungs.png"})
-    frame = pd.DataFrame(rows)
-    frame.attrs["root"] = str(folder)
-    return frame
+    return mf.absolute_paths(pd.DataFrame(rows), folder)
 
 
 def time_loader(manifest: pd.DataFrame, *, mode: str, size: int, source_size: int, batch_size: int, epochs: int,

@@ -78,11 +78,12 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def image_pool(rows: pd.DataFrame, manifest: pd.DataFrame | str | os.PathLike | None = None) -> pd.DataFrame:
-    """``rows`` (manifest rows of one pool) with every ``path`` made absolute against the root of
-    ``manifest`` (its ``attrs["root"]``, or a folder; ``None``: ``rows``' own root), so a sequence
-    file works from any folder. The other columns are kept."""
-    root = rows if manifest is None else manifest
-    return rows.assign(path=[str(resolve_path(root, p)) for p in rows["path"]])
+    """``rows`` (manifest rows of one pool) with every ``path`` absolute, so a sequence file works
+    from any folder. Manifest paths are absolute already; a relative one resolves against
+    ``manifest`` when it is a folder. ``manifest`` as a frame: deprecated (a frame carries no
+    folder), accepted and ignored. The other columns are kept."""
+    folder = None if manifest is None or isinstance(manifest, pd.DataFrame) else manifest
+    return rows.assign(path=[str(resolve_path(folder, p)) for p in rows["path"]])
 
 
 def fitting_length(n_wanted: int, real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame]) -> int:

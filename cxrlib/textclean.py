@@ -74,16 +74,15 @@ CLEAN_FOLDER = "images_clean"
 # ----------------------------------------------------------------------------- data
 
 
-def clean_twin_paths(rows: pd.DataFrame, *, root: str | os.PathLike | None = None) -> list[Path]:
+def clean_twin_paths(rows: pd.DataFrame) -> list[Path]:
     """The text-free twin of each phantom image: ``.../images/<id>.png`` -> ``.../images_clean/<id>.png``.
 
     Raises ``FileNotFoundError`` naming the first missing twin and how many are missing
     (cohorts written with ``text=False`` have none; real datasets never do).
     """
-    where = root if root is not None else rows
     paths, missing = [], []
     for value in rows["path"].astype(str):
-        image_path = mf.resolve_path(where, value)
+        image_path = mf.resolve_path(rows, value)
         twin = image_path.parent.parent / CLEAN_FOLDER / image_path.name
         if image_path.parent.name != "images" or not twin.is_file():
             missing.append(str(twin))
@@ -101,8 +100,8 @@ def _resize(image: np.ndarray, size: int | None, *, nearest: bool = False) -> np
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
-def load_text_data(rows: pd.DataFrame, *, size: int | None = None, root: str | os.PathLike | None = None,
-                   clean: bool = True) -> dict[str, np.ndarray]:
+def load_text_data(rows: pd.DataFrame, *, size: int | None = None, clean: bool = True
+                   ) -> dict[str, np.ndarray]:
     """Images, exact text masks and (``clean=True``) text-free twins of phantom rows.
 
     Returns ``{"images": (N, S, S) uint8, "masks": (N, S, S) bool, "clean": (N, S, S) uint8}``,
@@ -115,13 +114,12 @@ def load_text_data(rows: pd.DataFrame, *, size: int | None = None, root: str | o
     empty = rows[rows[TEXT_MASK_COLUMN].astype(str).str.strip() == ""]
     if len(empty):
         raise ValueError(f"{len(empty)} row(s) have no {TEXT_MASK_COLUMN}: {empty['image_id'].astype(str).tolist()[:5]}")
-    where = root if root is not None else rows
-    images = [_resize(read_image(mf.resolve_path(where, p)), size) for p in rows["path"].astype(str)]
-    masks = [_resize(read_mask(mf.resolve_path(where, p)).astype(np.uint8), size, nearest=True) > 0
+    images = [_resize(read_image(mf.resolve_path(rows, p)), size) for p in rows["path"].astype(str)]
+    masks = [_resize(read_mask(mf.resolve_path(rows, p)).astype(np.uint8), size, nearest=True) > 0
              for p in rows[TEXT_MASK_COLUMN].astype(str)]
     out = {"images": np.stack(images), "masks": np.stack(masks)}
     if clean:
-        out["clean"] = np.stack([_resize(read_image(p), size) for p in clean_twin_paths(rows, root=root)])
+        out["clean"] = np.stack([_resize(read_image(p), size) for p in clean_twin_paths(rows)])
     return out
 
 
@@ -476,7 +474,7 @@ def clean_manifest(manifest: pd.DataFrame, segmenter: TextSegmenter, out_dir: st
     (``"telea"`` or a function ``(images, masks) -> images``); the PNG goes to
     ``out_dir/<image_id>.png`` (atomically; an existing file is reused, so a killed run
     resumes). Returns ``(cleaned manifest, problems)``: the chosen rows with ``path``
-    replaced (relative to ``manifest.attrs["root"]``), and one line per unreadable image
+    replaced (absolute, like every manifest path in memory), and one line per unreadable image
     (``"<path>: <error>"``), which is left out and the run goes on.
     """
     inpaint = inpaint_telea if method == "telea" else method
@@ -484,7 +482,6 @@ def clean_manifest(manifest: pd.DataFrame, segmenter: TextSegmenter, out_dir: st
         raise ValueError(f"method must be 'telea' or a function (images, masks) -> images, got {method!r}")
     out_dir = Path(out_dir)
     chosen = (manifest[manifest["origin"].astype(str) == mf.REAL] if rows is None else rows).copy()
-    base = Path(manifest.attrs.get("root") or out_dir).resolve()
     problems: list[str] = []
     new_paths: dict[Any, str] = {}
     pending: list[tuple[Any, Path, np.ndarray]] = []
@@ -499,13 +496,13 @@ def clean_manifest(manifest: pd.DataFrame, segmenter: TextSegmenter, out_dir: st
             cleaned = inpaint(batch, grow(predict_text_masks(segmenter, batch), grow_pixels))
             for (index, target, _), image in zip(group, cleaned, strict=True):
                 write_png(target, image)
-                new_paths[index] = Path(os.path.relpath(target.resolve(), base)).as_posix()
+                new_paths[index] = str(target.resolve())
         pending.clear()
 
     for index, row in progress_bar(list(chosen.iterrows()), enabled=progress, desc="text removal", unit="img"):
         target = out_dir / f"{row['image_id']}.png"
         if target.is_file():
-            new_paths[index] = Path(os.path.relpath(target.resolve(), base)).as_posix()
+            new_paths[index] = str(target.resolve())
             continue
         source = mf.resolve_path(manifest, str(row["path"]))
         try:
@@ -519,6 +516,5 @@ def clean_manifest(manifest: pd.DataFrame, segmenter: TextSegmenter, out_dir: st
     flush()
     cleaned = chosen.loc[[index for index in chosen.index if index in new_paths]].copy()
     cleaned["path"] = [new_paths[index] for index in cleaned.index]
-    cleaned.attrs = dict(manifest.attrs)
     return cleaned, problems
 

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from cxrlib.config import seed_everything
+from cxrlib.data.manifest import absolute_paths
 from cxrlib.models.cyclegan import CycleGAN
 from cxrlib.train.cyclegan import CycleGANTrainConfig, domain_rows, train_cyclegan
 from cxrlib.train.engine import cleanup_distributed, init_distributed
@@ -34,14 +35,14 @@ def main() -> None:
                                  progress=False, sample_every=0)
     ctx = init_distributed(config.device)
     assert ctx.world_size == 2 and ctx.backend == "gloo", ctx
-    manifest = pd.read_csv(args.manifest, dtype=str, keep_default_na=False)
+    manifest = absolute_paths(pd.read_csv(args.manifest, dtype=str, keep_default_na=False), args.root)
     dark, bright = domain_rows(manifest, "Dark"), domain_rows(manifest, "Bright")
 
     if ctx.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)  # the same draw train_cyclegan makes for its weights
         torch.save(CycleGAN(config.model_config()).state_dict(), args.out / "initial.pt")
-    result = train_cyclegan(dark, bright, args.run_dir, config, root=args.root, ctx=ctx)
+    result = train_cyclegan(dark, bright, args.run_dir, config, ctx=ctx)
     torch.distributed.barrier()  # rank 0 has created the output folder
     torch.save(result.model.state_dict(), args.out / f"rank{ctx.rank}.pt")
     cleanup_distributed()

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from cxrlib.config import seed_everything
+from cxrlib.data.manifest import absolute_paths
 from cxrlib.models.unet import UNet
 from cxrlib.train.engine import cleanup_distributed, init_distributed
 from cxrlib.train.segmentation import SegTrainConfig, train_segmentation
@@ -32,14 +33,14 @@ def main() -> None:
                             seed=5, device="cpu", progress=False)
     ctx = init_distributed(config.device)
     assert ctx.world_size == 2 and ctx.backend == "gloo", ctx
-    manifest = pd.read_csv(args.manifest, dtype=str, keep_default_na=False)
+    manifest = absolute_paths(pd.read_csv(args.manifest, dtype=str, keep_default_na=False), args.root)
     train_df, val_df = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "val"]
 
     if ctx.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)  # the same draw train_segmentation makes for its weights
         torch.save(UNet(config.unet_config()).state_dict(), args.out / "initial.pt")
-    result = train_segmentation(train_df, val_df, args.run_dir, config, root=args.root, ctx=ctx)
+    result = train_segmentation(train_df, val_df, args.run_dir, config, ctx=ctx)
     torch.distributed.barrier()  # rank 0 has created the output folder
     torch.save(result.model.state_dict(), args.out / f"rank{ctx.rank}.pt")
     cleanup_distributed()

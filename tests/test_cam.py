@@ -12,6 +12,7 @@ from torch import nn
 
 from cxrlib.data.classification import ClassificationDataset, make_label_map
 from cxrlib.data.io import write_png
+from cxrlib.data.manifest import absolute_paths
 from cxrlib.data.masks import LungPatchSampler
 from cxrlib.explain import cam as cams
 from cxrlib.explain.saliency import pointing_game
@@ -138,8 +139,8 @@ def lung_patch_dataset(tmp_path) -> ClassificationDataset:
         write_png(tmp_path / f"lung{index}.png", lung)
         rows.append({"image_id": f"i{index}", "path": f"img{index}.png", "label": "covid",
                      "mask_pred_lung": f"lung{index}.png"})
-    manifest = pd.DataFrame(rows)
-    return ClassificationDataset(manifest, root=tmp_path, image_size=16, label_map=make_label_map(["normal", "covid"]),
+    manifest = absolute_paths(pd.DataFrame(rows), tmp_path)
+    return ClassificationDataset(manifest, image_size=16, label_map=make_label_map(["normal", "covid"]),
                                  input_mode="patch", patch_sampler=LungPatchSampler(16, scale_with_image=False),
                                  source_size=side)
 
@@ -171,7 +172,6 @@ def test_explain_rows_of_a_patch_classifier_gives_source_size_maps(tmp_path):
     from cxrlib.train.classifier import ClassifierTrainConfig, ClassifierTrainResult
 
     rows = lung_patch_dataset(tmp_path).manifest
-    rows.attrs["root"] = str(tmp_path)
     config = ClassifierTrainConfig(arch="small_cnn", classes=["normal", "covid"], image_size=16, input_mode="patch",
                                    patch_size=16, patch_reference_size=64, patch_source_size=64, eval_patches=3,
                                    progress=False)

@@ -19,11 +19,11 @@ def small_cohort(tmp_path_factory):
 
 
 def test_cohort_is_cached_by_settings(small_cohort):
-    root = small_cohort.attrs["root"]
+    root = mf.Path(small_cohort.loc[0, "path"]).parent.parent  # <cohort>/images/<id>.png
     from cxrlib.data.phantom import GENERATOR_VERSION
 
-    assert root.endswith(f"phantom-v{GENERATOR_VERSION}-30p-64px-s3")
-    again = cohort.load_or_make_phantom(30, 64, seed=3, base=mf.Path(root).parent, progress=False)
+    assert root.name == f"phantom-v{GENERATOR_VERSION}-30p-64px-s3"
+    again = cohort.load_or_make_phantom(30, 64, seed=3, base=root.parent, progress=False)
     pd.testing.assert_frame_equal(again, small_cohort)
 
 
@@ -38,7 +38,7 @@ def test_assemble_splits_by_patient_without_leakage(small_cohort):
 
 
 def test_assemble_reports_unreadable_and_duplicate_files(small_cohort, tmp_path):
-    root = mf.Path(small_cohort.attrs["root"])
+    root = mf.Path(small_cohort.loc[0, "path"]).parent.parent
     work = tmp_path / "cohort"
     shutil.copytree(root, work)
     df = mf.read_manifest(work / "manifest.csv")
@@ -48,9 +48,8 @@ def test_assemble_reports_unreadable_and_duplicate_files(small_cohort, tmp_path)
     copy = df.iloc[1].copy()
     copy["image_id"], copy["patient_id"] = "copy_of_1", "p9999"
     shutil.copy(work / df.iloc[1]["path"], work / "images" / "copy_of_1.png")
-    copy["path"] = "images/copy_of_1.png"
+    copy["path"] = str(work.resolve() / "images" / "copy_of_1.png")
     df = pd.concat([df, copy.to_frame().T], ignore_index=True)
-    df.attrs["root"] = str(work)
     split, report = cohort.assemble(df, seed=0)
     assert report.unreadable["path"].str.contains(broken["image_id"]).any()
     assert broken["image_id"] not in set(split["image_id"])

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from cxrlib.data import manifest as mf
 from cxrlib.data.io import write_png
 from cxrlib.models.cyclegan import (
     CycleGAN,
@@ -261,8 +262,8 @@ def test_domain_dataset_reads_a_manifest_once(tmp_path, monkeypatch):
         big = np.kron(image, np.ones((2, 2), dtype=np.uint8))  # 64x64 on disk, resized to 32
         write_png(tmp_path / f"img{index}.png", big)
         rows.append({"image_id": f"img{index}", "path": f"img{index}.png"})
-    manifest = pd.DataFrame(rows)
-    dataset = DomainImageDataset(manifest, root=tmp_path, image_size=SIZE)
+    manifest = mf.absolute_paths(pd.DataFrame(rows), tmp_path)
+    dataset = DomainImageDataset(manifest, image_size=SIZE)
     assert dataset.images.shape == (3, SIZE, SIZE) and dataset.images.dtype == torch.uint8
     assert dataset.image_ids == ["img0", "img1", "img2"]
     assert np.abs(dataset.images.numpy().astype(int) - images.astype(int)).mean() < 8
@@ -419,7 +420,7 @@ def write_disc_cohort(folder: Path) -> Path:
                          "mask_path": "", "origin": "real"})
     from cxrlib.data.manifest import write_manifest
 
-    return write_manifest(pd.DataFrame(rows), folder / "manifest.csv")
+    return write_manifest(pd.DataFrame(rows), folder / "manifest.csv", labels=["Dark", "Bright"])
 
 
 def test_every_command_line_option_has_help():

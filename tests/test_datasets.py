@@ -12,6 +12,7 @@ from PIL import Image
 from skimage.draw import ellipse
 from torch.utils.data import DataLoader
 
+from cxrlib.data import manifest as mf
 from cxrlib.data.datasets import ImageDataset, SegmentationDataset, load_label_map
 from cxrlib.data.transforms import PairedAugment
 
@@ -75,9 +76,7 @@ def manifest(tmp_path: Path) -> pd.DataFrame:
             "mask_heart": None,
         }
     )
-    df = pd.DataFrame(rows)
-    df.attrs["root"] = str(tmp_path)
-    return df
+    return mf.absolute_paths(pd.DataFrame(rows), tmp_path)
 
 
 def test_items_shapes_dtypes_and_labels(manifest):
@@ -113,16 +112,14 @@ def test_heart_and_errors_name_the_images(manifest):
         SegmentationDataset(no_masks, size=32)
 
 
-def test_root_argument_and_load_label_map(manifest, tmp_path):
-    bare = manifest.copy()
-    bare.attrs = {}
-    from_root = SegmentationDataset(bare, root=tmp_path, size=32)
-    from_attrs = SegmentationDataset(manifest, size=32)
-    assert torch.equal(from_root[2][1], from_attrs[2][1])
+def test_relative_paths_are_refused_and_load_label_map(manifest, tmp_path):
+    relative = manifest.assign(path=[Path(value).name for value in manifest["path"]])
+    with pytest.raises(ValueError, match="absolute in memory"):
+        SegmentationDataset(relative, size=32)[2]
     row = manifest.iloc[3].to_dict()
-    native = load_label_map(row, tmp_path, size=None)
+    native = load_label_map(row, size=None)
     assert native.shape == (48, 48) and native.dtype == np.uint8
-    assert load_label_map(row, manifest, size=(20, 30)).shape == (20, 30)
+    assert load_label_map(row, size=(20, 30)).shape == (20, 30)
 
 
 def test_cache_matches_lazy_loading(manifest):
@@ -153,7 +150,6 @@ def test_augmentation_is_reproducible_across_workers_and_epochs(manifest):
 
 def test_image_dataset_needs_no_masks(manifest):
     images_only = manifest[["image_id", "path"]].copy()
-    images_only.attrs = dict(manifest.attrs)
     dataset = ImageDataset(images_only, size=(24, 40))
     image, index = dataset[3]
     assert image.shape == (1, 24, 40) and image.dtype == torch.float32 and index == 3

@@ -39,9 +39,7 @@ def build(tmp_path: Path) -> pd.DataFrame:
         rows.append({"image_id": image_id, "path": f"{image_id.replace(':', '_')}.png",
                      "label": labels.get(image_id, "covid"), "patient_id": f"p-{image_id}",
                      "source": image_id[0], "view": "PA", "split": "", "mask_path": "", "origin": "real"})
-    df = pd.DataFrame(rows)
-    df.attrs["root"] = str(tmp_path)
-    return df
+    return mf.absolute_paths(pd.DataFrame(rows), tmp_path)
 
 
 def test_near_duplicate_pairs_match_brute_force():
@@ -61,7 +59,7 @@ def test_hash_images_lists_unreadable_files(tmp_path):
     df = build(tmp_path)
     (tmp_path / "a_4.png").write_bytes(b"not a png")
     hashed, report = dedup.hash_images(df)
-    assert report.n_ok == 6 and [bad.path for bad in report.bad] == ["a_4.png"]
+    assert report.n_ok == 6 and [bad.path for bad in report.bad] == [str(tmp_path / "a_4.png")]
     assert hashed.loc[6, "content_hash"] == "" and len(hashed.loc[0, "phash"]) == 64  # 256 bits
     assert hashed.loc[0, "content_hash"] == hashed.loc[1, "content_hash"]
 
@@ -116,7 +114,7 @@ def test_synthetic_image_resembling_a_real_one_follows_it_into_its_split(tmp_pat
     df = build(tmp_path).iloc[[0, 2, 6]].reset_index(drop=True)
     synthetic = np.clip(smooth_image(0).astype(int) + 3, 0, 255).astype(np.uint8)  # "translated" a:1
     write_png(tmp_path / "syn.png", synthetic)
-    df.loc[len(df)] = {"image_id": "syn:1", "path": "syn.png", "label": "covid", "patient_id": "syn:1",
+    df.loc[len(df)] = {"image_id": "syn:1", "path": str(tmp_path / "syn.png"), "label": "covid", "patient_id": "syn:1",
                        "source": "zunair2021", "view": "", "split": "train", "mask_path": "",
                        "origin": mf.make_origin("G_NC", "zunair2021")}
     hashed, _ = dedup.hash_images(df)
@@ -143,11 +141,13 @@ def test_materialize_resizes_images_and_masks_and_lists_bad_files(tmp_path):
     df = pd.DataFrame({"image_id": ["src:c", "src:g", "src:bad"], "path": ["c.jpg", "g.png", "bad.png"],
                        "label": ["covid"] * 3, "patient_id": ["p1", "p2", "p3"], "source": ["my src"] * 3,
                        "view": "", "split": "", "mask_path": ["", "m.png", ""], "origin": "real"})
-    df.attrs["root"] = str(raw)
-    out, report = cohort.materialize(df, tmp_path / "run", 16)
-    assert [bad.path for bad in report.bad] == ["bad.png"] and report.n_ok == 2
-    assert out["path"].tolist() == ["images/my_src/src_c.png", "images/my_src/src_g.png"]
-    assert out["raw_path"].tolist() == ["c.jpg", "g.png"] and out.attrs["root"] == str((tmp_path / "run").resolve())
+    df = mf.absolute_paths(df, raw)
+    out, report = cohort.materialize(df, tmp_path / "run", 16, raw_root=raw)
+    assert [bad.path for bad in report.bad] == [str(raw / "bad.png")] and report.n_ok == 2
+    run = (tmp_path / "run").resolve()
+    assert out["path"].tolist() == [str(run / "images/my_src/src_c.png"), str(run / "images/my_src/src_g.png")]
+    assert out["raw_path"].tolist() == ["c.jpg", "g.png"]  # relative to the raw data folder, as recorded
+    assert cohort.materialize(df, tmp_path / "run", 16)[0]["raw_path"].tolist() == df["path"][:2].tolist()
     image = read_image(mf.resolve_path(out, out.loc[0, "path"]))
     assert image.shape == (16, 16) and image.dtype == np.uint8 and 50 < image.mean() < 70  # red -> luminance
     resized_mask = read_mask(mf.resolve_path(out, out.loc[1, "mask_path"]))

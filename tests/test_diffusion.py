@@ -280,9 +280,7 @@ def _phantom_like_manifest(tmp_path) -> pd.DataFrame:
         rows.append({"image_id": f"p{p}", "path": path.relative_to(tmp_path).as_posix(), "label": label,
                      "patient_id": f"pat{p}", "source": "phantom", "view": "PA", "split": split,
                      "mask_path": "", "origin": "real", "site": f"s{p % 2}"})
-    manifest = pd.DataFrame(rows)
-    manifest.attrs["root"] = str(tmp_path)
-    return manifest
+    return mf.absolute_paths(pd.DataFrame(rows), tmp_path)
 
 
 def test_sample_rows_are_train_only_and_pass_the_leakage_check(tmp_path):

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from cxrlib.data import manifest as mf
 from cxrlib.data.classification import ClassificationDataset, make_label_map
 from cxrlib.data.io import write_png
 from cxrlib.explain import embed
@@ -27,9 +28,7 @@ def write_images(folder, n: int) -> pd.DataFrame:
         write_png(folder / f"img{index}.png", rng.integers(0, 256, (40, 40), dtype=np.uint8))
         rows.append({"image_id": f"i{index}", "path": f"img{index}.png", "label": CLASSES[index % 2],
                      "patient_id": f"p{index}", "origin": "real"})
-    frame = pd.DataFrame(rows)
-    frame.attrs["root"] = str(folder)
-    return frame
+    return mf.absolute_paths(pd.DataFrame(rows), folder)
 
 
 def saved_result(folder, seed: int = 0, image_size: int = 32) -> ClassifierTrainResult:
@@ -169,10 +168,8 @@ def test_embedding_rows_keep_every_real_row_and_sample_synthetic_ones():
     frame = pd.DataFrame({"image_id": [f"i{k}" for k in range(10)],
                           "label": ["normal", "covid"] + ["covid"] * 8,
                           "origin": ["real", "real"] + [f"G_NC:ck:i{k}" for k in range(8)]})
-    frame.attrs["root"] = "/somewhere"
     rows = st.embedding_rows(frame, max_synthetic=3, seed=0)
     assert len(rows) == 5 and (rows["made_by"] == "real").sum() == 2
-    assert rows.attrs["root"] == "/somewhere"
     assert rows["image_id"].tolist() == st.embedding_rows(frame, max_synthetic=3, seed=0)["image_id"].tolist()
     assert set(rows["group"]) == {"normal", "real covid", "synthetic covid"}
 
@@ -185,7 +182,7 @@ def test_masks_are_unions_of_columns_and_bad_files_are_listed(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"no png")
     rows = pd.DataFrame({"image_id": ["a", "b", "c"], "mask_lung_left": ["left.png", "broken.png", "left.png"],
                          "mask_lung_right": ["right.png", "right.png", ""], "mask_pred_lung": ["x.png"] * 3})
-    rows.attrs["root"] = str(tmp_path)
+    rows = mf.absolute_paths(rows, tmp_path)
     assert st.lung_mask_columns(rows)[0] == ("mask_pred_lung",)  # row c lacks a reference mask
     assert st.lung_mask_columns(rows.iloc[:2])[0] == st.REFERENCE_LUNG_COLUMNS
     with pytest.warns(UserWarning, match="b mask_lung_left.*broken.png"):

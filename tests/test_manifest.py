@@ -15,6 +15,7 @@ from PIL import Image
 from cxrlib.data.io import write_png
 from cxrlib.data.manifest import (
     COLUMNS,
+    LABELS,
     SPLITS,
     LeakageError,
     LeakageReport,
@@ -38,7 +39,7 @@ def cohort(
     n_patients: int = 60,
     *,
     seed: int = 0,
-    labels: tuple[str, ...] = ("Normal", "Pneumonia", "COVID-19"),
+    labels: tuple[str, ...] = ("normal", "pneumonia", "covid"),
     weights: tuple[float, ...] = (0.5, 0.3, 0.2),
     max_images: int = 3,
 ) -> pd.DataFrame:
@@ -126,18 +127,33 @@ def test_validate_caps_long_lists():
     assert "empty label in 40 rows" in message and "(+20 more)" in message
 
 
-def test_validate_checks_files_relative_to_root(tmp_path):
+def test_validate_checks_files(tmp_path):
     df = cohort(3, max_images=1)
-    for relative in df["path"][:2]:
-        write_png(tmp_path / relative, np.zeros((4, 4), np.uint8))
-    df.loc[0, "mask_path"] = "masks/lung_missing.png"
+    df["path"] = [str(tmp_path / relative) for relative in df["path"]]
+    for path in df["path"][:2]:
+        write_png(path, np.zeros((4, 4), np.uint8))
+    df.loc[0, "mask_path"] = str(tmp_path / "masks" / "lung_missing.png")
     with pytest.raises(ManifestError) as caught:
-        validate(df, root=tmp_path, check_files=True)
+        validate(df, check_files=True)
     message = str(caught.value)
     assert df.loc[2, "path"] in message and df.loc[0, "path"] not in message
-    assert "masks/lung_missing.png" in message and "'mask_path'" in message
-    with pytest.raises(ManifestError, match="no root folder"):
-        validate(df, check_files=True)
+    assert "lung_missing.png" in message and "'mask_path'" in message
+    relative = cohort(1, max_images=1)
+    with pytest.raises(ManifestError, match="relative paths in column 'path' cannot be checked"):
+        validate(relative, check_files=True)
+
+
+def test_validate_refuses_labels_outside_the_declared_set():
+    df = cohort(4, max_images=1)
+    df.loc[2, "label"] = "banana"
+    with pytest.raises(ManifestError) as caught:
+        validate(df)
+    assert len(caught.value.problems) == 1
+    message = str(caught.value)
+    assert "label not in the declared label set" in message and "'banana'" in message
+    assert f"rows: 2 ({df.loc[2, 'image_id']!r})" in message
+    assert validate(df, labels=[*LABELS, "banana"]) is df  # a recipe declares its own classes
+    assert validate(df, labels=None) is df
 
 
 # ----------------------------------------------------------------------------- read / write
@@ -148,7 +164,7 @@ def test_write_read_round_trip_keeps_strings_and_empties(tmp_path):
     df["patient_id"] = ["0001"] * len(df)  # leading zeros must survive
     df["age"] = ["007"] + [""] * (len(df) - 1)
     df.loc[0, "view"] = ""
-    df.loc[0, "label"] = "NA"  # pandas' default would turn this into NaN
+    df.loc[0, "source"] = "NA"  # pandas' default would turn this into NaN
     df = df[["age", *reversed(COLUMNS)]]  # extras first, schema columns shuffled
 
     path = write_manifest(df, tmp_path / "sub" / "manifest.csv")
@@ -156,12 +172,13 @@ def test_write_read_round_trip_keeps_strings_and_empties(tmp_path):
     back = read_manifest(path)
 
     assert list(back.columns) == [*COLUMNS, "age"]
-    assert back.attrs["root"] == str(path.parent.resolve())
+    assert not back.attrs  # no root rides on the frame: paths are absolute
     assert all(isinstance(value, str) for value in back.to_numpy().ravel())
     expected = df[[*COLUMNS, "age"]].reset_index(drop=True)
+    expected["path"] = [str(path.parent.resolve() / value) for value in expected["path"]]
     pd.testing.assert_frame_equal(back, expected, check_dtype=False)
     assert back.loc[0, "patient_id"] == "0001" and back.loc[0, "view"] == ""
-    assert back.loc[0, "label"] == "NA" and back.loc[1, "age"] == ""
+    assert back.loc[0, "source"] == "NA" and back.loc[1, "age"] == ""
 
 
 def test_write_manifest_converts_values_and_refuses_invalid(tmp_path):
@@ -171,7 +188,7 @@ def test_write_manifest_converts_values_and_refuses_invalid(tmp_path):
     df["mask_path"] = [PurePosixPath("masks") / "a.png", None]
     df["severity"] = [1.5, np.nan]
     back = read_manifest(write_manifest(df, tmp_path / "m.csv"))
-    assert back["mask_path"].tolist() == ["masks/a.png", ""]
+    assert back["mask_path"].tolist() == [str(tmp_path / "masks" / "a.png"), ""]
     assert back["severity"].tolist() == ["1.5", ""]
 
     df.loc[0, "split"] = "training"
@@ -190,12 +207,10 @@ def test_read_manifest_reports_the_file_and_problems(tmp_path):
 
 
 def test_resolve_path(tmp_path):
-    df = cohort(1, max_images=1)
-    df.attrs["root"] = str(tmp_path)
-    assert resolve_path(df, "images/a.png") == tmp_path / "images" / "a.png"
     assert resolve_path(tmp_path / "other", "a.png") == tmp_path / "other" / "a.png"
     assert resolve_path(None, str(tmp_path / "abs.png")) == tmp_path / "abs.png"
-    with pytest.raises(ValueError, match="root"):
+    assert resolve_path(cohort(1), str(tmp_path / "abs.png")) == tmp_path / "abs.png"
+    with pytest.raises(ValueError, match="absolute in memory"):
         resolve_path(cohort(1), "images/a.png")
 
 
@@ -212,13 +227,12 @@ def test_identical_pixels_saved_twice_are_found(tmp_path):
     Image.fromarray(pixels).save(tmp_path / df.loc[3, "path"], compress_level=0)
     df.loc[2, "path"] = "images/unreadable.png"
     (tmp_path / "images" / "unreadable.png").write_bytes(b"not a png")
-    df.attrs["root"] = str(tmp_path)
+    df["path"] = [str(tmp_path / value) for value in df["path"]]
 
     hashed, report = add_content_hashes(df)
     assert "content_hash" not in df.columns  # the input is left alone
     assert hashed.loc[2, "content_hash"] == "" and report.n_ok == 3
-    assert [bad.path for bad in report.bad] == ["images/unreadable.png"]
-    assert hashed.attrs["root"] == str(tmp_path)
+    assert [bad.path for bad in report.bad] == [str(tmp_path / "images" / "unreadable.png")]
 
     duplicates = find_duplicates(hashed)
     assert list(duplicates.columns[:5]) == [
@@ -305,7 +319,7 @@ def test_synthetic_rows_inherit_the_split_of_their_source():
         {
             **df.iloc[i].to_dict(),
             "image_id": f"syn_{real_ids[i]}",
-            "label": "COVID-19",
+            "label": "covid",
             "origin": make_origin("G_NC", "ckpt_epoch10.pt", real_ids[i]),
         }
         for i in range(0, len(df), 3)
@@ -342,7 +356,7 @@ def test_synthetic_rows_inherit_the_split_of_their_source():
 )
 @given(
     patients=st.lists(
-        st.tuples(st.sampled_from(["Normal", "COVID-19", "Pneumonia"]), st.integers(1, 4)),
+        st.tuples(st.sampled_from(["normal", "covid", "pneumonia"]), st.integers(1, 4)),
         min_size=1,
         max_size=40,
     ),
@@ -357,7 +371,7 @@ def test_split_property_no_patient_in_two_splits(patients, mixed_patient, seed, 
     for number, (label, n_images) in enumerate(patients):
         for study in range(n_images):
             # optionally a patient whose follow-up has another label
-            row_label = "Normal" if mixed_patient and number == 0 and study == 1 else label
+            row_label = "normal" if mixed_patient and number == 0 and study == 1 else label
             rows.append(
                 [
                     f"i{number}_{study}",
@@ -492,15 +506,112 @@ def test_summarize_is_json_ready():
     assert summarize(cohort(3))["images_per_split"] == {"unassigned": len(cohort(3))}
 
 
+def row(image_id: str, path: str, **values: str) -> dict[str, str]:
+    return {"image_id": image_id, "path": path, "label": "normal", "patient_id": f"p_{image_id}",
+            "source": "s", "view": "PA", "split": "train", "mask_path": "", "origin": "real", **values}
+
+
 def test_write_manifest_elsewhere_keeps_paths_valid(tmp_path):
     """A manifest written into another folder (e.g. a run folder) still points at the same files."""
     cohort_dir = tmp_path / "cohort"
     write_png(cohort_dir / "images" / "a.png", np.zeros((8, 8), np.uint8))
-    df = pd.DataFrame([{"image_id": "a", "path": "images/a.png", "label": "normal", "patient_id": "p1",
-                        "source": "s", "view": "PA", "split": "train", "mask_path": "", "origin": "real"}])
-    df.attrs["root"] = str(cohort_dir)
+    df = pd.DataFrame([row("a", str(cohort_dir / "images" / "a.png"))])
     out = write_manifest(df, tmp_path / "runs" / "01_data" / "manifest.csv")
-    again = read_manifest(out)
-    assert again.loc[0, "path"] == "../../cohort/images/a.png"
-    assert resolve_path(again, again.loc[0, "path"]).resolve() == (cohort_dir / "images" / "a.png").resolve()
+    assert "../../cohort/images/a.png," in out.read_text()  # relative on disk
+    again = read_manifest(out, allowed_roots=[cohort_dir])
+    assert again.loc[0, "path"] == str((cohort_dir / "images" / "a.png").resolve())
     assert again.loc[0, "mask_path"] == ""
+    # written back where it came from: byte-identical
+    before = out.read_bytes()
+    write_manifest(again, out)
+    assert out.read_bytes() == before
+
+
+def test_read_manifest_makes_every_path_column_absolute(tmp_path):
+    folder = tmp_path / "cohort"
+    pd.DataFrame([row("a", "images/a.png", mask_path="masks/a.png", mask_lung_left="l/a.png",
+                      path_lung_crop="crops/../crops/a.png", raw_path="x.jpg")]).to_csv(
+        folder.mkdir() or folder / "manifest.csv", index=False)
+    back = read_manifest(folder / "manifest.csv")
+    base = folder.resolve()
+    assert back.loc[0, ["path", "mask_path", "mask_lung_left", "path_lung_crop"]].tolist() == [
+        str(base / "images/a.png"), str(base / "masks/a.png"), str(base / "l/a.png"),
+        str(base / "crops/a.png")]
+    assert back.loc[0, "raw_path"] == "x.jpg"  # a record of where a copy came from, not opened
+
+
+def hostile(folder, path: str, **values: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([row("good", "images/a.png"), row("evil", path, **values)]).to_csv(
+        folder / "manifest.csv", index=False)
+    write_png(folder / "images" / "a.png", np.zeros((8, 8), np.uint8))
+    return folder / "manifest.csv"
+
+
+@pytest.mark.parametrize("escape", ["../../../../../../../../etc/passwd", "/etc/passwd",
+                                    "images/../../outside.png"])
+def test_read_manifest_refuses_paths_escaping_its_folder(tmp_path, escape):
+    (tmp_path / "outside.png").write_bytes(b"x")
+    path = hostile(tmp_path / "cohort", escape)
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    message = str(caught.value)
+    assert "\n" not in message  # one line
+    assert str(path) in message and "'evil'" in message and repr(escape) in message
+    assert "'good'" not in message and "allowed_roots" in message
+
+
+def test_read_manifest_refuses_an_escaping_mask_column(tmp_path):
+    path = hostile(tmp_path / "cohort", "images/a.png", mask_lung_left="../secret.png")
+    with pytest.raises(ManifestError, match="'evil' mask_lung_left '../secret.png'"):
+        read_manifest(path)
+
+
+def test_read_manifest_resolves_links_before_the_containment_check(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    write_png(elsewhere / "real.png", np.zeros((8, 8), np.uint8))
+    path = hostile(tmp_path / "cohort", "images/link.png")
+    (tmp_path / "cohort" / "images" / "link.png").symlink_to(elsewhere / "real.png")
+    (tmp_path / "cohort" / "linked_folder").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ManifestError, match=r"'evil' path 'images/link.png' \(-> .*real.png\)"):
+        read_manifest(path)
+    hostile(tmp_path / "cohort", "linked_folder/real.png")
+    with pytest.raises(ManifestError, match="'evil' path 'linked_folder/real.png'"):
+        read_manifest(path)
+    # a data root the caller allows explicitly
+    again = read_manifest(path, allowed_roots=[elsewhere])
+    validate(again, check_files=True)
+    with pytest.raises(ManifestError, match="'evil' path"):
+        validate(again, check_files=True, allowed_roots=[tmp_path / "cohort"])
+
+
+def test_read_manifest_allows_a_data_root_only_when_asked(tmp_path):
+    data_root = tmp_path / "datasets"
+    write_png(data_root / "x" / "b.png", np.zeros((8, 8), np.uint8))
+    path = hostile(tmp_path / "run", str(data_root / "x" / "b.png"))
+    with pytest.raises(ManifestError, match="'evil'"):
+        read_manifest(path)
+    back = read_manifest(path, allowed_roots=[data_root])
+    assert back.loc[1, "path"] == str(data_root / "x" / "b.png")
+    # the frame remembers nothing: a second read without the root is refused again
+    write_manifest(back, path)
+    with pytest.raises(ManifestError, match="'evil'"):
+        read_manifest(path)
+
+
+def test_stage_manifest_may_point_into_its_run_folder(tmp_path):
+    run = tmp_path / "run"
+    write_png(run / "01_data" / "images" / "a.png", np.zeros((8, 8), np.uint8))
+    df = pd.DataFrame([row("a", str(run / "01_data" / "images" / "a.png"))])
+    stage_manifest = write_manifest(df, run / "02_lung_segmentation" / "manifest.csv")
+    assert read_manifest(stage_manifest).loc[0, "path"] == str(run.resolve() / "01_data/images/a.png")
+    other = write_manifest(df, tmp_path / "run" / "notastage" / "manifest.csv")
+    with pytest.raises(ManifestError, match="'a' path '../01_data/images/a.png'"):
+        read_manifest(other)
+
+
+def test_read_manifest_refuses_labels_outside_the_declared_set(tmp_path):
+    path = hostile(tmp_path / "cohort", "images/a.png", label="banana")
+    with pytest.raises(ManifestError, match=r"manifest.csv: label not in the declared label set.*'banana'"):
+        read_manifest(path)
+    assert read_manifest(path, labels=[*LABELS, "banana"]).loc[1, "label"] == "banana"

@@ -263,13 +263,15 @@ def test_write_cohort_files_and_manifest(tmp_path: Path):
     assert set(manifest["source"]) == {"phantom"} and set(manifest["origin"]) == {"real"}
     assert set(manifest["split"]) == {""} and set(manifest["mask_path"]) == {""}
     samples = {s.meta["image_id"]: s for s in generate_cohort(config)}
-    for row in manifest.itertuples():
-        assert row.path == f"images/{row.image_id}.png"
-        image = np.asarray(Image.open(tmp_path / row.path))
+    for row, written in zip(manifest.itertuples(), on_disk.itertuples(), strict=True):
+        assert written.path == f"images/{row.image_id}.png"  # relative on disk
+        assert row.path == str(tmp_path.resolve() / written.path)  # absolute in memory
+        image = np.asarray(Image.open(row.path))
         np.testing.assert_array_equal(image, samples[row.image_id].image)
         for kind in MASK_KINDS:
-            rel = getattr(row, f"mask_{kind}")
+            rel = getattr(written, f"mask_{kind}")
             assert rel == f"masks/{kind}/{row.image_id}.png" and "\\" not in rel
+            assert getattr(row, f"mask_{kind}") == str(tmp_path.resolve() / rel)
             mask = np.asarray(Image.open(tmp_path / rel))
             assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
             np.testing.assert_array_equal(mask == 255, samples[row.image_id].masks[kind])

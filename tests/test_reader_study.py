@@ -61,14 +61,17 @@ def test_outside_sequence_keeps_only_images_the_reader_is_not_shown():
         rs.outside_sequence(sequence, [(synthetic["G_NC"].iloc[:3], sets[0][1])])
 
 
-def test_image_pool_makes_paths_absolute_against_the_manifest_root(tmp_path):
+def test_image_pool_makes_paths_absolute_against_a_folder(tmp_path):
     rows = pd.DataFrame({"image_id": ["a", "b"], "path": ["img/a.png", str(tmp_path / "elsewhere" / "b.png")],
                          "label": "covid"})
-    rows.attrs["root"] = str(tmp_path / "manifest_root")
     pooled = rs.image_pool(rows, tmp_path / "data")
     assert pooled["path"].tolist() == [str(tmp_path / "data" / "img" / "a.png"), str(tmp_path / "elsewhere" / "b.png")]
-    assert rs.image_pool(rows)["path"].iloc[0] == str(tmp_path / "manifest_root" / "img" / "a.png")
     assert pooled["label"].tolist() == ["covid", "covid"] and rows["path"].iloc[0] == "img/a.png"
+    # manifest paths are absolute already; a manifest frame as second argument is accepted and ignored
+    absolute = pooled.drop(columns="label")
+    assert rs.image_pool(absolute, absolute)["path"].tolist() == pooled["path"].tolist()
+    with pytest.raises(ValueError, match="absolute in memory"):
+        rs.image_pool(rows)
 
 
 def test_answers_are_on_disk_after_every_click_and_sessions_resume(tmp_path):

@@ -67,14 +67,13 @@ def test_shipped_recipes_load():
 def test_realdata_recipe_on_a_fixture(tmp_path):
     base = build_base(tmp_path / "data")
     df, report = build_manifest(load_recipe("realdata"), base)
-    mf.validate(df, check_files=True)
-    assert df.attrs["root"] == str(base.resolve())
+    mf.validate(df, check_files=True, allowed_roots=[base])  # absolute paths under the base folder
     by_id = df.set_index("image_id")
     # COVID: any COVID-19 spelling, PA or AP (supine included), no lateral, no missing view, no SARS
     assert sorted(by_id.index[by_id["label"] == "covid"]) == ["covid-chestxray:a.jpg", "covid-chestxray:b.jpg"]
     assert sorted(by_id.index[by_id["label"] == "pneumonia"]) == ["nih:00000001_001", "nih:00000002_000"]
     assert len(by_id[by_id["label"] == "normal"]) == 4
-    assert by_id.loc["covid-chestxray:a.jpg", "path"] == "covid-chestxray/images/a.jpg"
+    assert by_id.loc["covid-chestxray:a.jpg", "path"] == str(base.resolve() / "covid-chestxray/images/a.jpg")
     assert by_id.loc["nih:00000001_001", "source"] == "nih" and by_id.loc["nih:00000001_001", "source_label"] == "pneumonia"
     assert report.counts.loc["normal", "nih"] == 4 and report.offered == {"covid-chestxray": 5, "nih": 7}
     # every offered row not in the manifest is accounted for, raw finding and view kept
@@ -227,7 +226,7 @@ def test_every_offered_row_is_kept_or_dropped_with_one_reason(tmp_path):
 
     # the notebook's next steps: decode + hash, drop exact copies; then count everything
     hashed, hash_report = dedup.hash_images(df)
-    assert [bad.path for bad in hash_report.bad] == ["nih-cxr14-sample/images/00000007_000.png"]
+    assert [bad.path for bad in hash_report.bad] == [str(base.resolve() / "nih-cxr14-sample/images/00000007_000.png")]
     deduped, dedup_report = dedup.deduplicate(hashed[hashed["content_hash"] != ""])
     assert dedup_report.dropped == ["covid-chestxray:h.jpg"]
     table = kept_and_dropped(df, report, dedup_report, unreadable=hash_report)

@@ -53,11 +53,11 @@ def test_manifest_follows_the_schema_and_normalises_labels(tmp_path):
     df = Covid19RadiographyDatabase(root).manifest()
     assert list(df.columns[: len(mf.COLUMNS)]) == list(mf.COLUMNS)
     mf.validate(df, check_files=True)
-    assert len(df) == 8 and df.attrs["root"] == str(root.resolve())
+    assert len(df) == 8 and not df.attrs  # paths are absolute: no root rides on the frame
     assert df["label"].value_counts().to_dict() == {"normal": 3, "covid": 2, "pneumonia": 2, "lung_opacity": 1}
     row = df.set_index("image_id").loc["Viral Pneumonia-2"]
-    assert row["path"] == "Viral Pneumonia/images/Viral Pneumonia-2.png"
-    assert row["mask_path"] == "Viral Pneumonia/masks/Viral Pneumonia-2.png"
+    assert row["path"] == str(root.resolve() / "Viral Pneumonia/images/Viral Pneumonia-2.png")
+    assert row["mask_path"] == str(root.resolve() / "Viral Pneumonia/masks/Viral Pneumonia-2.png")
     assert row["patient_id"] == "Viral Pneumonia-2"  # no patient ids in the database
     assert set(df["origin"]) == {"real"} and set(df["split"]) == {""} and set(df["view"]) == {""}
     assert set(df["source"]) == {"covid19-radiography"}
@@ -66,7 +66,7 @@ def test_manifest_follows_the_schema_and_normalises_labels(tmp_path):
 def test_union_masks_become_left_and_right_lungs_on_a_common_grid(tmp_path):
     root = build_radiography(tmp_path / "db", {"Viral Pneumonia": 3})
     df = Covid19RadiographyDatabase(root).manifest()
-    labels = load_label_map(df.iloc[0].to_dict(), df, size=None)
+    labels = load_label_map(df.iloc[0].to_dict(), size=None)
     assert labels.shape == (MASK_SIZE, MASK_SIZE) and set(np.unique(labels)) == {0, 1, 2}
     # label 1 (patient's left lung) is on the image right
     assert np.nonzero(labels == 1)[1].mean() > MASK_SIZE / 2 > np.nonzero(labels == 2)[1].mean()
@@ -81,7 +81,7 @@ def test_images_without_masks_and_older_layouts(tmp_path):
     assert set(df["mask_path"]) == {""}
     assert df.set_index("image_id")["label"].to_dict() == {"COVID-1": "covid", "COVID-2": "covid",
                                                             "NORMAL-1": "normal"}
-    assert df.iloc[0]["path"] == "COVID/COVID-1.png"
+    assert df.iloc[0]["path"] == str(root.resolve() / "COVID/COVID-1.png")
 
 
 def test_archive_wrapper_folder_is_accepted_and_other_folders_ignored(tmp_path):
@@ -169,7 +169,7 @@ def test_ieee8023_labels_views_and_patients(tmp_path):
     root = build_ieee8023(tmp_path / "ieee")
     adapter = CovidChestXrayDataset(root)
     df = adapter.manifest().set_index("image_id")
-    mf.validate(df.reset_index(), root=root, check_files=True)
+    mf.validate(df.reset_index(), check_files=True, allowed_roots=[root])
     assert df["label"].to_dict() == {"a.jpg": "covid", "b.png": "covid", "c.jpeg": "covid",
                                      "d.jpg": "pneumonia", "e.jpg": "unknown", "f.JPG": "normal"}
     assert df.loc["b.png", "view"] == "AP" and df.loc["b.png", "view_raw"] == "AP Supine"
@@ -231,7 +231,7 @@ def test_nih_labels_archive_layout_and_missing_images(tmp_path):
     mf.validate(df, check_files=True)
     df = df.set_index("image_id")
     assert df["label"].to_dict() == {"00000001_000": "normal", "00000001_001": "pneumonia", "00000002_000": "other"}
-    assert df.loc["00000001_001", "path"] == "images_002/images/00000001_001.png"
+    assert df.loc["00000001_001", "path"] == str(root.resolve() / "images_002/images/00000001_001.png")
     assert df.loc["00000001_001", "finding"] == "Infiltration|Pneumonia"
     assert df.loc["00000001_000", "patient_id"] == df.loc["00000001_001", "patient_id"] == "nih-cxr14:1"
     assert df.loc["00000001_001", "view"] == "AP" and df.loc["00000001_001", "follow_up"] == "1"
@@ -287,7 +287,7 @@ def test_chexpert_observations_views_and_paths(tmp_path):
     mf.validate(df, check_files=True)
     df = df.set_index("image_id")
     first = df.loc["patient00001_study1_view1_frontal"]
-    assert first["path"] == "train/patient00001/study1/view1_frontal.jpg"
+    assert first["path"] == str(root.resolve() / "train/patient00001/study1/view1_frontal.jpg")
     assert first["label"] == "pneumonia" and first["finding"] == "Lung Opacity|Pneumonia" and first["view"] == "AP"
     assert first["obs_pneumonia"] == "1" and first["obs_edema"] == "" and first["patient_id"] == "chexpert:patient00001"
     lateral = df.loc["patient00001_study1_view2_lateral"]
@@ -323,8 +323,8 @@ def test_montgomery_labels_readings_and_mask_sides(tmp_path):
     df = MontgomeryTB(tmp_path).manifest().set_index("image_id")
     assert df["label"].to_dict() == {"MCUCXR_0001_0": "normal", "MCUCXR_0002_1": "tb"}
     assert df.loc["MCUCXR_0002_1", "clinical_reading"] == "Patient's Sex: F Patient's Age: 040Y right upper lobe cavity"
-    assert df.loc["MCUCXR_0001_0", "mask_lung_left"] == "ManualMask/rightMask/MCUCXR_0001_0.png"
-    assert df.loc["MCUCXR_0001_0", "mask_lung_right"] == "ManualMask/leftMask/MCUCXR_0001_0.png"
+    assert df.loc["MCUCXR_0001_0", "mask_lung_left"] == str(root.resolve() / "ManualMask/rightMask/MCUCXR_0001_0.png")
+    assert df.loc["MCUCXR_0001_0", "mask_lung_right"] == str(root.resolve() / "ManualMask/leftMask/MCUCXR_0001_0.png")
     assert df.loc["MCUCXR_0001_0", "patient_id"] == "montgomery:0001"
 
 
@@ -339,7 +339,7 @@ def test_shenzhen_bad_file_name_is_listed_and_masks_are_read(tmp_path):
         df = adapter.manifest()
     df = df.set_index("image_id")
     assert df["label"].to_dict() == {"CHNCXR_0001_0": "normal", "CHNCXR_0002_1": "tb"}
-    assert df.loc["CHNCXR_0002_1", "mask_path"] == "mask/CHNCXR_0002_1_mask.png"
+    assert df.loc["CHNCXR_0002_1", "mask_path"] == str(root.resolve() / "mask/CHNCXR_0002_1_mask.png")
     assert df.loc["CHNCXR_0001_0", "mask_path"] == ""
 
 

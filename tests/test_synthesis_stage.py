@@ -41,9 +41,7 @@ def cohort(tmp_path):
                     "mask_lung_left": f"masks/{image_id}_left.png", "mask_lung_right": f"masks/{image_id}_right.png",
                     "mask_lesion": "", "path_lung_crop": f"images/{image_id}.png", "content_hash": f"h{image_id}",
                 })
-    manifest = pd.DataFrame(rows)
-    manifest.attrs["root"] = str(data)
-    written = mf.write_manifest(manifest, data / "manifest.csv")
+    written = mf.write_manifest(mf.absolute_paths(pd.DataFrame(rows), data), data / "manifest.csv")
     return mf.read_manifest(written)
 
 
@@ -72,7 +70,7 @@ def test_generate_synthetic_rows_files_and_leakage(cohort, generator, tmp_path):
     combined = syn.add_synthetic(cohort, [rows])
     assert len(combined) == len(cohort) + len(rows)
     written = mf.write_manifest(combined, tmp_path / "run" / "03_cyclegan" / "manifest.csv")
-    again = mf.read_manifest(written)
+    again = mf.read_manifest(written, allowed_roots=[tmp_path / "data"])  # the cohort lies outside the run
     assert mf.check_leakage(again).ok
     new = syn.synthetic_rows(again, "G_NC")
     assert len(new) == len(rows)

@@ -16,9 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     folder = tmp_path_factory.mktemp("phantom")
-    manifest = write_cohort(folder, CohortConfig(n_patients=4, size=64, seed=0), progress=False)
-    manifest.attrs["root"] = str(folder)
-    return manifest
+    return write_cohort(folder, CohortConfig(n_patients=4, size=64, seed=0), progress=False)
 
 
 def test_clean_twins_and_text_data(cohort):
@@ -33,8 +31,7 @@ def test_clean_twins_and_text_data(cohort):
 
 def test_missing_twin_and_mask_are_named(cohort, tmp_path):
     rows = cohort.copy()
-    rows.attrs = dict(cohort.attrs)
-    rows.loc[rows.index[0], "path"] = "elsewhere/p.png"
+    rows.loc[rows.index[0], "path"] = str(tmp_path / "elsewhere" / "p.png")
     with pytest.raises(FileNotFoundError, match="text-free twin"):
         tc.clean_twin_paths(rows)
     with pytest.raises(ValueError, match="mask_text"):
@@ -117,8 +114,7 @@ def test_clean_manifest_writes_cleaned_copies_and_lists_bad_files(cohort, tmp_pa
                               device="cpu", progress=False)
     segmenter = tc.train_text_segmenter(data["images"], data["masks"], tmp_path / "seg", config)
     manifest = cohort.copy()
-    manifest.attrs = dict(cohort.attrs)
-    manifest.loc[manifest.index[1], "path"] = "images/missing.png"
+    manifest.loc[manifest.index[1], "path"] = str(tmp_path / "images" / "missing.png")
     seen = []
 
     def fill(images, masks):

@@ -21,6 +21,7 @@ from cxrlib.data.classification import (
     make_label_map,
 )
 from cxrlib.data.io import read_image, write_png
+from cxrlib.data.manifest import absolute_paths
 from cxrlib.data.masks import LungPatchSampler
 from cxrlib.evaluate.classification import binary_metrics
 from cxrlib.train import classifier as clf
@@ -46,7 +47,7 @@ def write_blob_cohort(folder: Path, n_pos: int, n_neg: int, split: str, seed: in
     """32x32 images with two dark elliptic lungs; COVID-19 ones carry a bright blob in a lung.
 
     Writes images, per-lung reference masks and a predicted union mask (``mask_pred_lung``)
-    as PNGs under ``folder``; returns the manifest rows (``attrs["root"] = folder``).
+    as PNGs under ``folder``; returns the manifest rows (absolute paths).
     """
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
@@ -71,9 +72,7 @@ def write_blob_cohort(folder: Path, n_pos: int, n_neg: int, split: str, seed: in
         rows.append({"image_id": image_id, **paths, "label": CLASSES[int(positive)], "patient_id": f"p{image_id}",
                      "source": "blob", "view": "PA", "split": split, "mask_path": "", "origin": "real",
                      "mask_heart": ""})
-    manifest = pd.DataFrame(rows)
-    manifest.attrs["root"] = str(folder)
-    return manifest
+    return absolute_paths(pd.DataFrame(rows), folder)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +104,7 @@ def _stop_after_first_epoch(record):
 
 def test_small_cnn_learns_the_imbalanced_task_and_reloads(cohort, tmp_path):
     train_df, val_df, root = cohort
-    result = train_classifier(train_df, val_df, tmp_path / "run", tiny_config(epochs=5), root=root)
+    result = train_classifier(train_df, val_df, tmp_path / "run", tiny_config(epochs=5))
     history = result.history
     assert result.best_val_metric > 0.9
     assert result.best_val_metric == pytest.approx(history["val_auc"].max())
@@ -118,14 +117,14 @@ def test_small_cnn_learns_the_imbalanced_task_and_reloads(cohort, tmp_path):
     # Thresholds come from that epoch's validation predictions; Youden is the default.
     assert best["extra"]["thresholds"] == result.thresholds
     assert result.threshold == result.thresholds["youden"]
-    val_prob = predict_proba(result, val_df, root=root)
+    val_prob = predict_proba(result, val_df)
     assert val_prob.shape == (len(val_df), 2) and np.allclose(val_prob.sum(axis=1), 1)
     y_val = val_df["label"].map(LABEL_MAP).to_numpy()
     assert binary_metrics(y_val, val_prob, result.thresholds["spec95"])["specificity"] >= 0.95
 
     loaded = load_classifier(tmp_path / "run")
     assert loaded.threshold == result.threshold and loaded.classes == CLASSES and not loaded.model.training
-    assert np.array_equal(predict_proba(loaded, val_df, root=root), val_prob)
+    assert np.array_equal(predict_proba(loaded, val_df), val_prob)
     assert list(loaded.history["epoch"]) == list(history["epoch"])
     config_json = pd.read_json(tmp_path / "run" / "config.json", typ="series")
     assert config_json["classes"] == CLASSES and config_json["imbalance"] == "weighted_loss"
@@ -135,7 +134,7 @@ def test_early_stopping_stops_patience_epochs_after_the_best(cohort, tmp_path):
     train_df, val_df, root = cohort
     # Validation loss improves for some epochs, then the tiny task is learnt and it stalls.
     config = tiny_config(epochs=30, patience=3, select_metric="loss", lr=1e-3, schedule="constant")
-    result = train_classifier(train_df, val_df, tmp_path / "run", config, root=root)
+    result = train_classifier(train_df, val_df, tmp_path / "run", config)
     history = result.history
     epochs = history["epoch"].tolist()
     assert 1 < result.best_epoch and len(epochs) < 30
@@ -146,7 +145,7 @@ def test_early_stopping_stops_patience_epochs_after_the_best(cohort, tmp_path):
     assert last["extra"]["stopped_early"] and last["epoch"] == epochs[-1]
     # Calling again only loads the stopped run.
     again: list[int] = []
-    loaded = train_classifier(train_df, val_df, tmp_path / "run", config, root=root,
+    loaded = train_classifier(train_df, val_df, tmp_path / "run", config,
                               on_epoch_end=lambda record: again.append(record["epoch"]))
     assert again == [] and loaded.best_epoch == result.best_epoch
 
@@ -154,14 +153,14 @@ def test_early_stopping_stops_patience_epochs_after_the_best(cohort, tmp_path):
 def test_interrupted_run_resumes_to_the_same_weights(cohort, tmp_path):
     train_df, val_df, root = cohort
     config = tiny_config(epochs=3, imbalance="balanced_sampler", augment="heavy", dropout=0.2)
-    straight = train_classifier(train_df, val_df, tmp_path / "straight", config, root=root)
+    straight = train_classifier(train_df, val_df, tmp_path / "straight", config)
 
     interrupted = tmp_path / "interrupted"
     with pytest.raises(_Interrupt):
-        train_classifier(train_df, val_df, interrupted, config, root=root, on_epoch_end=_stop_after_first_epoch)
+        train_classifier(train_df, val_df, interrupted, config, on_epoch_end=_stop_after_first_epoch)
     assert read_checkpoint(interrupted / "last.pt")["epoch"] == 1
     epochs_run: list[int] = []
-    resumed = train_classifier(train_df, val_df, interrupted, config, root=root,
+    resumed = train_classifier(train_df, val_df, interrupted, config,
                                on_epoch_end=lambda record: epochs_run.append(record["epoch"]))
     assert epochs_run == [2, 3]
     assert resumed.history["epoch"].tolist() == [1, 2, 3]
@@ -178,9 +177,9 @@ def test_interrupted_run_resumes_to_the_same_weights(cohort, tmp_path):
 def test_resume_with_another_architecture_is_refused(cohort, tmp_path):
     train_df, val_df, root = cohort
     with pytest.raises(_Interrupt):
-        train_classifier(train_df, val_df, tmp_path, tiny_config(), root=root, on_epoch_end=_stop_after_first_epoch)
+        train_classifier(train_df, val_df, tmp_path, tiny_config(), on_epoch_end=_stop_after_first_epoch)
     with pytest.raises(ValueError, match="other model settings"):
-        train_classifier(train_df, val_df, tmp_path, tiny_config(arch="squeezenet1_1"), root=root)
+        train_classifier(train_df, val_df, tmp_path, tiny_config(arch="squeezenet1_1"))
 
 
 def test_balanced_sampler_balances_batches_and_shards_one_draw():
@@ -204,8 +203,7 @@ def test_balanced_sampler_balances_batches_and_shards_one_draw():
 
 def test_training_with_the_balanced_sampler_sees_both_classes_equally(cohort, tmp_path):
     train_df, val_df, root = cohort
-    result = train_classifier(train_df, val_df, tmp_path, tiny_config(epochs=2, imbalance="balanced_sampler"),
-                              root=root)
+    result = train_classifier(train_df, val_df, tmp_path, tiny_config(epochs=2, imbalance="balanced_sampler"))
     fractions = np.array(result.history["train_class_fraction"].tolist())
     assert np.all(np.abs(fractions - 0.5) < 0.2)  # the raw training data is 5:1
 
@@ -215,11 +213,10 @@ def test_multiclass_training_has_no_threshold(cohort, tmp_path):
     relabel = {"Normal": "Normal", "COVID-19": "COVID-19"}
     train3 = train_df.assign(label=[relabel[x] if i % 3 else "Pneumonia" for i, x in enumerate(train_df["label"])])
     val3 = val_df.assign(label=[relabel[x] if i % 3 else "Pneumonia" for i, x in enumerate(val_df["label"])])
-    train3.attrs, val3.attrs = train_df.attrs, val_df.attrs
     config = tiny_config(epochs=1, classes=["Normal", "Pneumonia", "COVID-19"])
-    result = train_classifier(train3, val3, tmp_path, config, root=root)
+    result = train_classifier(train3, val3, tmp_path, config)
     assert result.threshold is None and result.thresholds == {}
-    assert predict_proba(result, val3, root=root).shape == (len(val3), 3)
+    assert predict_proba(result, val3).shape == (len(val3), 3)
     assert np.isfinite(result.history["val_auc"]).all()
 
 
@@ -232,7 +229,7 @@ def test_input_modes_give_the_right_pixels_and_shapes(cohort):
     lungs = np.stack([read_image(root / p) > 0 for p in rows["mask_pred_lung"]])
     images = {}
     for mode in ("whole", "lung_masked", "lung_crop", "lungs_removed"):
-        dataset = ClassificationDataset(rows, root=root, image_size=SIZE, label_map=LABEL_MAP, input_mode=mode)
+        dataset = ClassificationDataset(rows, image_size=SIZE, label_map=LABEL_MAP, input_mode=mode)
         image, label = dataset[0]
         assert image.shape == (1, SIZE, SIZE) and image.dtype == torch.float32
         assert 0 <= float(image.min()) and float(image.max()) <= 1 and label == 1
@@ -241,17 +238,16 @@ def test_input_modes_give_the_right_pixels_and_shapes(cohort):
     assert np.all(images["lungs_removed"][lungs] == 0)
     assert not np.array_equal(images["lung_crop"], images["whole"])
     # The reference masks give the same as the predicted ones here.
-    reference = ClassificationDataset(rows, root=root, image_size=SIZE, label_map=LABEL_MAP,
+    reference = ClassificationDataset(rows, image_size=SIZE, label_map=LABEL_MAP,
                                       input_mode="lung_masked", mask_column="ground_truth")
     assert np.array_equal(reference[0][0][0].numpy(), images["lung_masked"][0])
     # Ready-made images from the segmentation stage are read as they are.
     ready = rows.assign(path_lung_masked=rows["path"].iloc[::-1].tolist())
-    ready.attrs = rows.attrs
-    precomputed = ClassificationDataset(ready, root=root, image_size=SIZE, label_map=LABEL_MAP,
+    precomputed = ClassificationDataset(ready, image_size=SIZE, label_map=LABEL_MAP,
                                         input_mode="lung_masked")
     assert np.array_equal(precomputed[0][0][0].numpy(), images["whole"][-1])
     with pytest.raises(ValueError, match="needs lung masks"):
-        ClassificationDataset(rows.drop(columns=["mask_pred_lung"]), root=root, image_size=SIZE,
+        ClassificationDataset(rows.drop(columns=["mask_pred_lung"]), image_size=SIZE,
                               label_map=LABEL_MAP, input_mode="lung_crop")
 
 
@@ -259,7 +255,7 @@ def test_patch_mode_draws_lung_centred_patches(cohort):
     train_df, _, root = cohort
     rows = train_df.iloc[:3]
     sampler = LungPatchSampler(patch_size=256, reference_size=1024)  # 16 px of a 64 px image
-    dataset = ClassificationDataset(rows, root=root, image_size=24, label_map=LABEL_MAP, input_mode="patch",
+    dataset = ClassificationDataset(rows, image_size=24, label_map=LABEL_MAP, input_mode="patch",
                                     patch_sampler=sampler, source_size=64, augment="light", seed=1)
     image, label = dataset[0]
     assert image.shape == (1, 24, 24) and label == 1
@@ -291,7 +287,7 @@ class _MeanBrightness(nn.Module):
 def test_predict_patches_aggregates_k_patches_per_image(cohort):
     train_df, _, root = cohort
     rows = train_df.iloc[[0, 1, 20, 21]]
-    dataset = ClassificationDataset(rows, root=root, image_size=SIZE, label_map=LABEL_MAP, input_mode="patch",
+    dataset = ClassificationDataset(rows, image_size=SIZE, label_map=LABEL_MAP, input_mode="patch",
                                     patch_sampler=LungPatchSampler(512, reference_size=1024), source_size=SIZE)
     model = _MeanBrightness()
     result = predict_patches(model, dataset, k=5, batch_size=7)
@@ -312,9 +308,9 @@ def test_predict_patches_aggregates_k_patches_per_image(cohort):
 
 def test_patch_mode_trains_end_to_end(cohort, tmp_path):
     train_df, val_df, root = cohort
-    result = train_classifier(train_df, val_df, tmp_path, tiny_config(epochs=1, input_mode="patch"), root=root)
+    result = train_classifier(train_df, val_df, tmp_path, tiny_config(epochs=1, input_mode="patch"))
     assert result.history["epoch"].tolist() == [1]
-    patch_result = predict_patches(result, val_df.iloc[:3], k=3, root=root)
+    patch_result = predict_patches(result, val_df.iloc[:3], k=3)
     assert patch_result.proba.shape == (3, 2)
 
 
@@ -330,7 +326,7 @@ def test_command_line_trains_from_a_manifest_file(cohort, tmp_path):
     from cxrlib.data.manifest import write_manifest
 
     train_df, val_df, root = cohort
-    manifest_path = write_manifest(pd.concat([train_df, val_df]), root / "manifest.csv")
+    manifest_path = write_manifest(pd.concat([train_df, val_df]), root / "manifest.csv", labels=CLASSES)
     code = clf.main(["--manifest", str(manifest_path), "--run-dir", str(tmp_path / "cli"), "--arch", "small_cnn",
                      "--classes", *CLASSES, "--epochs", "1", "--image-size", str(SIZE), "--device", "cpu",
                      "--imbalance", "balanced_sampler", "--no-progress"])
@@ -372,6 +368,6 @@ def test_two_process_ddp_training_with_the_balanced_sampler(cohort, tmp_path):
     assert set(checkpoint["extra"]["thresholds"]) == {"youden", "spec95"}
     # Validation saw every image once: its AUC equals the one-process evaluation of the saved model.
     loaded = load_classifier(tmp_path / "run" / "last.pt")
-    prob = predict_proba(loaded, val_df, root=root)
+    prob = predict_proba(loaded, val_df)
     y_val = val_df["label"].map(LABEL_MAP).to_numpy()
     assert history["val_auc"].iloc[-1] == pytest.approx(binary_metrics(y_val, prob, 0.5)["auc_roc"], abs=1e-6)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cxrlib.data.io import write_png
+from cxrlib.data.manifest import absolute_paths
 from cxrlib.models.unet import UNet
 from cxrlib.settings import from_mapping
 from cxrlib.train import segmentation as seg
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def write_tiny_cohort(folder: Path, n_images: int = 12, n_val: int = 4, seed: int = 0) -> pd.DataFrame:
     """``n_images`` 32x32 images with elliptic lungs (per-lung 0/255 PNG masks) and a manifest.
 
-    Paths are relative to ``folder`` (also ``df.attrs["root"]``); the last ``n_val`` rows are
+    Paths are absolute, under ``folder``; the last ``n_val`` rows are
     the ``val`` split.
     """
     rng = np.random.default_rng(seed)
@@ -53,12 +54,10 @@ def write_tiny_cohort(folder: Path, n_images: int = 12, n_val: int = 4, seed: in
         write_png(folder / paths["path"], np.clip(image, 0, 255).astype(np.uint8))
         write_png(folder / paths["mask_lung_left"], left)
         write_png(folder / paths["mask_lung_right"], right)
-        rows.append({"image_id": image_id, **paths, "label": "Normal", "patient_id": f"p{index:02d}",
+        rows.append({"image_id": image_id, **paths, "label": "normal", "patient_id": f"p{index:02d}",
                      "source": "tiny", "view": "PA", "split": "val" if index >= n_images - n_val else "train",
                      "mask_path": "", "origin": "real", "mask_heart": ""})
-    manifest = pd.DataFrame(rows)
-    manifest.attrs["root"] = str(folder)
-    return manifest
+    return absolute_paths(pd.DataFrame(rows), folder)
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +142,13 @@ def test_interrupted_run_resumes_to_the_same_weights(cohort, tmp_path):
     train_df, val_df, root = cohort
     config = tiny_config()
 
-    straight = train_segmentation(train_df, val_df, tmp_path / "straight", config, root=root)
+    straight = train_segmentation(train_df, val_df, tmp_path / "straight", config)
     assert straight.history["epoch"].tolist() == [1, 2]
     assert (tmp_path / "straight" / "config.json").is_file()
 
     interrupted = tmp_path / "interrupted"
     with pytest.raises(_Interrupt):
-        train_segmentation(train_df, val_df, interrupted, config, root=root, on_epoch_end=_stop_after_first_epoch)
+        train_segmentation(train_df, val_df, interrupted, config, on_epoch_end=_stop_after_first_epoch)
     saved = read_checkpoint(interrupted / "last.pt")
     assert saved["epoch"] == 1
 
@@ -164,7 +163,7 @@ def test_interrupted_run_resumes_to_the_same_weights(cohort, tmp_path):
             assert torch.equal(restored["state"][key][name], value), (key, name)
 
     epochs_run: list[int] = []
-    resumed = train_segmentation(train_df, val_df, interrupted, config, root=root,
+    resumed = train_segmentation(train_df, val_df, interrupted, config,
                                  on_epoch_end=lambda record: epochs_run.append(record["epoch"]))
     assert epochs_run == [2]
     assert resumed.history["epoch"].tolist() == [1, 2]
@@ -186,7 +185,7 @@ def test_interrupted_run_resumes_to_the_same_weights(cohort, tmp_path):
 
     # A finished run only loads: no epoch runs again.
     again: list[int] = []
-    loaded = train_segmentation(train_df, val_df, interrupted, config, root=root,
+    loaded = train_segmentation(train_df, val_df, interrupted, config,
                                 on_epoch_end=lambda record: again.append(record["epoch"]))
     assert again == [] and loaded.history["epoch"].tolist() == [1, 2]
     assert loaded.best_epoch == straight.best_epoch
@@ -197,7 +196,7 @@ def test_training_learns_and_the_segmenter_reloads(cohort, tmp_path):
     # Group norm: BatchNorm's running statistics need more steps than a quick test affords.
     config = tiny_config(epochs=8, batch_size=2, lr=1e-2, augment=False,
                          unet={"depth": 2, "base_channels": 8, "norm": "group"})
-    result = train_segmentation(train_df, val_df, tmp_path / "run", config, root=root)
+    result = train_segmentation(train_df, val_df, tmp_path / "run", config)
     history = result.history
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert result.best_val_dice == pytest.approx(history["val_dice"].max())
@@ -212,7 +211,7 @@ def test_training_learns_and_the_segmenter_reloads(cohort, tmp_path):
 
     from cxrlib.data.datasets import SegmentationDataset
 
-    dataset = SegmentationDataset(val_df, root=root, size=SIZE)
+    dataset = SegmentationDataset(val_df, size=SIZE)
     from_dataset = predict_masks(model, dataset, batch_size=3)
     images = np.stack([dataset.pair(i)[0] for i in range(len(dataset))])  # uint8 (N, H, W)
     from_array = predict_masks(model, images, batch_size=2, device="cpu")
@@ -226,13 +225,12 @@ def test_training_learns_and_the_segmenter_reloads(cohort, tmp_path):
 def test_resume_with_other_model_settings_is_refused(cohort, tmp_path):
     train_df, val_df, root = cohort
     with pytest.raises(_Interrupt):
-        train_segmentation(train_df, val_df, tmp_path, tiny_config(), root=root,
+        train_segmentation(train_df, val_df, tmp_path, tiny_config(),
                            on_epoch_end=_stop_after_first_epoch)
     with pytest.raises(ValueError, match="last.pt.*other model settings"):
-        train_segmentation(train_df, val_df, tmp_path, tiny_config(unet={"depth": 2, "base_channels": 8}),
-                           root=root)
+        train_segmentation(train_df, val_df, tmp_path, tiny_config(unet={"depth": 2, "base_channels": 8}))
     # resume=False starts over in the same folder.
-    fresh = train_segmentation(train_df, val_df, tmp_path, tiny_config(epochs=1), root=root, resume=False)
+    fresh = train_segmentation(train_df, val_df, tmp_path, tiny_config(epochs=1), resume=False)
     assert fresh.history["epoch"].tolist() == [1]
 
 

@@ -16,7 +16,6 @@ training side), so each set is decoded and resized once:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,30 +41,26 @@ def real_rows(manifest: pd.DataFrame, split: str | Sequence[str], labels: Sequen
         keep &= manifest["origin"].astype(str).isin([mf.REAL, ""])
     if labels is not None:
         keep &= manifest[label_column].astype(str).isin(list(labels))
-    rows = manifest[keep]
-    rows.attrs = dict(manifest.attrs)
-    return rows
+    return manifest[keep]
 
 
-def load_images(rows: pd.DataFrame, image_size: int, *, root: str | Path | None = None) -> np.ndarray:
+def load_images(rows: pd.DataFrame, image_size: int) -> np.ndarray:
     """Images of manifest rows as ``(N, image_size, image_size)`` uint8, resized as the CycleGAN's inputs."""
     if len(rows) == 0:
         return np.zeros((0, image_size, image_size), dtype=np.uint8)
-    return DomainImageDataset(rows, root=root, image_size=image_size).images.numpy()
+    return DomainImageDataset(rows, image_size=image_size).images.numpy()
 
 
-def load_masks(rows: pd.DataFrame, columns: Sequence[str], image_size: int, *,
-               root: str | Path | None = None) -> np.ndarray:
+def load_masks(rows: pd.DataFrame, columns: Sequence[str], image_size: int) -> np.ndarray:
     """Union of the mask files in ``columns`` per row: ``(N, image_size, image_size)`` bool.
 
     An empty cell adds nothing (e.g. a normal image's lesion mask)."""
-    where = root if root is not None else rows
     masks = np.zeros((len(rows), image_size, image_size), dtype=bool)
     for slot, (_, row) in enumerate(rows.iterrows()):
         for column in columns:
             value = str(row.get(column, "") or "")
             if value:
-                masks[slot] |= resize_mask(read_mask(resolve_path(where, value)), image_size).astype(bool)
+                masks[slot] |= resize_mask(read_mask(resolve_path(rows, value)), image_size).astype(bool)
     return masks
 
 
@@ -120,22 +115,19 @@ def first_image(item: Any) -> torch.Tensor:
 class DomainImageDataset(Dataset):
     """The images of one domain, decoded and resized once: items ``(1, H, W)`` float32 in [-1, 1].
 
-    ``images``: manifest rows (``path`` resolved against ``root``, or the manifest's
-    ``attrs["root"]``), or a uint8 array ``(N, H, W)`` already at the wanted size. Every file
+    ``images``: manifest rows (absolute ``path``, as in every manifest in memory), or a uint8 array ``(N, H, W)`` already at the wanted size. Every file
     is read (:func:`cxrlib.data.io.read_image`: any bit depth, colour or EXIF rotation ->
     8-bit grey) and resized to ``image_size`` x ``image_size`` in ``__init__``; the cache is
     one uint8 tensor ``(N, H, W)`` (64 KiB per image at 256x256), so epochs do no file I/O.
     """
 
-    def __init__(self, images: pd.DataFrame | np.ndarray | torch.Tensor, *, root: str | Path | None = None,
-                 image_size: int = 256) -> None:
+    def __init__(self, images: pd.DataFrame | np.ndarray | torch.Tensor, *, image_size: int = 256) -> None:
         if isinstance(images, pd.DataFrame):
-            where = Path(root) if root is not None else images
             self.image_ids = ([str(v) for v in images["image_id"]] if "image_id" in images.columns
                               else [str(v) for v in images.index])
             cache = torch.empty((len(images), image_size, image_size), dtype=torch.uint8)
             for slot, relative in enumerate(images["path"]):
-                cache[slot] = torch.from_numpy(resize_image(read_image(resolve_path(where, str(relative))),
+                cache[slot] = torch.from_numpy(resize_image(read_image(resolve_path(images, str(relative))),
                                                             image_size))
         else:
             cache = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -44,7 +43,6 @@ from cxrlib.data.datasets import (
     listed_ids,
     load_label_map,
     mask_layout,
-    root_for,
 )
 from cxrlib.data.io import read_image, read_mask
 from cxrlib.data.manifest import resolve_path
@@ -94,7 +92,7 @@ class ClassificationDataset(Dataset):
     """Manifest images as ``(image, label)`` for a classifier, decoded once into memory.
 
     ``manifest``: rows with ``path`` and ``label`` (and the mask columns a mode needs),
-    paths relative to ``root`` (default ``manifest.attrs["root"]``). ``label_map``: class
+    paths absolute (as every manifest holds them in memory). ``label_map``: class
     name -> index; rows with other labels raise, or get label ``-1`` with
     ``strict_labels=False`` (for prediction on unlabelled rows).
 
@@ -116,7 +114,6 @@ class ClassificationDataset(Dataset):
         self,
         manifest: pd.DataFrame,
         *,
-        root: str | Path | None = None,
         image_size: int = 224,
         label_map: Mapping[str, int],
         input_mode: InputMode = "whole",
@@ -134,8 +131,6 @@ class ClassificationDataset(Dataset):
         if input_mode not in INPUT_MODES:
             raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
         self.manifest = manifest.reset_index(drop=True)
-        self.manifest.attrs = dict(manifest.attrs)
-        self.root = root_for(self.manifest, root)
         self.image_size = int(image_size)
         self.label_map = {str(k): int(v) for k, v in label_map.items()}
         self.input_mode = input_mode
@@ -238,14 +233,14 @@ class ClassificationDataset(Dataset):
         return row
 
     def _read(self, row: Mapping[str, Any], column: str) -> np.ndarray:
-        return read_image(resolve_path(self.root, str(row[column])))
+        return read_image(resolve_path(None, str(row[column])))
 
     def _lung_mask(self, row: Mapping[str, Any], shape: tuple[int, int]) -> np.ndarray:
         """The row's lung mask as ``(H, W)`` bool on the grid ``shape`` (nearest neighbour)."""
         if self.mask_column == GROUND_TRUTH:
-            mask = lung_mask_from_labels(load_label_map(row, self.root, size=None))
+            mask = lung_mask_from_labels(load_label_map(row, size=None))
         else:
-            mask = read_mask(resolve_path(self.root, str(row[self.mask_column])))
+            mask = read_mask(resolve_path(None, str(row[self.mask_column])))
         return resize_mask(mask, shape) if mask.shape != shape else mask
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:

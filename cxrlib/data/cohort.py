@@ -198,10 +198,8 @@ def assemble(
     dropped = pd.concat([earlier_dropped, degenerate], ignore_index=True) \
         if len(earlier_dropped) else degenerate
     readable = readable[~readable["path"].isin(set(degenerate["path"]))].copy()
-    readable.attrs.update(df.attrs)
     duplicates = mf.find_duplicates(readable)
     split = mf.split_by_patient(readable, fractions=fractions, seed=seed)
-    split.attrs.update(df.attrs)
     leakage = mf.check_leakage(split, raise_on_leak=True)
     report = AssemblyReport(
         n_input=n_input,
@@ -241,6 +239,7 @@ def materialize(
     size: int,
     *,
     progress: bool = False,
+    raw_root: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, LoadReport]:
     """Decode every image of ``df`` to 8-bit grayscale, resize it to ``size`` x ``size`` and
     write it as PNG under ``out_dir/images/<source>/``; masks (``mask_path``, ``mask_*``)
@@ -250,7 +249,8 @@ def materialize(
     image of a cohort has one format and one grid, and later notebooks read them exactly
     as they read the phantom. The aspect ratio is not kept (the images are squashed to a
     square, as in the works this project reproduces). Returns the manifest of the written
-    files (``attrs["root"]`` = ``out_dir``, original paths in ``raw_path``) and a report of
+    files (absolute paths under ``out_dir``; the original path in ``raw_path``, relative to
+    ``raw_root`` when given, e.g. the recipe's data folder, else absolute) and a report of
     the files that could not be read (``report.bad``) or were refused as degenerate by
     :func:`cxrlib.data.io.image_problem` (``report.dropped``, with the reason); their rows are
     left out. The raw files are only read.
@@ -299,12 +299,13 @@ def materialize(
         kept.append(index)
         paths.append(relative)
     result = rows.loc[kept].copy().reset_index(drop=True)
-    result["raw_path"] = result["path"].astype(str)
+    raw = mf._column(result, "path")
+    result["raw_path"] = mf.relative_paths(pd.DataFrame({"path": raw}), raw_root)["path"] \
+        if raw_root is not None else raw
     result["path"] = paths
     for column, values in masks.items():
         result[column] = values
-    result.attrs["root"] = str(out_dir)
-    return result, report
+    return mf.absolute_paths(result, out_dir), report
 
 
 def counts_by_class_source_split(df: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """PyTorch Datasets over a manifest: lung segmentation pairs and images for inference.
 
 A manifest row has ``path`` (the image) and its lung masks in one of two layouts, paths
-relative to the manifest folder (``df.attrs["root"]``, or ``root=``):
+absolute (as :func:`cxrlib.data.manifest.read_manifest` and the adapters give them):
 
 - per structure: ``mask_lung_left``, ``mask_lung_right`` (and ``mask_heart``), 0/255 PNGs,
   as the project's phantom writes them and as JSRT/SCR provides them;
@@ -17,7 +17,6 @@ When a row has both, the per-structure masks are used. Labels follow
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,9 +35,6 @@ UNION_COLUMN = "mask_path"
 
 #: Most image ids an error message lists.
 _MAX_LISTED = 10
-
-Root = str | Path | pd.DataFrame
-
 
 def has_path(row: Mapping[str, Any], column: str) -> bool:
     """Whether ``row[column]`` holds a path (not missing, NaN, None or empty)."""
@@ -70,17 +66,11 @@ def listed_ids(ids: list[str]) -> str:
     return shown + (f" (and {len(ids) - _MAX_LISTED} more)" if len(ids) > _MAX_LISTED else "")
 
 
-def root_for(manifest: pd.DataFrame, root: str | Path | None) -> Root:
-    """What relative paths start from: ``root`` when given, else the manifest (its ``attrs["root"]``)."""
-    return Path(root) if root is not None else manifest
-
-
 def load_label_map(
-    row: Mapping[str, Any], root: Root, size: Size | None = 256, include_heart: bool = False
+    row: Mapping[str, Any], size: Size | None = 256, include_heart: bool = False
 ) -> np.ndarray:
-    """Read the lung (and heart) masks of one manifest row as a uint8 label map.
+    """Read the lung (and heart) masks of one manifest row (absolute paths) as a uint8 label map.
 
-    ``root`` is the manifest folder or the manifest itself (its ``attrs["root"]``).
     Masks are combined at their own resolution, then resized by nearest neighbour to
     ``size`` (``None`` keeps it). Returns ``(H, W)`` uint8 with values 0..2 (0..3 with
     ``include_heart``). Raises ``ValueError`` when the row has no usable mask, or no heart
@@ -96,7 +86,7 @@ def load_label_map(
         raise ValueError(f"image {image_id}: include_heart=True but the row has no {HEART_COLUMN}")
 
     def mask(column: str) -> np.ndarray:
-        return read_mask(resolve_path(root, str(row[column])))
+        return read_mask(resolve_path(None, str(row[column])))
 
     if layout == "per_kind":
         heart = mask(HEART_COLUMN) if include_heart else None
@@ -106,8 +96,8 @@ def load_label_map(
     return labels if size is None else resize_mask(labels, size)
 
 
-def _load_image(row: Mapping[str, Any], root: Root, size: Size | None) -> np.ndarray:
-    image = read_image(resolve_path(root, str(row["path"])))
+def _load_image(row: Mapping[str, Any], size: Size | None) -> np.ndarray:
+    image = read_image(resolve_path(None, str(row["path"])))
     return image if size is None else resize_image(image, size)
 
 
@@ -140,7 +130,6 @@ class SegmentationDataset(Dataset):
         self,
         manifest: pd.DataFrame,
         *,
-        root: str | Path | None = None,
         size: Size = 256,
         include_heart: bool = False,
         augment: PairedAugment | None = None,
@@ -148,8 +137,6 @@ class SegmentationDataset(Dataset):
         cache: bool = True,
     ) -> None:
         self.manifest = manifest.reset_index(drop=True)
-        self.manifest.attrs = dict(manifest.attrs)
-        self.root = root_for(self.manifest, root)
         self.size = size
         self.include_heart = include_heart
         self.augment = augment
@@ -194,8 +181,8 @@ class SegmentationDataset(Dataset):
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         row = self.manifest.iloc[index].to_dict()
         row.setdefault("image_id", self.image_ids[index])
-        image = _load_image(row, self.root, self.size)
-        labels = load_label_map(row, self.root, self.size, self.include_heart)
+        image = _load_image(row, self.size)
+        labels = load_label_map(row, self.size, self.include_heart)
         return image, labels
 
     def set_epoch(self, epoch: int) -> None:
@@ -230,19 +217,16 @@ class ImageDataset(Dataset):
         self,
         manifest: pd.DataFrame,
         *,
-        root: str | Path | None = None,
         size: Size = 256,
         cache: bool = False,
     ) -> None:
         self.manifest = manifest.reset_index(drop=True)
-        self.manifest.attrs = dict(manifest.attrs)
-        self.root = root_for(self.manifest, root)
         self.size = size
         self.image_ids = image_ids_of(manifest)
         self._images = [self._load(index) for index in range(len(self))] if cache else None
 
     def _load(self, index: int) -> np.ndarray:
-        return _load_image(self.manifest.iloc[index].to_dict(), self.root, self.size)
+        return _load_image(self.manifest.iloc[index].to_dict(), self.size)
 
     def __len__(self) -> int:
         return len(self.manifest)

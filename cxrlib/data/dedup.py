@@ -27,7 +27,6 @@ report table (:attr:`DedupReport.table`).
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -67,18 +66,16 @@ def perceptual_hash(image: np.ndarray, hash_size: int = 16) -> str:
 def hash_images(
     df: pd.DataFrame,
     *,
-    root: str | os.PathLike | None = None,
     hash_size: int = 16,
     progress: bool = False,
 ) -> tuple[pd.DataFrame, LoadReport]:
     """A copy of ``df`` with ``content_hash`` (exact pixels) and ``phash`` (perceptual)
     columns, each image decoded once.
 
-    Relative paths resolve against ``root`` or ``df.attrs["root"]``. Unreadable files get
+    Paths are absolute, as in every manifest in memory. Unreadable files get
     ``""`` in both columns and are listed in the report (by manifest ``path``), so one
     bad file does not stop the run.
     """
-    base = root if root is not None else df
     paths = mf._column(df, "path")
     iterator: Iterable[str] = paths
     if progress:
@@ -90,7 +87,7 @@ def hash_images(
     perceptual: list[str] = []
     for value in iterator:
         try:
-            image = read_image(mf.resolve_path(base, value))
+            image = read_image(mf.resolve_path(None, value))
         except (ImageReadError, ValueError) as error:
             report.bad.append(BadFile(path=value, error=getattr(error, "reason", str(error))))
             exact.append("")
@@ -215,7 +212,7 @@ def deduplicate(
     source image that near-duplicates a real row gets the closest real row as its source
     in ``origin``.
 
-    Returns the kept rows (``attrs`` preserved) and a :class:`DedupReport`.
+    Returns the kept rows and a :class:`DedupReport`.
     """
     if method not in ("copies", "phash"):
         raise ValueError(f"deduplicate: method must be 'copies' or 'phash', got {method!r}")
@@ -312,7 +309,6 @@ def deduplicate(
         group if real[i] and sizes.get(group, 0) > 1 else "" for i, group in enumerate(group_of)
     ]
     kept = work.drop(index=sorted(drop)).reset_index(drop=True)
-    kept.attrs.update(df.attrs)
     table = pd.DataFrame(records, columns=list(REPORT_COLUMNS))
     report = DedupReport(table=table, n_input=len(df), max_distance=max_distance,
                          n_exact_groups=n_exact, n_near_groups=n_near,

@@ -6,13 +6,14 @@ missing values ``""``):
 
 =============  ==================================================================
 ``image_id``   unique id of the image
-``path``       image file, POSIX path relative to the manifest's folder (or absolute)
-``label``      class name, e.g. ``Normal``, ``Pneumonia``, ``COVID-19``
+``path``       image file: absolute in memory, POSIX path relative to the manifest's folder
+               on disk (see "Paths" below)
+``label``      class name, one of :data:`LABELS` (``normal``, ``pneumonia``, ``covid``, ...)
 ``patient_id`` who the image shows; every split is by patient
 ``source``     the dataset (or phantom site) the image comes from
 ``view``       ``PA``, ``AP``, ... (may be empty)
 ``split``      ``train`` / ``val`` / ``test``, or ``""`` before splitting
-``mask_path``  lung mask file, relative like ``path`` (may be empty)
+``mask_path``  lung mask file, stored like ``path`` (may be empty)
 ``origin``     ``real``, or ``<generator>:<checkpoint>[:<source_image_id>]`` for
                generated images (see :func:`make_origin`)
 =============  ==================================================================
@@ -21,11 +22,21 @@ Extra columns are allowed and kept (the phantom adds ``site, age, sex, severity,
 study_index, mask_*``). The leakage rules enforced here are the ones earlier work broke:
 splits are by patient, exact duplicate images link their patients, and a synthetic image
 lives in the split of the real image it was made from.
+
+Paths: in memory every path column (:func:`path_columns`) holds absolute paths;
+:func:`read_manifest` resolves the file's relative paths against the file's folder and
+:func:`write_manifest` writes them relative to the folder it writes into, so a manifest
+and its images can move together. A frame needs no root folder attached to it. A manifest
+read from disk may only point inside its own folder, the project's data folder, the run
+folder of the stage it belongs to, and the roots its reader allows explicitly
+(``allowed_roots``): anything else (``../../../../etc/passwd``, a link out of the folder)
+is refused before a file is opened.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,6 +65,16 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 REAL = "real"
 #: Columns that must never be empty.
 REQUIRED_VALUES: tuple[str, ...] = ("image_id", "path", "label", "patient_id")
+#: The declared label set: the project's class names (:data:`cxrlib.data.sources.CANONICAL_LABELS`)
+#: and the other labels its adapters give (``other`` finding, ``unknown`` when a source has
+#: none, ``tb`` and ``nodule`` of the segmentation collections). A caller with its own class
+#: names (a recipe, an image-folder dataset) passes them as ``labels=`` to :func:`validate`.
+LABELS: tuple[str, ...] = (
+    "normal", "pneumonia", "covid", "lung_opacity", "other", "unknown", "tb", "nodule",
+)
+#: A stage folder of a run (``RUN_DIR/01_data``, ``RUN_DIR/02_lung_segmentation``, ...): its
+#: manifest may point anywhere in its run folder (earlier stages' images and masks).
+_STAGE_FOLDER = re.compile(r"^\d\d_[A-Za-z0-9_]+$")
 #: How many ids / rows / files an error message lists before it only counts the rest.
 MAX_LISTED = 20
 
@@ -118,13 +139,6 @@ def _rows_listing(df: pd.DataFrame, mask: pd.Series) -> str:
         for index, image_id in zip(ids.index, ids, strict=True)
     ]
     return _listing(labels)
-
-
-def _root_of(df_or_root: pd.DataFrame | str | os.PathLike | None) -> Path | None:
-    if isinstance(df_or_root, pd.DataFrame):
-        root = df_or_root.attrs.get("root")
-        return Path(root) if root else None
-    return None if df_or_root is None else Path(df_or_root)
 
 
 def _is_real(df: pd.DataFrame) -> pd.Series:
@@ -196,25 +210,160 @@ def _source_ids(df: pd.DataFrame) -> pd.Series:
 # ----------------------------------------------------------------------------- paths
 
 
-def resolve_path(df_or_root: pd.DataFrame | str | os.PathLike | None, relative: str) -> Path:
-    """An absolute path for a manifest ``path`` / ``mask_path`` value.
+def resolve_path(root: pd.DataFrame | str | os.PathLike | None, value: str) -> Path:
+    """An absolute path for a ``path`` / ``mask_path`` value.
 
-    The root folder is ``df.attrs["root"]`` (set by :func:`read_manifest`) or the folder
-    given. Absolute values are returned as they are.
+    Manifest paths are absolute in memory and come back as they are. A relative value (one
+    a user typed) resolves against the folder ``root``; with no folder (``None``, or a
+    manifest frame, which carries none) it is an error.
     """
-    relative = _to_str(relative)
-    if not relative:
+    value = _to_str(value)
+    if not value:
         raise ValueError("empty path")
-    candidate = Path(relative)
+    candidate = Path(value)
     if candidate.is_absolute():
         return candidate
-    root = _root_of(df_or_root)
-    if root is None:
+    if root is None or isinstance(root, pd.DataFrame):
         raise ValueError(
-            f"cannot resolve relative path {relative!r}: the manifest has no root folder "
-            "(read it with read_manifest, set df.attrs['root'], or pass root=...)"
+            f"cannot resolve relative path {value!r}: manifest paths are absolute in memory "
+            "(read_manifest and the adapters make them so); pass the folder it is relative to"
         )
-    return root / candidate
+    return Path(root) / candidate
+
+
+def path_columns(df: pd.DataFrame) -> list[str]:
+    """Columns that hold file paths: ``path``, every ``path_<variant>`` (derived images, e.g.
+    ``path_lung_crop``), ``mask_path`` and every ``mask_<kind>``."""
+    return [
+        c for c in df.columns
+        if c == "path" or str(c).startswith("path_") or c == "mask_path" or str(c).startswith("mask_")
+    ]
+
+
+def _join(folder: str, value: str) -> str:
+    """``value`` made absolute against ``folder`` (lexically: ``..`` folded, links kept)."""
+    if not value or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(folder, value))
+
+
+def absolute_paths(df: pd.DataFrame, folder: str | os.PathLike) -> pd.DataFrame:
+    """A copy of ``df`` whose relative path values (:func:`path_columns`) are made absolute
+    against ``folder``; absolute and empty values are kept. What an adapter or reader calls
+    on paths given relative to a dataset folder."""
+    base = os.path.abspath(os.fspath(folder))
+    out = df.copy()
+    for column in path_columns(out):
+        out[column] = [_join(base, value) for value in _column(out, column)]
+    return out
+
+
+def relative_paths(df: pd.DataFrame, folder: str | os.PathLike) -> pd.DataFrame:
+    """A copy of ``df`` whose absolute path values are written relative to ``folder``
+    (POSIX, ``..`` where needed), as :func:`write_manifest` stores them. Relative values
+    are kept; a path on another drive (Windows) stays absolute."""
+    base = os.path.abspath(os.fspath(folder))
+    out = df.copy()
+
+    def relative(value: str) -> str:
+        if not value or not os.path.isabs(value):
+            return value
+        try:
+            return Path(os.path.relpath(value, base)).as_posix()
+        except ValueError:  # another drive: no relative path exists
+            return Path(value).as_posix()
+
+    for column in path_columns(out):
+        out[column] = [relative(value) for value in _column(out, column)]
+    return out
+
+
+def rebase_paths(df: pd.DataFrame, old_root: str | os.PathLike | None,
+                 new_root: str | os.PathLike) -> pd.DataFrame:
+    """Relative paths valid from ``old_root`` rewritten to stay valid from ``new_root``.
+
+    Deprecated: paths are absolute in memory, so a frame no longer needs rebasing;
+    kept for callers that still hold relative paths.
+    """
+    if old_root is None:
+        return df.copy()
+    return relative_paths(absolute_paths(df, Path(old_root).resolve()), Path(new_root).resolve())
+
+
+def default_roots(manifest_path: str | os.PathLike) -> list[Path]:
+    """The folders a manifest file may point into without the reader allowing more.
+
+    Its own folder; the run folder when the manifest sits in a stage folder
+    (``RUN_DIR/NN_name/``: a stage reads and writes images of earlier stages of its run);
+    and the project's data folder (:func:`cxrlib.config.data_dir`, the phantom cohorts
+    and prepared datasets). Links are resolved.
+    """
+    from cxrlib import config
+
+    folder = Path(manifest_path).resolve().parent
+    roots = [folder]
+    if _STAGE_FOLDER.match(folder.name):
+        roots.append(folder.parent)
+    roots.append(config.data_dir().resolve())
+    return roots
+
+
+def _escaping(df: pd.DataFrame, roots: Iterable[str | os.PathLike]) -> list[tuple[int, str, Path | None]]:
+    """``(row position, column, resolved target)`` per path value outside ``roots``."""
+    resolved_roots = [Path(root).resolve() for root in roots]
+    folder_cache: dict[str, Path] = {}
+
+    def real(value: str) -> Path:
+        folder, name = os.path.split(value)
+        if folder not in folder_cache:
+            folder_cache[folder] = Path(os.path.realpath(folder))
+        target = folder_cache[folder] / name
+        # a linked file may point elsewhere even inside a contained folder
+        return Path(os.path.realpath(target)) if os.path.islink(target) else target
+
+    found = []
+    for column in path_columns(df):
+        for position, value in enumerate(_column(df, column)):
+            if not value:
+                continue
+            if not os.path.isabs(value):
+                found.append((position, column, None))  # cannot be placed: counts as outside
+                continue
+            target = real(value)
+            if not any(target.is_relative_to(root) for root in resolved_roots):
+                found.append((position, column, target))
+    return found
+
+
+def outside_roots(df: pd.DataFrame, roots: Iterable[str | os.PathLike],
+                  *, shown: pd.DataFrame | None = None) -> list[str]:
+    """One entry ``"'<image_id>' <column> '<value>' (-> <target>)"`` per path value
+    (:func:`path_columns`) that does not lie inside one of ``roots`` once ``..`` and links
+    are resolved; relative values count as outside. ``shown``: the same rows as written on
+    disk, whose values the entries name. Empty when every path is contained."""
+    ids = _column(df, "image_id").tolist()
+    source = df if shown is None else shown
+    entries = []
+    for position, column, target in _escaping(df, roots):
+        value = _column(source, column).iloc[position]
+        entry = f"{ids[position]!r} {column} {value!r}"
+        if target is not None and str(target) != value:
+            entry += f" (-> {target})"
+        entries.append(entry)
+    return entries
+
+
+def _containment_problems(df: pd.DataFrame, roots: list[Path],
+                          shown: pd.DataFrame | None = None) -> list[str]:
+    """One problem line naming the rows whose paths leave ``roots`` (``[]`` when none do)."""
+    escaping = outside_roots(df, roots, shown=shown)
+    if not escaping:
+        return []
+    where = ", ".join(str(root) for root in roots)
+    return [
+        f"{len(escaping)} paths outside the allowed folders ({where}): {_listing(escaping, 5)}; "
+        "a reader that trusts another data folder passes allowed_roots=[...]"
+    ]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -223,15 +372,18 @@ def resolve_path(df_or_root: pd.DataFrame | str | os.PathLike | None, relative: 
 def validate(
     df: pd.DataFrame,
     *,
-    root: str | os.PathLike | None = None,
     check_files: bool = False,
+    allowed_roots: Iterable[str | os.PathLike] | None = None,
+    labels: Iterable[str] | None = LABELS,
 ) -> pd.DataFrame:
     """Check ``df`` against the schema and return it unchanged.
 
     Checks: missing columns, duplicate ``image_id``, empty ``image_id`` / ``path`` /
-    ``label`` / ``patient_id``, ``split`` not in ``SPLITS`` or ``""``, malformed
-    ``origin``, and with ``check_files`` that every file of :func:`path_columns` exists
-    (relative to ``root``, default ``df.attrs["root"]``).
+    ``label`` / ``patient_id``, ``label`` outside ``labels`` (the declared label set,
+    :data:`LABELS`; ``None`` accepts any), ``split`` not in ``SPLITS`` or ``""``, malformed
+    ``origin``; with ``allowed_roots`` that every path of :func:`path_columns` lies inside
+    one of those folders (links resolved); with ``check_files`` that every such file exists
+    (paths must then be absolute, as :func:`read_manifest` makes them).
     Raises one :class:`ManifestError` that lists all problems, naming rows (index label
     and image id), columns and files; long lists show the first 20 and a count.
     """
@@ -259,6 +411,18 @@ def validate(
                 problems.append(
                     f"empty {name} in {int(empty.sum())} rows: {_rows_listing(df, empty)}"
                 )
+
+    if labels is not None and "label" in df.columns:
+        known = set(labels)
+        label = _column(df, "label")
+        unknown = ~label.isin(known) & label.str.strip().ne("")
+        if unknown.any():
+            values = sorted(label[unknown].unique())
+            problems.append(
+                f"label not in the declared label set {tuple(sorted(known))} "
+                f"({_listing(repr(v) for v in values)}) in {int(unknown.sum())} rows: "
+                f"{_rows_listing(df, unknown)}"
+            )
 
     if "split" in df.columns:
         split = _column(df, "split")
@@ -288,49 +452,57 @@ def validate(
                 f"rows: {_rows_listing(df, bad_origin)}"
             )
 
+    if allowed_roots is not None:
+        problems += _containment_problems(df, [Path(folder) for folder in allowed_roots])
     if check_files:
-        problems += _missing_files(df, root)
+        problems += _missing_files(df)
 
     if problems:
         raise ManifestError(problems)
     return df
 
 
-def _missing_files(df: pd.DataFrame, root: str | os.PathLike | None) -> list[str]:
-    base: pd.DataFrame | str | os.PathLike | None = root if root is not None else df
-    file_columns = path_columns(df)
+def _missing_files(df: pd.DataFrame) -> list[str]:
     problems = []
-    for name in file_columns:
+    for name in path_columns(df):
         missing: list[str] = []
+        relative: list[str] = []
         for value in _column(df, name):
             if not value:
                 continue  # emptiness is reported above (path) or allowed (masks)
-            try:
-                exists = resolve_path(base, value).is_file()
-            except ValueError as error:
-                return [f"cannot check files: {error}"]
-            if not exists:
+            if not os.path.isabs(value):
+                relative.append(value)
+            elif not os.path.isfile(value):
                 missing.append(value)
-        if missing:
-            where = _root_of(base)
+        if relative:
             problems.append(
-                f"{len(missing)} files in column {name!r} not found"
-                + (f" under {where}" if where else "")
-                + f": {_listing(missing)}"
+                f"{len(relative)} relative paths in column {name!r} cannot be checked (paths are "
+                f"absolute in memory; read the manifest with read_manifest): {_listing(relative)}"
             )
+        if missing:
+            problems.append(f"{len(missing)} files in column {name!r} not found: {_listing(missing)}")
     return problems
 
 
 # ----------------------------------------------------------------------------- read / write
 
 
-def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+def read_manifest(
+    path: str | os.PathLike,
+    *,
+    allowed_roots: Iterable[str | os.PathLike] = (),
+    labels: Iterable[str] | None = LABELS,
+) -> pd.DataFrame:
     """Read and validate a manifest (CSV, or ``.parquet`` when pyarrow is installed).
 
     Every column comes back as ``str`` with missing values ``""`` (ids like ``"0001"``
-    keep their zeros). ``df.attrs["root"]`` is set to the file's folder, against which
-    relative paths resolve (:func:`resolve_path`). Files are not checked here; use
-    ``validate(df, check_files=True)``.
+    keep their zeros). Every path column (:func:`path_columns`) comes back absolute,
+    resolved against the file's folder. A path that leaves :func:`default_roots` (the
+    file's folder, its run folder for a stage manifest, the project's data folder) and every
+    folder of ``allowed_roots`` (once ``..`` and links are resolved) is refused with a
+    :class:`ManifestError` naming the file, the row's image id and the path, before any
+    image is opened. ``labels``: the declared label set (see :func:`validate`). Files are
+    not checked for existence here; use ``validate(df, check_files=True)``.
     """
     path = Path(path)
     try:
@@ -346,61 +518,40 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     except ValueError as error:  # not UTF-8, empty, malformed CSV / Parquet (pandas' errors are ValueErrors)
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ManifestError(f"{path}: not a readable manifest ({type(error).__name__}: {reason})") from None
-    df.attrs["root"] = str(path.resolve().parent)
+    absolute = absolute_paths(df, path.resolve().parent)
+    roots = [*default_roots(path), *(Path(root).resolve() for root in allowed_roots)]
     try:
-        return validate(df)
+        validate(absolute, labels=labels)
+        problems = _containment_problems(absolute, roots, shown=df)
     except ManifestError as error:
-        raise ManifestError([f"{path}: {problem}" for problem in error.problems]) from None
+        problems = error.problems
+    if problems:
+        raise ManifestError([f"{path}: {problem}" for problem in problems]) from None
+    return absolute
 
 
-def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+def write_manifest(
+    df: pd.DataFrame, path: str | os.PathLike, *, labels: Iterable[str] | None = LABELS
+) -> Path:
     """Validate ``df`` and write it atomically (temporary file + ``os.replace``); returns the path.
 
     CSV, or Parquet for a ``.parquet`` name (needs pyarrow). Columns: ``COLUMNS`` first,
     then the extra columns in their current order. Values are written as strings
-    (missing -> ``""``, ``Path`` objects as POSIX strings).
+    (missing -> ``""``, ``Path`` objects as POSIX strings); absolute paths are written
+    relative to the file's folder (:func:`relative_paths`), relative ones as they are.
+    ``labels``: the declared label set (see :func:`validate`).
     """
-    validate(df)
+    validate(df, labels=labels)
     path = Path(path)
     extras = [name for name in df.columns if name not in COLUMNS]
     table = pd.DataFrame({name: _column(df, name) for name in (*COLUMNS, *extras)})
-    table = rebase_paths(table, _root_of(df), path.resolve().parent)
+    table = relative_paths(table, path.resolve().parent)
     if path.suffix.lower() == ".parquet":
         _require_pyarrow(path)
         atomic_write(path, lambda handle: table.to_parquet(handle, index=False))
     else:
         atomic_write(path, lambda handle: table.to_csv(handle, index=False, lineterminator="\n"), mode="w")
     return path
-
-
-def path_columns(df: pd.DataFrame) -> list[str]:
-    """Columns that hold file paths: ``path``, every ``path_<variant>`` (derived images, e.g.
-    ``path_lung_crop``), ``mask_path`` and every ``mask_<kind>``."""
-    return [
-        c for c in df.columns
-        if c == "path" or str(c).startswith("path_") or c == "mask_path" or str(c).startswith("mask_")
-    ]
-
-
-def rebase_paths(df: pd.DataFrame, old_root: str | os.PathLike | None,
-                 new_root: str | os.PathLike) -> pd.DataFrame:
-    """Rewrite relative paths so they stay valid from ``new_root`` (absolute paths are kept).
-
-    A manifest written into another folder than the one its paths were relative to (e.g. a
-    run folder) still points at the same files. Returns a copy with ``attrs["root"] = new_root``.
-    """
-    out = df.copy()
-    out.attrs["root"] = str(new_root)
-    if old_root is None or Path(old_root).resolve() == Path(new_root).resolve():
-        return out
-    old_root, new_root = Path(old_root).resolve(), Path(new_root).resolve()
-    for column in path_columns(out):
-        out[column] = [
-            value if (not value or Path(value).is_absolute())
-            else Path(os.path.relpath(old_root / value, new_root)).as_posix()
-            for value in _column(out, column)
-        ]
-    return out
 
 
 def _require_pyarrow(path: Path) -> None:
@@ -418,16 +569,14 @@ def _require_pyarrow(path: Path) -> None:
 def add_content_hashes(
     df: pd.DataFrame,
     *,
-    root: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> tuple[pd.DataFrame, LoadReport]:
     """A copy of ``df`` with a ``content_hash`` column: :func:`~cxrlib.data.io.pixel_hash`
-    of each decoded image (relative paths resolve against ``root`` or ``df.attrs["root"]``).
+    of each decoded image (paths absolute, as in every manifest in memory).
 
     Unreadable files get ``""`` and are listed in the returned report (by their manifest
     ``path`` value), so one bad download does not stop a whole dataset.
     """
-    base: pd.DataFrame | str | os.PathLike = root if root is not None else df
     paths = _column(df, "path")
     iterator: Iterable[str] = paths
     if progress:
@@ -439,7 +588,7 @@ def add_content_hashes(
     hashes: list[str] = []
     for value in iterator:
         try:
-            file = resolve_path(base, value)
+            file = resolve_path(None, value)
         except ValueError as error:
             report.bad.append(BadFile(path=value, error=str(error)))
             hashes.append("")

@@ -58,13 +58,12 @@ def oracle_synthetic(
     existing file is reused) at ``size`` px (default: the phantom's 256). Severity is
     drawn uniformly from ``severity_range``, seeded by ``(seed, generator, image id)``.
     ``max_per_generator`` keeps the first N sources per generator (small tests). Returns
-    a new manifest (``attrs["root"]`` kept; new paths relative to it) that passes
+    a new manifest (new paths absolute, like every manifest's in memory) that passes
     :func:`~cxrlib.data.manifest.check_leakage`.
     """
     unknown = sorted(set(generators) - set(GENERATOR_SOURCES))
     if unknown:
         raise ValueError(f"unknown generators {unknown}; choose from {sorted(GENERATOR_SOURCES)}")
-    root = Path(manifest.attrs.get("root") or ".").resolve()
     out_dir = Path(out_dir).resolve()
     sites = {site.name: site for site in DEFAULT_SITES}
     render_size = int(size or 256)
@@ -87,7 +86,7 @@ def oracle_synthetic(
                 write_png(path, sample.image)
             rows.append({
                 "image_id": image_id,
-                "path": Path(os.path.relpath(path, root)).as_posix(),
+                "path": str(path),
                 "label": "covid",
                 "patient_id": source["patient_id"],
                 "source": "synthetic",
@@ -100,5 +99,4 @@ def oracle_synthetic(
     synthetic = pd.DataFrame(rows).reindex(columns=manifest.columns)
     combined = pd.concat([manifest, synthetic], ignore_index=True)
     combined = combined.fillna("").astype(object)
-    combined.attrs = dict(manifest.attrs)
     return combined

@@ -1486,8 +1486,9 @@ def write_cohort(out_dir: str | os.PathLike, config: CohortConfig, *,
     Files: ``images/<image_id>.png`` (with text when ``config.text``), ``images_clean/
     <image_id>.png`` (without text, only when ``config.text``), ``masks/<kind>/<image_id>.png``
     for every kind in :data:`MASK_KINDS` (uint8 0 / 255). Every file is written atomically
-    and the manifest last, so a half-written cohort has no manifest. Paths in the manifest
-    are POSIX, relative to ``out_dir``; columns are :data:`MANIFEST_COLUMNS`.
+    and the manifest last, so a half-written cohort has no manifest. Paths in the file are
+    POSIX, relative to ``out_dir``; in the returned frame they are absolute. Columns are
+    :data:`MANIFEST_COLUMNS`.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():  # refuse before any folder is made
@@ -1526,6 +1527,10 @@ def write_cohort(out_dir: str | os.PathLike, config: CohortConfig, *,
     manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
     _atomic_write(out / "manifest.csv",
                   lambda tmp: manifest.to_csv(tmp, index=False, lineterminator="\n"))
+    # in memory, as in every manifest, paths are absolute (the file keeps them relative)
+    base = out.resolve()
+    for column in ("path", *(f"mask_{kind}" for kind in MASK_KINDS)):
+        manifest[column] = [str(base / value) for value in manifest[column]]
     return manifest
 
 

@@ -402,7 +402,7 @@ def build_manifest(
 ) -> tuple[pd.DataFrame, BuildReport]:
     """Read every source of ``recipe`` under ``base_dir`` and keep the rows its rules take.
 
-    Returns one manifest (``attrs["root"]`` = ``base_dir``, paths relative to it) whose
+    Returns one manifest (absolute paths, under ``base_dir``) whose
     ``label`` is the recipe's class, the adapter's own label kept in ``source_label`` and
     the recipe's source name in ``source``; ``image_id`` is ``<source>:<id>``. A row taken by
     two classes is dropped (its class is ambiguous). Caps keep whole patients, chosen
@@ -436,7 +436,6 @@ def build_manifest(
                                    "view": "", "class": "", "reason": "unreadable",
                                    "detail": f"{Path(item.file).name} {item.row}: {item.reason}"})
         offered[name] = len(table)
-        table = mf.rebase_paths(table, adapter.root, base)
         table = table.assign(image_id=name + ":" + mf._column(table, "image_id"),
                              source_label=mf._column(table, "label"), source=name)
         frames.append(table)
@@ -470,10 +469,11 @@ def build_manifest(
             dropped.append(_dropped_rows(chosen[rows & ~keep], "over cap",
                                          f"class {label!r} capped at {cap} images", classes=label))
     result = chosen[keep].reset_index(drop=True)
-    result.attrs["root"] = str(base)
-    mf.validate(result)
+    mf.validate(result, labels=(*mf.LABELS, *recipe.classes))
     counts = pd.crosstab(result["label"], result["source"]) if len(result) else pd.DataFrame()
     dropped_table = pd.concat([frame for frame in dropped if len(frame)] or dropped[:1])
+    # the report names files relative to the base folder (DATA_ROOT), as the recipe does
+    dropped_table = mf.relative_paths(dropped_table, base)
     order = {name: number for number, name in enumerate(recipe.sources)}
     dropped_table = (dropped_table.assign(_order=dropped_table["source"].map(order))
                      .sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True))

@@ -1,13 +1,13 @@
 """Adapters that turn public chest X-ray datasets, as downloaded, into manifests.
 
 Every adapter reads a dataset folder in its published layout, never changes or copies a
-file, and returns a manifest (:mod:`cxrlib.data.manifest` schema) whose paths are relative
-to that folder (``df.attrs["root"]``). Labels are normalised to the project's class names
+file, and returns a manifest (:mod:`cxrlib.data.manifest` schema) whose paths are absolute
+(under that folder). Labels are normalised to the project's class names
 (:data:`CANONICAL_LABELS`), so that manifests from several sources can be concatenated.
 
 Adding a dataset: subclass :class:`DatasetAdapter`, set ``name``, implement
 :meth:`~DatasetAdapter.rows` (one dict per image) and register the class in
-:data:`ADAPTERS`; the base class fills the schema, validates and sets the root.
+:data:`ADAPTERS`; the base class fills the schema, makes the paths absolute and validates.
 
 =======================  =================================================================
 ``covid19-radiography``  :class:`Covid19RadiographyDatabase` (Kaggle, 21,165 PNG images,
@@ -172,7 +172,8 @@ class DatasetAdapter(ABC):
     def manifest(self) -> pd.DataFrame:
         """The dataset's manifest: schema columns first, all values strings, validated.
 
-        ``attrs["root"]`` is the dataset folder. ``split`` is ``""`` (split later, by patient).
+        Paths are absolute (:attr:`root` joined with :meth:`rows`' relative paths). ``split``
+        is ``""`` (split later, by patient).
         """
         self.skipped = []
         records = list(self.rows())
@@ -192,8 +193,11 @@ class DatasetAdapter(ABC):
                 df[column] = ""
         extras = [c for c in df.columns if c not in mf.COLUMNS]
         df = df[[*mf.COLUMNS, *extras]].fillna("").astype(str)
-        df.attrs["root"] = str(self.root)
-        return mf.validate(df)
+        return mf.validate(mf.absolute_paths(df, self.root), labels=self.declared_labels(df))
+
+    def declared_labels(self, df: pd.DataFrame) -> tuple[str, ...]:
+        """The labels this adapter may give (:data:`cxrlib.data.manifest.LABELS`)."""
+        return mf.LABELS
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r})"
@@ -1068,6 +1072,10 @@ class ImageFolderDataset(DatasetAdapter):
             self.name = source  # type: ignore[misc]  # per-instance source name
         default = self.root / "patients.csv"
         self.patients_file = Path(patients) if patients else (default if default.is_file() else None)
+
+    def declared_labels(self, df: pd.DataFrame) -> tuple[str, ...]:
+        """The project's labels and one per class folder: the folders declare the classes."""
+        return (*mf.LABELS, *sorted(set(df["label"])))
 
     def _patients(self) -> dict[str, str]:
         if self.patients_file is None:

@@ -107,14 +107,13 @@ def _image_ids(rows: pd.DataFrame) -> list[str]:
 
 
 def feature_cache_key(checkpoint: str | os.PathLike, rows: pd.DataFrame, image_size: int,
-                      settings: dict[str, Any] | None = None, *, root: str | os.PathLike | None = None) -> str:
+                      settings: dict[str, Any] | None = None) -> str:
     """Cache key (hex) of the features of ``rows``: checkpoint content, rows, image size and input settings.
 
     Rows enter by image id and resolved file path, in order; ``settings`` (e.g. input mode,
     mask column) by value. Retraining a checkpoint, changing a row or resizing changes the key.
     """
-    where = root if root is not None else rows
-    paths = [str(mf.resolve_path(where, str(p))) for p in rows["path"]] if "path" in rows.columns else []
+    paths = [str(mf.resolve_path(rows, str(p))) for p in rows["path"]] if "path" in rows.columns else []
     payload = {
         "version": _CACHE_VERSION,
         "checkpoint": file_digest(checkpoint),
@@ -157,7 +156,6 @@ def extract_features(
     model: ClassifierTrainResult | str | os.PathLike,
     rows: pd.DataFrame,
     *,
-    root: str | os.PathLike | None = None,
     image_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 64,
@@ -169,8 +167,7 @@ def extract_features(
     checkpoint (:func:`~cxrlib.train.classifier.load_classifier`). Images are prepared as
     in the model's training (input mode, masks; ``image_size`` overrides the size); in
     patch mode an image's features are the mean over ``config.eval_patches`` patches.
-    ``rows``: manifest rows with ``image_id`` and ``path`` (relative to ``root``, default
-    ``rows.attrs["root"]``).
+    ``rows``: manifest rows with ``image_id`` and ``path`` (absolute).
 
     With ``cache_dir`` the result is stored as ``features-<key>.npz``
     (:func:`feature_cache_key`, written atomically) and read back on the next call.
@@ -187,7 +184,7 @@ def extract_features(
                 "eval_patches": config.eval_patches if config.input_mode == "patch" else None}
     cache_path = None
     if cache_dir is not None:
-        key = feature_cache_key(result.checkpoint_path, rows, size, settings, root=root)
+        key = feature_cache_key(result.checkpoint_path, rows, size, settings)
         cache_path = Path(cache_dir) / f"features-{key[:24]}.npz"
         if cache_path.is_file():
             cached = _read_cache(cache_path, ids)
@@ -195,7 +192,7 @@ def extract_features(
                 return cached
     sized = replace(config, image_size=size)
     dataset = ClassificationDataset(
-        rows, root=root, image_size=size, label_map=sized.label_map(), input_mode=sized.input_mode,
+        rows, image_size=size, label_map=sized.label_map(), input_mode=sized.input_mode,
         augment=None, seed=sized.seed, cache=False, mask_column=sized.mask_column,
         patch_sampler=sized.patch_sampler(), source_size=sized.patch_source_size, strict_labels=False)
     net = result.model

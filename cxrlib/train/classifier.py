@@ -250,31 +250,30 @@ class ClassifierTrainResult:
     config: ClassifierTrainConfig
     classes: list[str] = field(default_factory=list)
 
-    def dataset(self, data: pd.DataFrame, *, root: str | Path | None = None,
-                strict_labels: bool = False) -> ClassificationDataset:
+    def dataset(self, data: pd.DataFrame, *, strict_labels: bool = False) -> ClassificationDataset:
         """An un-augmented dataset of ``data`` prepared as in training (mode, size, masks)."""
-        return make_dataset(data, self.config, root=root, train=False, strict_labels=strict_labels)
+        return make_dataset(data, self.config, train=False, strict_labels=strict_labels)
 
 
 # --------------------------------------------------------------------------- data
 
 
-def make_dataset(data: pd.DataFrame, config: ClassifierTrainConfig, *, root: str | Path | None = None,
+def make_dataset(data: pd.DataFrame, config: ClassifierTrainConfig, *,
                  train: bool, strict_labels: bool = True, progress: bool = False) -> ClassificationDataset:
     """The :class:`ClassificationDataset` a config describes (augmented when ``train``)."""
     return ClassificationDataset(
-        data, root=root, image_size=config.image_size, label_map=config.label_map(),
+        data, image_size=config.image_size, label_map=config.label_map(),
         input_mode=config.input_mode, augment=config.augment if train else None, seed=config.seed,
         cache=True, mask_column=config.mask_column, patch_sampler=config.patch_sampler(),
         source_size=config.patch_source_size, strict_labels=strict_labels, progress=progress,
     )
 
 
-def _as_dataset(data: pd.DataFrame | Dataset, config: ClassifierTrainConfig, root: str | Path | None,
+def _as_dataset(data: pd.DataFrame | Dataset, config: ClassifierTrainConfig,
                 *, train: bool, ctx: DistContext) -> Dataset:
     if not isinstance(data, pd.DataFrame):
         return data
-    return make_dataset(data, config, root=root, train=train, progress=config.progress and ctx.is_main)
+    return make_dataset(data, config, train=train, progress=config.progress and ctx.is_main)
 
 
 def _dataset_labels(dataset: Dataset) -> np.ndarray:
@@ -429,7 +428,6 @@ def train_classifier(
     run_dir: str | Path,
     config: ClassifierTrainConfig | Mapping[str, Any] | None = None,
     *,
-    root: str | Path | None = None,
     resume: bool = True,
     ctx: DistContext | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
@@ -437,8 +435,8 @@ def train_classifier(
     """Train an image classifier, choosing everything on the validation split; resume if possible.
 
     ``train_df`` / ``val_df``: manifest rows (``path``, ``label``, plus mask columns for the
-    lung modes; read through :class:`~cxrlib.data.classification.ClassificationDataset`
-    with ``root``), or Datasets yielding ``(image float32 (1, H, W) in [0, 1], label int)``
+    lung modes; paths absolute; read through
+    :class:`~cxrlib.data.classification.ClassificationDataset`), or Datasets yielding ``(image float32 (1, H, W) in [0, 1], label int)``
     that have a ``labels`` array. ``config.classes`` fixes the class order (binary: index
     1 positive). With ``resume=True`` and ``last.pt`` in ``run_dir``, training continues
     after the saved epoch with the saved optimizer, schedule and scaler state (the same
@@ -511,8 +509,8 @@ def train_classifier(
     best_state: dict[str, torch.Tensor] | None = None
     best_thresholds: dict[str, float] = {}
     if start_epoch <= config.epochs and not patience_spent(start_epoch - 1):
-        train_set = _as_dataset(train_df, config, root, train=True, ctx=ctx)
-        val_set = _as_dataset(val_df, config, root, train=False, ctx=ctx)
+        train_set = _as_dataset(train_df, config, train=True, ctx=ctx)
+        val_set = _as_dataset(val_df, config, train=False, ctx=ctx)
         if len(train_set) == 0 or len(val_set) == 0:
             raise ValueError(f"need training and validation images, got {len(train_set)} and {len(val_set)}")
         train_labels, val_labels = _dataset_labels(train_set), _dataset_labels(val_set)
@@ -669,13 +667,12 @@ def _model_and_config(model: nn.Module | ClassifierTrainResult,
     return model, config
 
 
-def _prediction_dataset(data: pd.DataFrame | Dataset, config: ClassifierTrainConfig | None,
-                        root: str | Path | None) -> Dataset:
+def _prediction_dataset(data: pd.DataFrame | Dataset, config: ClassifierTrainConfig | None) -> Dataset:
     if isinstance(data, pd.DataFrame):
         if config is None:
             raise ValueError("predicting from a DataFrame needs the training config (pass a ClassifierTrainResult "
                              "from train_classifier / load_classifier, or config=...)")
-        return make_dataset(data, config, root=root, train=False, strict_labels=False)
+        return make_dataset(data, config, train=False, strict_labels=False)
     return evaluation_view(data) if isinstance(data, ClassificationDataset) else data
 
 
@@ -684,7 +681,6 @@ def predict_proba(
     data: pd.DataFrame | Dataset,
     *,
     config: ClassifierTrainConfig | None = None,
-    root: str | Path | None = None,
     batch_size: int = 32,
     device: str | torch.device | None = None,
     amp: bool = False,
@@ -703,7 +699,7 @@ def predict_proba(
     as before). One process (no DDP).
     """
     net, config = _model_and_config(model, config)
-    dataset = _prediction_dataset(data, config, root)
+    dataset = _prediction_dataset(data, config)
     if isinstance(dataset, ClassificationDataset) and dataset.input_mode == "patch":
         k = config.eval_patches if config is not None else 10
         return predict_patches(net, dataset, k, batch_size=batch_size, device=device, amp=amp,
@@ -742,7 +738,6 @@ def predict_patches(
     k: int,
     *,
     config: ClassifierTrainConfig | None = None,
-    root: str | Path | None = None,
     seed: int | None = None,
     batch_size: int = 32,
     device: str | torch.device | None = None,
@@ -758,7 +753,7 @@ def predict_patches(
     ``batch_size`` counts patches; ``precision`` and ``amp`` as in :func:`predict_proba`.
     """
     net, config = _model_and_config(model, config)
-    dataset = _prediction_dataset(data, config, root)
+    dataset = _prediction_dataset(data, config)
     if not isinstance(dataset, ClassificationDataset) or dataset.input_mode != "patch":
         raise ValueError("predict_patches needs a patch-mode ClassificationDataset (input_mode='patch')")
     net = unwrap(net)
@@ -793,8 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--manifest", required=True, type=Path, help="manifest CSV or Parquet (image_id, path, label, split, ...)")
     add("--run-dir", required=True, type=Path, help="folder for last.pt, best.pt, config.json, history.jsonl")
-    add("--root", type=Path, default=None, help="folder that relative manifest paths start from "
-        "(default: the manifest's folder)")
+    add("--allow-root", "--root", dest="allow_root", type=Path, action="append", default=[],
+        help="data folder outside the manifest's own that its paths may point into (repeatable; "
+        "--root is the old spelling)")
     add("--train-split", default="train", help="value of the split column used for training")
     add("--val-split", default="val", help="value of the split column used for model selection")
     add_arguments(parser, ClassifierTrainConfig, exclude=("num_classes",))
@@ -807,7 +803,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cxrlib.data.manifest import read_manifest
 
-    manifest = read_manifest(args.manifest)
+    # the classes trained on are chosen here (--classes, or the labels of the training rows)
+    manifest = read_manifest(args.manifest, allowed_roots=args.allow_root, labels=None)
     if args.classes:
         manifest = manifest[manifest["label"].isin(args.classes)]
     train_df = manifest[manifest["split"] == args.train_split]
@@ -816,8 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             patience=args.patience or None)
     ctx = init_distributed(config.device)
     try:
-        result = train_classifier(train_df, val_df, args.run_dir, config,
-                                  root=args.root or manifest.attrs["root"], resume=not args.no_resume, ctx=ctx)
+        result = train_classifier(train_df, val_df, args.run_dir, config, resume=not args.no_resume, ctx=ctx)
     finally:
         cleanup_distributed()
     if ctx.is_main:

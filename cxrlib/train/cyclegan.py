@@ -424,10 +424,10 @@ def _sample_images(dataset: Dataset, count: int, device: torch.device) -> torch.
 # --------------------------------------------------------------------------- training loop
 
 
-def _as_domain(data: pd.DataFrame | Dataset, config: CycleGANTrainConfig, root: str | Path | None) -> Dataset:
+def _as_domain(data: pd.DataFrame | Dataset, config: CycleGANTrainConfig) -> Dataset:
     """A manifest DataFrame becomes a DomainImageDataset; a Dataset is used as it is."""
     if isinstance(data, pd.DataFrame):
-        return DomainImageDataset(data, root=root, image_size=config.image_size)
+        return DomainImageDataset(data, image_size=config.image_size)
     return data
 
 
@@ -447,7 +447,6 @@ def train_cyclegan(
     run_dir: str | Path,
     config: CycleGANTrainConfig | Mapping[str, Any] | None = None,
     *,
-    root: str | Path | None = None,
     resume: bool = True,
     ctx: DistContext | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
@@ -455,7 +454,7 @@ def train_cyclegan(
     """Train a CycleGAN between two unpaired image sets; resume if possible.
 
     ``domain_a`` / ``domain_b``: manifest rows (read once through
-    :class:`DomainImageDataset` with ``root``) or Datasets yielding ``(1, H, W)`` float32
+    :class:`DomainImageDataset`, paths absolute) or Datasets yielding ``(1, H, W)`` float32
     images in [-1, 1] at ``config.image_size``. Use training-split images only: every image
     the generator sees here must stay out of the classifiers' test split. With
     ``resume=True`` and a ``last.pt`` in ``run_dir``, training continues at the epoch after
@@ -521,7 +520,7 @@ def train_cyclegan(
     logger.drop_after(start_epoch - 1)  # epochs logged after the checkpoint will be redone
 
     if start_epoch <= config.total_epochs:
-        set_a, set_b = _as_domain(domain_a, config, root), _as_domain(domain_b, config, root)
+        set_a, set_b = _as_domain(domain_a, config), _as_domain(domain_b, config)
         pairs = UnpairedImageDataset(set_a, set_b, seed=config.seed, hflip=config.hflip)
         # The dataset draws the pairing per epoch; the sampler only shards it across ranks.
         loader = make_loader(pairs, config.batch_size, shuffle=False, seed=config.seed, ctx=ctx,
@@ -597,7 +596,7 @@ def _train_one_epoch(trainer: CycleGANTrainer, loader: DataLoader, config: Cycle
 
 def domain_rows(manifest: pd.DataFrame, label: str, split: str = "train", label_column: str = "label"
                 ) -> pd.DataFrame:
-    """The real (not synthetic) rows of ``manifest`` with ``label`` in ``split`` (``attrs`` kept)."""
+    """The real (not synthetic) rows of ``manifest`` with ``label`` in ``split``."""
     return real_rows(manifest, split, [label], label_column=label_column)
 
 
@@ -619,8 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--domain-a", required=True, help="label of the source domain A (e.g. Normal); G_AB translates it to B")
     add("--domain-b", required=True, help="label of the target domain B (e.g. COVID-19)")
     add("--run-dir", required=True, type=Path, help="folder for last.pt, config.json, history.jsonl, samples/")
-    add("--root", type=Path, default=None, help="folder that relative paths in the manifest start from "
-        "(default: the manifest's folder)")
+    add("--allow-root", "--root", dest="allow_root", type=Path, action="append", default=[],
+        help="data folder outside the manifest's own that its paths may point into (repeatable; "
+        "--root is the old spelling)")
     add("--split", default="train", help="value of the split column whose images are used")
     add("--label-column", default="label", help="manifest column that holds the domain labels")
     add_arguments(parser, CycleGANTrainConfig, exclude=("model",))
@@ -636,7 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = from_arguments(CycleGANTrainConfig, args, model=model)
     from cxrlib.data.manifest import read_manifest
 
-    manifest = read_manifest(args.manifest)
+    # rows are picked by the domain labels given; other labels are left alone, whatever they are
+    manifest = read_manifest(args.manifest, allowed_roots=args.allow_root, labels=None)
     rows_a = domain_rows(manifest, args.domain_a, args.split, args.label_column)
     rows_b = domain_rows(manifest, args.domain_b, args.split, args.label_column)
     if len(rows_a) == 0 or len(rows_b) == 0:
@@ -644,8 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{args.domain_b!r} ({len(rows_b)}) in {args.manifest}")
     ctx = init_distributed(config.device)
     try:
-        result = train_cyclegan(rows_a, rows_b, args.run_dir, config, root=args.root or manifest.attrs["root"],
-                                resume=not args.no_resume, ctx=ctx)
+        result = train_cyclegan(rows_a, rows_b, args.run_dir, config, resume=not args.no_resume, ctx=ctx)
     finally:
         cleanup_distributed()
     if ctx.is_main:

@@ -451,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "train split (torchrun-ready).")
     parser.add_argument("manifest", help="manifest CSV / Parquet (its train split is used)")
     parser.add_argument("run_dir", help="output folder (checkpoints, history, model/)")
+    parser.add_argument("--allow-root", dest="allow_root", type=Path, action="append", default=[],
+                        help="data folder outside the manifest's own that its paths may point into (repeatable)")
     add_arguments(parser, DiffusionTrainConfig, exclude=("model", "max_train_seconds"))
     add_arguments(parser, DiffusionConfig, exclude=_CLI_MODEL_EXCLUDED)
     parser.add_argument("--max-train-minutes", type=float, default=0,
@@ -467,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = from_arguments(DiffusionConfig, args)
     config = from_arguments(DiffusionTrainConfig, args, model=model,
                             max_train_seconds=60 * args.max_train_minutes or None)
-    manifest = mf.read_manifest(args.manifest)
+    # rows are picked by the model's class names; other labels are left alone
+    manifest = mf.read_manifest(args.manifest, allowed_roots=args.allow_root, labels=None)
     rows = real_rows(manifest, "train", list(model.class_names))
     images = load_images(rows, model.image_size)
     result = train_diffusion(images, rows["label"].astype(str).tolist(), args.run_dir, config,

@@ -265,11 +265,15 @@ def _as_dataset(data: pd.DataFrame | Dataset, config: SegTrainConfig, root: str 
     """A manifest DataFrame becomes a SegmentationDataset; a Dataset is used as it is."""
     if not isinstance(data, pd.DataFrame):
         return data
+    from cxrlib.data.manifest import absolute_paths
+
+    if root is not None:  # deprecated: relative paths given with their folder
+        data = absolute_paths(data, root)
     from cxrlib.data.datasets import SegmentationDataset
     from cxrlib.data.transforms import PairedAugment
 
     augment = PairedAugment() if (train and config.augment) else None
-    return SegmentationDataset(data, root=root, size=config.image_size, include_heart=config.include_heart,
+    return SegmentationDataset(data, size=config.image_size, include_heart=config.include_heart,
                                augment=augment, seed=config.seed, cache=True)
 
 
@@ -291,8 +295,8 @@ def train_segmentation(
 ) -> SegTrainResult:
     """Train a U-Net to segment the lungs (and optionally the heart); resume if possible.
 
-    ``train_df`` / ``val_df``: manifest rows with masks (read through
-    :class:`~cxrlib.data.datasets.SegmentationDataset` with ``root``), or Datasets that
+    ``train_df`` / ``val_df``: manifest rows with masks, paths absolute (read through
+    :class:`~cxrlib.data.datasets.SegmentationDataset`), or Datasets that
     yield ``(image float32 (1, H, W) in [0, 1], labels int64 (H, W))``. The validation set
     chooses ``best.pt`` (never the test split). With ``resume=True`` and a ``last.pt`` in
     ``run_dir``, training continues at the epoch after it with the saved optimizer,
@@ -304,6 +308,7 @@ def train_segmentation(
     ``ctx`` defaults to :func:`~cxrlib.train.engine.init_distributed` (``config.device``).
     ``on_epoch_end(record)`` is called after each epoch's checkpoint is written (e.g. to
     plot live; raising from it stops training with the checkpoint kept).
+    ``root``: deprecated (paths are absolute in memory); relative paths resolve against it.
     """
     if config is None:
         config = SegTrainConfig()
@@ -553,8 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--manifest", required=True, type=Path, help="manifest CSV or Parquet (image_id, path, split, mask_path, ...)")
     add("--run-dir", required=True, type=Path, help="folder for last.pt, best.pt, config.json, history.jsonl")
-    add("--root", type=Path, default=None, help="folder that relative paths in the manifest start from "
-        "(default: the manifest's folder)")
+    add("--allow-root", "--root", dest="allow_root", type=Path, action="append", default=[],
+        help="data folder outside the manifest's own that its paths may point into (repeatable; "
+        "--root is the old spelling)")
     add("--train-split", default="train", help="value of the split column used for training")
     add("--val-split", default="val", help="value of the split column used to choose the best epoch")
     add_arguments(parser, SegTrainConfig, exclude=("unet",))
@@ -570,14 +576,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = from_arguments(SegTrainConfig, args, unet=unet)
     from cxrlib.data.manifest import read_manifest
 
-    manifest = read_manifest(args.manifest)
+    # segmentation needs masks, not labels: any label is accepted
+    manifest = read_manifest(args.manifest, allowed_roots=args.allow_root, labels=None)
     with_masks = _rows_with_masks(manifest)
     train_df = with_masks[with_masks["split"] == args.train_split]
     val_df = with_masks[with_masks["split"] == args.val_split]
     ctx = init_distributed(config.device)
     try:
-        result = train_segmentation(train_df, val_df, args.run_dir, config,
-                                    root=args.root or manifest.attrs["root"], resume=not args.no_resume, ctx=ctx)
+        result = train_segmentation(train_df, val_df, args.run_dir, config, resume=not args.no_resume, ctx=ctx)
     finally:
         cleanup_distributed()
     if ctx.is_main:

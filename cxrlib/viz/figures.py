@@ -26,14 +26,15 @@ MASK_COLORS: dict[str, str] = {
 CLASS_ORDER = ("normal", "pneumonia", "covid")
 
 
-def row_masks(row: Mapping, root, kinds: Sequence[str]) -> dict[str, np.ndarray]:
-    """Read the masks a manifest row has among ``kinds`` (``mask_<kind>`` columns, or ``mask_path`` as 'lung')."""
+def row_masks(row: Mapping, kinds: Sequence[str]) -> dict[str, np.ndarray]:
+    """Read the masks a manifest row has among ``kinds`` (``mask_<kind>`` columns, or ``mask_path``
+    as 'lung'; paths absolute)."""
     masks = {}
     for kind in kinds:
         column = "mask_path" if kind == "lung" else f"mask_{kind}"
         rel = str(row.get(column, "") or "")
         if rel:
-            masks[kind] = read_mask(mf.resolve_path(root, rel))
+            masks[kind] = read_mask(mf.resolve_path(None, rel))
     return masks
 
 
@@ -49,14 +50,13 @@ def show_with_masks(ax, image: np.ndarray, masks: Mapping[str, np.ndarray] | Non
     ax.set_axis_off()
 
 
-def class_gallery(df: pd.DataFrame, *, root=None, n_per_class: int = 4,
+def class_gallery(df: pd.DataFrame, *, n_per_class: int = 4,
                   kinds: Sequence[str] = ("lung_left", "lung_right", "heart", "lesion"),
                   overlay_first: bool = True, seed: int = 0, classes: Sequence[str] = CLASS_ORDER):
     """One row per class: the first column with mask contours, the rest plain images.
 
     Returns the matplotlib Figure. Images are sampled with ``seed`` from distinct patients.
     """
-    root = root if root is not None else df.attrs.get("root")
     classes = [c for c in classes if (df["label"] == c).any()]
     fig, axes = plt.subplots(len(classes), n_per_class, figsize=(2.4 * n_per_class, 2.5 * len(classes)),
                              squeeze=False)
@@ -69,8 +69,8 @@ def class_gallery(df: pd.DataFrame, *, root=None, n_per_class: int = 4,
                 ax.set_axis_off()
                 continue
             row = rows.iloc[c]
-            image = read_image(mf.resolve_path(root, row["path"]))
-            masks = row_masks(row, root, kinds) if (overlay_first and c == 0) else None
+            image = read_image(mf.resolve_path(df, row["path"]))
+            masks = row_masks(row, kinds) if (overlay_first and c == 0) else None
             extra = f" sev {float(row['severity']):.1f}" if str(row.get("severity", "")) not in ("", "nan") and label != "normal" else ""
             show_with_masks(ax, image, masks, title=f"{label}{extra}\n{row['image_id']} {row.get('view', '')}")
     handles = [plt.Line2D([], [], color=MASK_COLORS[k], label=k) for k in kinds]

@@ -110,10 +110,9 @@ def predictions_by_class(df: pd.DataFrame, *, n_per_class: int = 3, seed: int = 
                          classes: Sequence[str] = CLASS_ORDER):
     """Per class, images of a segmented manifest: predicted lungs, lung crop, lungs only.
 
-    ``df`` is the manifest :func:`cxrlib.stages.lung_segmentation.segment_manifest` returns (its root holds
-    the written files). Images come from distinct patients, drawn with ``seed``.
+    ``df`` is the manifest :func:`cxrlib.stages.lung_segmentation.segment_manifest` returns (absolute
+    paths to the written files). Images come from distinct patients, drawn with ``seed``.
     """
-    root = df.attrs.get("root")
     present = [c for c in classes if (df["label"] == c).any()] or sorted(df["label"].unique())
     columns = ("prediction", "lung crop", "lungs only")
     fig, axes = plt.subplots(len(present), 3 * n_per_class,
@@ -128,12 +127,12 @@ def predictions_by_class(df: pd.DataFrame, *, n_per_class: int = 3, seed: int = 
                     ax.set_axis_off()
                 continue
             row = rows.iloc[i]
-            image = read_image(mf.resolve_path(root, row["path"]))
-            labels = read_label_map(mf.resolve_path(root, row[PRED_MASK_COLUMN]))
+            image = read_image(mf.resolve_path(df, row["path"]))
+            labels = read_label_map(mf.resolve_path(df, row[PRED_MASK_COLUMN]))
             show_overlay(cells[0], image, None, labels, title=f"{label}\n{row['image_id']}")
-            show_with_masks(cells[1], read_image(mf.resolve_path(root, row[CROP_COLUMN])), None,
+            show_with_masks(cells[1], read_image(mf.resolve_path(df, row[CROP_COLUMN])), None,
                             title=columns[1])
-            show_with_masks(cells[2], read_image(mf.resolve_path(root, row[MASKED_COLUMN])), None,
+            show_with_masks(cells[2], read_image(mf.resolve_path(df, row[MASKED_COLUMN])), None,
                             title=columns[2])
     fig.tight_layout()
     return fig

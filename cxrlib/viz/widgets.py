@@ -12,7 +12,7 @@ from cxrlib.data.io import read_image
 from cxrlib.viz.figures import row_masks, show_with_masks
 
 
-def manifest_browser(df: pd.DataFrame, *, root=None,
+def manifest_browser(df: pd.DataFrame, *,
                      kinds: Sequence[str] = ("lung_left", "lung_right", "heart", "lesion", "text"),
                      filters: Sequence[str] = ("label", "site", "split")):
     """Browse a manifest: filter by class / site / split, step through images with their masks.
@@ -21,7 +21,6 @@ def manifest_browser(df: pd.DataFrame, *, root=None,
     """
     import ipywidgets as widgets
 
-    root = root if root is not None else df.attrs.get("root")
     filters = [f for f in filters if f in df.columns]
     dropdowns = {f: widgets.Dropdown(options=["(all)"] + sorted(df[f].astype(str).unique()),
                                      description=f) for f in filters}
@@ -45,8 +44,8 @@ def manifest_browser(df: pd.DataFrame, *, root=None,
                 print("no image matches these filters")
                 return
             row = rows.iloc[min(index.value, len(rows) - 1)]
-            image = read_image(mf.resolve_path(root, row["path"]))
-            masks = row_masks(row, root, kinds) if show_masks.value == "masks" else None
+            image = read_image(mf.resolve_path(df, row["path"]))
+            masks = row_masks(row, kinds) if show_masks.value == "masks" else None
             fig, ax = plt.subplots(figsize=(4.5, 4.5))
             show_with_masks(ax, image, masks, title=f"{row['image_id']} ({row['label']})")
             plt.show()
