@@ -245,7 +245,8 @@ def prepare_from_run(
 
     stage = run_stage_dir(run_dir)
     params = read_json(stage / "params.json").get("params", {})
-    manifest = mf.read_manifest(stage / "manifest.csv", allowed_roots=allowed_roots, labels=None)
+    trusted = {"allowed_roots": list(allowed_roots)} if allowed_roots else {}
+    manifest = mf.read_manifest(stage / "manifest.csv", **trusted)
     real, pools = run_pools(manifest)
     if not pools:
         raise ValueError(
