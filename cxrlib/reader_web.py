@@ -18,12 +18,13 @@ handful of readers; no dependency to install, nothing to configure). Every reque
 study token (``?token=``); every reader gets the session's images (drawn by
 :func:`cxrlib.reader_study.make_sequence` from the study's seed) in an order seeded by their name,
 and a reader key that the page keeps in its address (``#reader=..&key=..``), so a reload or a
-server restart resumes where the answer file stops and nobody else can open that session. Each
+server restart resumes where the answer file stops and nobody else can open that session (a lost
+address: :meth:`ReaderStudy.reissue`, ``python -m cxrlib reader link``). Each
 click goes through :meth:`cxrlib.reader_study.ReaderSession.answer` (fsynced before the next
 image). Scores come back only once the reader's sequence is done, and only to that reader.
 Images are looked up by opaque id in a table made at start-up: no part of a request becomes a
 file path. :func:`export_answers` copies the answer files to a folder that notebook 06 reads
-with :func:`cxrlib.reader_study.collect_answers`.
+with :func:`cxrlib.reader_study.collect_answers`. How to run a study: ``docs/reader_study.md``.
 """
 
 from __future__ import annotations
