@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("page", choices=["references"], help="references: works, datasets, licenses")
     p.add_argument("--check", action="store_true", help="only compare; exit status 1 if it differs")
     p.set_defaults(func=_cmd_docs)
-    p = sub.add_parser("reader", help="the reader study as a web app: prepare, serve, export")
+    p = sub.add_parser("reader", help="the reader study as a web app: prepare, serve, link, export")
     reader_sub = p.add_subparsers(dest="reader_command", required=True)
     q = reader_sub.add_parser("prepare", help="make a self-contained study folder from a finished run")
     q.add_argument("--run", required=True, help="run folder (or its notebook 06 folder) of a finished notebook 06")
