@@ -47,7 +47,7 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".
 #: Columns of :func:`find_copies`' table (``first`` / ``second``: positions in the input).
 PAIR_COLUMNS: tuple[str, ...] = (
     "first", "second", "path_first", "path_second", "score", "copy", "votes", "inliers",
-    "correlation", "coarse_correlation", "overlap", "rotation_deg", "scale", "aligned",
+    "correlation", "coarse_correlation", "overlap", "rotation_deg", "scale", "aligned", "refined",
 )
 
 
@@ -62,6 +62,7 @@ class CopySettings:
     k: int = 5                      # candidate partners per image
     min_votes: int = 3              # fewer matched keypoints: not a candidate
     min_inliers: int = 6            # fewer RANSAC inliers: not aligned further, not a copy
+    tiles: int = 4                  # the score is the median correlation over tiles x tiles
     min_correlation: float = 0.55   # band-pass correlation from which a pair is a copy
     max_rotation_deg: float = 20.0  # larger rotations are not re-publication
     max_scale_ratio: float = 2.5    # larger relative scale is not re-publication
@@ -159,9 +160,9 @@ class PairEvidence:
     """What verification measured on one pair: ``inliers`` of the RANSAC map among the
     keypoint matches, ``correlation`` (band-pass, -1..1, the decision), ``coarse_correlation``
     (the equalised images themselves), ``overlap`` (share of the smaller image), the map's
-    ``rotation_deg`` and ``scale``; ``aligned`` is False when ECC was not run (fewer than
-    ``min_inliers`` inliers) or did not converge (the numbers then come from the keypoint
-    map); such a pair is never a copy."""
+    ``rotation_deg`` and ``scale``; ``aligned`` is False when the keypoints gave no map
+    with ``min_inliers`` inliers (such a pair is never a copy); ``refined`` says whether ECC
+    improved on the keypoint map."""
 
     inliers: int
     correlation: float
@@ -170,12 +171,17 @@ class PairEvidence:
     rotation_deg: float
     scale: float
     aligned: bool
+    refined: bool = False
+
+
+#: Scales (pixels of the ``size`` image) of the band-pass comparison; set by the benchmark.
+BAND: tuple[float, float] = (1.2, 4.0)
 
 
 def _band_pass(image: np.ndarray) -> np.ndarray:
     import cv2
 
-    return cv2.GaussianBlur(image, (0, 0), 0.8) - cv2.GaussianBlur(image, (0, 0), 3.0)
+    return cv2.GaussianBlur(image, (0, 0), BAND[0]) - cv2.GaussianBlur(image, (0, 0), BAND[1])
 
 
 def _masked_corr(first: np.ndarray, second: np.ndarray, mask: np.ndarray) -> float:
@@ -198,62 +204,123 @@ def match_keypoints(first: ImageFeatures, second: ImageFeatures, ratio: float = 
         return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
     matches = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(first.descriptors, second.descriptors, k=2)
     good = [pair[0] for pair in matches if len(pair) == 2 and pair[0].distance < ratio * pair[1].distance]
+    # one match per keypoint of ``second``: many-to-one matches let RANSAC fit a map that
+    # sends everything to one point
+    best: dict[int, object] = {}
+    for match in good:
+        if match.trainIdx not in best or match.distance < best[match.trainIdx].distance:
+            best[match.trainIdx] = match
+    good = list(best.values())
     return (first.points[[m.queryIdx for m in good]].reshape(-1, 2),
             second.points[[m.trainIdx for m in good]].reshape(-1, 2))
 
 
-def verify_pair(first: ImageFeatures, second: ImageFeatures,
-                settings: CopySettings = CopySettings()) -> PairEvidence:
-    """Align ``second`` to ``first`` and compare them (see the module docstring)."""
+def _compare(template: np.ndarray, moving: np.ndarray, warp: np.ndarray, tiles: int,
+             ) -> tuple[float, float, np.ndarray]:
+    """Band-pass correlation (median over ``tiles x tiles`` tiles, so that burned-in text or
+    an arrow spoils a few tiles, not the score), plain correlation, and the usable mask, of
+    ``moving`` warped by ``warp`` (template -> moving pixels) onto ``template``."""
     import cv2
 
-    template, moving = first.small, second.small
+    height, width = template.shape
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpAffine(moving, warp, (width, height), flags=flags, borderValue=0.0)
+    valid = cv2.warpAffine(np.ones_like(moving), warp, (width, height), flags=flags,
+                           borderValue=0.0) > 0.99
+    # saturated pixels (a clipped window, burned-in text, rotation corners) carry no structure
+    saturated = ((template <= 0.5) | (template >= 254.5) | (warped < 0.5) | (warped > 254.5))
+    usable = valid & ~cv2.dilate(saturated.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    usable = cv2.erode(usable.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    fill = float(warped[valid].mean()) if valid.any() else 0.0
+    band_template = _band_pass(template)
+    band_moving = _band_pass(np.where(valid, warped, fill).astype(np.float32))
+    scores = []
+    for rows in np.array_split(np.arange(height), tiles):
+        for columns in np.array_split(np.arange(width), tiles):
+            block = np.ix_(rows, columns)
+            if usable[block].sum() >= 0.25 * len(rows) * len(columns):
+                scores.append(_masked_corr(band_template[block], band_moving[block], usable[block]))
+    band = float(np.median(scores)) if len(scores) >= max(2, tiles * tiles // 4) else 0.0
+    return band, _masked_corr(template, warped, usable), valid
+
+
+def _plausible(warp: np.ndarray | None, settings: CopySettings) -> bool:
+    if warp is None:
+        return False
+    linear = warp[:, :2].astype(np.float64)
+    scale = math.sqrt(abs(float(np.linalg.det(linear))))
+    rotation = math.degrees(math.atan2(linear[1, 0] - linear[0, 1], linear[0, 0] + linear[1, 1]))
+    return 1 / settings.max_scale_ratio <= scale <= settings.max_scale_ratio and \
+        abs(rotation) <= settings.max_rotation_deg
+
+
+def _similarity(points_first: np.ndarray, points_second: np.ndarray, settings: CopySettings,
+                ) -> tuple[np.ndarray | None, int]:
+    """RANSAC similarity map first -> second and its inlier count. Chest films repeat
+    themselves (ribs), so a first fit can be a wrong, implausible map: then the matches it
+    explained are set aside and the rest fitted again, at most twice."""
+    import cv2
+
+    keep = np.ones(len(points_first), dtype=bool)
+    for _ in range(3):
+        if keep.sum() < 3:
+            break
+        warp, mask = cv2.estimateAffinePartial2D(points_first[keep], points_second[keep], method=cv2.RANSAC,
+                                                 ransacReprojThreshold=2.0, maxIters=4000, confidence=0.995)
+        if warp is None or mask is None:
+            break
+        if _plausible(warp, settings):
+            return warp, int(mask.sum())
+        explained = np.flatnonzero(keep)[mask.ravel().astype(bool)]
+        keep[explained] = False
+    return None, 0
+
+
+def verify_pair(first: ImageFeatures, second: ImageFeatures,
+                settings: CopySettings = CopySettings()) -> PairEvidence:
+    """Align ``second`` to ``first`` and compare them (see the module docstring).
+
+    The keypoint matches give a similarity map (RANSAC); ECC refines it, with the template
+    masked to the part the other image covers (else a crop drags the alignment towards
+    the empty border); the better-scoring of the two maps is kept.
+    """
+    import cv2
+
+    template, moving = first.small.astype(np.float32), second.small.astype(np.float32)
     height, width = template.shape
     points_first, points_second = match_keypoints(first, second, settings.ratio)
     warp, inliers = None, 0
     if len(points_first) >= 3:
         # the map takes first's pixels to second's (what ECC and WARP_INVERSE_MAP expect)
-        warp, inlier_mask = cv2.estimateAffinePartial2D(
-            points_first, points_second, method=cv2.RANSAC, ransacReprojThreshold=2.0)
-        inliers = int(inlier_mask.sum()) if inlier_mask is not None else 0
+        warp, inliers = _similarity(points_first, points_second, settings)
+    aligned = warp is not None and inliers >= settings.min_inliers
     if warp is None:  # no usable matches: assume both show the whole film
         warp = np.array([[moving.shape[1] / width, 0, 0], [0, moving.shape[0] / height, 0]])
     warp = warp.astype(np.float32)
-    template_f = template.astype(np.float32)
-    moving_f = moving.astype(np.float32)
+    scale = math.sqrt(abs(float(np.linalg.det(warp[:, :2].astype(np.float64)))))
+    if scale > 1.05:  # second is sampled more finely: smooth it first so that warping does not alias
+        moving = cv2.GaussianBlur(moving, (0, 0), 0.5 * math.sqrt(scale**2 - 1))
+    correlation, coarse, valid = _compare(template, moving, warp, settings.tiles)
+    refined = False
+    if aligned:  # ECC is most of the cost: only for pairs with a keypoint map
+        mask = cv2.erode(valid.astype(np.uint8), np.ones((9, 9), np.uint8))
+        try:
+            _, ecc_warp = cv2.findTransformECC(
+                template, moving, warp.copy(), cv2.MOTION_AFFINE,
+                (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4), mask, 3)
+            ecc_correlation, ecc_coarse, ecc_valid = _compare(template, moving, ecc_warp, settings.tiles)
+            if ecc_correlation > correlation:
+                warp, correlation, coarse, valid, refined = ecc_warp, ecc_correlation, ecc_coarse, ecc_valid, True
+        except cv2.error:
+            pass  # ECC did not converge: the keypoint map stands
     linear = warp[:, :2].astype(np.float64)
     scale = math.sqrt(abs(float(np.linalg.det(linear))))
-    if scale > 1.05:  # second is sampled more finely: smooth it first so that warping does not alias
-        moving_f = cv2.GaussianBlur(moving_f, (0, 0), 0.5 * math.sqrt(scale**2 - 1))
-    aligned = inliers >= settings.min_inliers  # ECC is most of the cost: only for likely pairs
-    try:
-        if aligned:
-            _, warp = cv2.findTransformECC(
-                template_f, moving_f, warp.copy(), cv2.MOTION_AFFINE,
-                (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 40, 1e-4), None, 3)
-    except cv2.error:
-        aligned = False
-    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    warped = cv2.warpAffine(moving_f, warp, (width, height), flags=flags, borderValue=0.0)
-    valid = cv2.warpAffine(np.ones_like(moving_f), warp, (width, height), flags=flags,
-                           borderValue=0.0) > 0.99
-    # saturated pixels (a clipped window, burned-in text) carry no structure to compare
-    saturated = ((template == 0) | (template == 255)
-                 | (warped < 0.5) | (warped > 254.5)).astype(np.uint8)
-    usable = valid & ~cv2.dilate(saturated, np.ones((3, 3), np.uint8)).astype(bool)
-    usable = cv2.erode(usable.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
-    fill = float(warped[valid].mean()) if valid.any() else 0.0
-    correlation = _masked_corr(_band_pass(template_f), _band_pass(np.where(valid, warped, fill)), usable)
-    coarse = _masked_corr(template_f, warped, usable)
-    linear = warp[:, :2].astype(np.float64)
-    determinant = float(np.linalg.det(linear))
-    scale = math.sqrt(abs(determinant))
     rotation = math.degrees(math.atan2(linear[1, 0] - linear[0, 1], linear[0, 0] + linear[1, 1]))
     moving_in_first = moving.size / scale**2 if scale > 0 else 0.0
     overlap = float(valid.sum()) / max(min(template.size, moving_in_first), 1.0)
     return PairEvidence(inliers=inliers, correlation=correlation, coarse_correlation=coarse,
                         overlap=min(overlap, 1.0), rotation_deg=rotation, scale=scale,
-                        aligned=aligned)
+                        aligned=aligned, refined=refined)
 
 
 def is_copy(evidence: PairEvidence, settings: CopySettings = CopySettings()) -> bool:
@@ -444,10 +511,68 @@ def find_copies(
                      "correlation": round(evidence.correlation, 4),
                      "coarse_correlation": round(evidence.coarse_correlation, 4),
                      "overlap": round(evidence.overlap, 3), "rotation_deg": round(evidence.rotation_deg, 2),
-                     "scale": round(evidence.scale, 3), "aligned": evidence.aligned})
+                     "scale": round(evidence.scale, 3), "aligned": evidence.aligned,
+                     "refined": evidence.refined})
     pairs = pd.DataFrame(rows, columns=list(PAIR_COLUMNS))
     pairs["copy"] = pairs["copy"].astype(bool)
     return CopyResult(pairs=pairs, report=report)
+
+
+def input_images(argument: str | os.PathLike) -> tuple[list[str], list[Path]]:
+    """The images of one ``data copies`` argument: a folder (every image file under it) or a
+    manifest (``.csv`` / ``.parquet`` with a ``path`` column). Returns the paths as the user
+    gave them (folder joined with each file; the manifest's ``path`` values) and resolved."""
+    source = Path(argument)
+    if source.is_dir():
+        files = folder_paths(source)
+        return [str(Path(argument) / path.relative_to(source)) for path in files], files
+    if source.is_file() and source.suffix.lower() in (".csv", ".parquet"):
+        # only the path column is needed, so any table with one will do (a manifest on disk
+        # holds paths relative to its own folder)
+        table = (pd.read_parquet(source) if source.suffix.lower() == ".parquet"
+                 else pd.read_csv(source, dtype=str, keep_default_na=False, encoding="utf-8-sig"))
+        if "path" not in table.columns:
+            raise ValueError(f"{source}: a manifest needs a 'path' column")
+        given = [str(value) for value in table["path"] if str(value)]
+        return given, [source.parent / value for value in given]
+    raise ValueError(f"{source}: neither an image folder nor a manifest (.csv / .parquet)")
+
+
+def copies_across(arguments: Sequence[str | os.PathLike], settings: CopySettings = CopySettings(),
+                  progress: bool = False) -> CopyResult:
+    """:func:`find_copies` over image folders / manifests: across them when there are two or
+    more, within the one otherwise. Paths in the table are as given; ``input_first`` /
+    ``input_second`` name the argument each image came from."""
+    if not arguments:
+        raise ValueError("copies_across: give at least one image folder or manifest")
+    given, resolved, groups = [], [], []
+    for number, argument in enumerate(arguments):
+        shown, files = input_images(argument)
+        if not files:
+            raise ValueError(f"{argument}: no images found")
+        given += shown
+        resolved += files
+        groups += [number] * len(files)
+    result = find_copies(resolved, groups=groups if len(arguments) > 1 else None, settings=settings,
+                         progress=progress)
+    pairs = result.pairs
+    pairs["path_first"] = [given[i] for i in pairs["first"]]
+    pairs["path_second"] = [given[i] for i in pairs["second"]]
+    pairs.insert(4, "input_first", [str(arguments[groups[i]]) for i in pairs["first"]])
+    pairs.insert(5, "input_second", [str(arguments[groups[i]]) for i in pairs["second"]])
+    for bad in result.report.bad:  # name the files as given, not as resolved
+        bad.path = given[resolved.index(Path(bad.path))] if Path(bad.path) in resolved else bad.path
+    return result
+
+
+def write_pairs(result: CopyResult, out: str | os.PathLike) -> Path:
+    """Write ``result.pairs`` as CSV (atomically) and return the path."""
+    from cxrlib.runs import atomic_write
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda stream: result.pairs.to_csv(stream, index=False), mode="w")
+    return path
 
 
 # ----------------------------------------------------------------------------- re-publication

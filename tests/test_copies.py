@@ -1,0 +1,172 @@
+"""Copy detection: re-published films are found, follow-up films and other patients are not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.ndimage import gaussian_filter, map_coordinates
+
+from cxrlib.data import copies, dedup
+from cxrlib.data import manifest as mf
+from cxrlib.data.io import write_png
+
+SIZE = 192
+
+
+def anatomy(seed: int) -> np.ndarray:
+    """A patient's smooth 'anatomy' (what every film of the patient shares), float."""
+    return gaussian_filter(np.random.default_rng(seed).normal(size=(SIZE, SIZE)), 10) * 40
+
+
+def film(body: np.ndarray, seed: int) -> np.ndarray:
+    """One film of ``body``: its own fine structure (noise, trabeculae) on top, ``uint8``."""
+    fine = gaussian_filter(np.random.default_rng(seed + 1000).normal(size=body.shape), 1.0) * 60
+    return np.clip(body / np.abs(body).max() * 70 + fine + 128, 0, 255).astype(np.uint8)
+
+
+def bent(body: np.ndarray, seed: int) -> np.ndarray:
+    """``body`` a little deformed (breathing, posture): how a follow-up film sees the patient."""
+    rng = np.random.default_rng(seed)
+    dy, dx = (gaussian_filter(rng.normal(size=body.shape), 12) * 60 for _ in range(2))
+    rows, columns = np.mgrid[:SIZE, :SIZE]
+    return map_coordinates(body, [rows + dy, columns + dx], mode="nearest")
+
+
+KINDS: list = [*copies.TRANSFORMS, ["crop", "rotate", "window", "text", "resize", "jpeg"],
+               ["pad", "rotate", "gamma", "resize", "jpeg"]]
+
+
+@pytest.fixture(scope="module")
+def cohort() -> dict:
+    """11 patients: a film, a follow-up film, and a re-published copy of the first film."""
+    n = len(KINDS)
+    films = [film(anatomy(i), i) for i in range(n)]
+    follow_ups = [film(bent(anatomy(i), 500 + i), 100 + i) for i in range(n)]
+    rng = np.random.default_rng(0)
+    republished = [copies.republish(films[i], KINDS[i], rng) for i in range(n)]
+    return {"n": n, "films": films, "follow_ups": follow_ups, "republished": republished}
+
+
+def test_republish_is_seeded_and_does_what_it_says():
+    image = film(anatomy(0), 0)
+    for kind in copies.TRANSFORMS:
+        first = copies.republish(image, kind, np.random.default_rng(3))
+        again = copies.republish(image, kind, np.random.default_rng(3))
+        assert first.dtype == np.uint8 and first.ndim == 2 and np.array_equal(first, again), kind
+    assert copies.republish(image, "crop", np.random.default_rng(0)).size < image.size
+    assert copies.republish(image, "pad", np.random.default_rng(0)).size > image.size
+    assert max(copies.republish(image, "resize", np.random.default_rng(0)).shape) <= 256
+    assert (copies.republish(image, "text", np.random.default_rng(0)) == 255).sum() > (image == 255).sum()
+    with pytest.raises(ValueError, match="unknown transform 'blur'"):
+        copies.republish(image, "blur", np.random.default_rng(0))
+
+
+def test_trim_borders_removes_padding_only():
+    image = film(anatomy(1), 1)
+    padded = np.pad(image, ((10, 4), (0, 25)), constant_values=0)
+    assert copies.trim_borders(padded).shape == image.shape
+    assert copies.trim_borders(image).shape == image.shape
+
+
+def test_detector_finds_every_republished_film_and_no_follow_up(cohort):
+    n = cohort["n"]
+    images = cohort["films"] + cohort["follow_ups"] + cohort["republished"]
+    result = copies.find_copies([copies.describe(image) for image in images])
+    called = {(a, b) for a, b in result.copies[["first", "second"]].itertuples(index=False)}
+    assert called == {(i, 2 * n + i) for i in range(n)}  # each film and its copy, nothing else
+    pairs = result.pairs
+    assert list(pairs.columns) == list(copies.PAIR_COLUMNS) and len(pairs) < len(images) * 6
+    true = pairs[(pairs["second"] - pairs["first"]) == 2 * n]
+    assert true["score"].min() > pairs.loc[~pairs["copy"], "score"].max()
+    # verified directly (not only when the index proposes them), follow-ups are not copies
+    for i in range(n):
+        evidence = copies.verify_pair(copies.describe(cohort["films"][i]), copies.describe(cohort["follow_ups"][i]))
+        assert not copies.is_copy(evidence), (i, evidence)
+
+
+def test_rotation_and_scale_are_measured(cohort):
+    image = cohort["films"][0]
+    import cv2
+
+    matrix = cv2.getRotationMatrix2D((SIZE / 2, SIZE / 2), 7.0, 1.0)
+    rotated = cv2.warpAffine(image, matrix, (SIZE, SIZE))
+    evidence = copies.verify_pair(copies.describe(image), copies.describe(rotated))
+    assert copies.is_copy(evidence) and abs(abs(evidence.rotation_deg) - 7.0) < 1.0
+    assert abs(evidence.scale - 1.0) < 0.05
+
+
+def test_copies_across_folders_and_manifests_and_the_command(tmp_path, cohort, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for index in range(4):
+        write_png(first / f"film{index}.png", cohort["films"][index])
+        write_png(second / "sub" / f"copy{index}.png", cohort["republished"][index])
+    write_png(first / "film0_again.png", cohort["films"][0])  # a copy within a, not across
+    (second / "broken.png").write_bytes(b"not an image")
+    result = copies.copies_across([first, second])
+    found = result.copies
+    assert sorted(zip(found["path_first"], found["path_second"], strict=True)) == sorted(
+        [(str(first / f"film{i}.png"), str(second / "sub" / f"copy{i}.png")) for i in range(4)]
+        + [(str(first / "film0_again.png"), str(second / "sub" / "copy0.png"))])
+    assert (result.pairs["input_first"] != result.pairs["input_second"]).all()
+    assert [bad.path for bad in result.report.bad] == [str(second / "broken.png")]
+    within = copies.copies_across([first]).copies
+    assert set(zip(within["path_first"], within["path_second"], strict=True)) == {
+        (str(first / "film0.png"), str(first / "film0_again.png"))}
+    manifest = pd.DataFrame({"image_id": ["x", "y"], "path": ["a/film1.png", "a/film2.png"]})
+    manifest.to_csv(tmp_path / "m.csv", index=False)
+    across = copies.copies_across([tmp_path / "m.csv", second]).copies
+    assert sorted(across["path_first"]) == ["a/film1.png", "a/film2.png"]
+
+    from cxrlib.__main__ import main
+
+    out = tmp_path / "out" / "pairs.csv"
+    assert main(["data", "copies", str(first), str(second), "--out", str(out), "--quiet"]) == 0
+    table = pd.read_csv(out)
+    assert int(table["copy"].sum()) == 5 and {"score", "inliers", "rotation_deg"} <= set(table.columns)
+    assert "5 copies" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="neither an image folder nor a manifest"):
+        copies.copies_across([tmp_path / "missing"])
+
+
+def test_deduplicate_uses_the_detector_and_reports_evidence(tmp_path, cohort):
+    images = {"a:1": cohort["films"][0], "b:1": cohort["republished"][0],  # cropped copy
+              "a:2": cohort["films"][1], "a:2f": cohort["follow_ups"][1],   # follow-up, same patient
+              "a:3": cohort["films"][2]}
+    rows = []
+    for image_id, pixels in images.items():
+        name = image_id.replace(":", "_") + ".png"
+        write_png(tmp_path / name, pixels)
+        rows.append({"image_id": image_id, "path": str(tmp_path / name), "label": "covid",
+                     "patient_id": "p2" if image_id.startswith("a:2") else f"p-{image_id}",
+                     "source": image_id[0], "view": "PA", "split": "", "mask_path": "", "origin": "real"})
+    hashed, _ = dedup.hash_images(pd.DataFrame(rows))
+    kept, report = dedup.deduplicate(hashed)
+    near = report.table[report.table["kind"] == "near"].set_index("image_id")
+    assert set(near.index) == {"a:1", "b:1"}  # the follow-up is not a copy (its patient links it)
+    assert near.loc["b:1", "partner"] == "a:1" and near.loc["b:1", "score"] > 0.9
+    assert {"inliers", "overlap", "rotation_deg", "scale"} <= set(near.columns)
+    by_id = kept.set_index("image_id")
+    assert by_id.loc["a:1", "patient_group"] == by_id.loc["b:1", "patient_group"] != ""
+    assert len(report.pairs) >= 1 and {"image_id_first", "image_id_second", "copy"} <= set(report.pairs.columns)
+    assert report.metrics()["copy_pairs_examined"] == len(report.pairs)
+    _, old = dedup.deduplicate(hashed, method="phash")
+    assert "b:1" not in set(old.table.loc[old.table["kind"] == "near", "image_id"])  # pHash misses the crop
+    with pytest.raises(ValueError, match="method must be"):
+        dedup.deduplicate(hashed, method="orb")
+    assert mf.check_leakage(mf.split_by_patient(kept, seed=0, stratify=None)).ok
+
+
+def test_boundary_figure_picks_pairs_on_both_sides(tmp_path, cohort):
+    from cxrlib.viz.copies import nearest_boundary, plot_boundary_pairs
+
+    pairs = pd.DataFrame({"score": [0.95, 0.6, 0.5, 0.1, 0.56], "aligned": [True, True, True, True, False],
+                          "copy": [True, True, False, False, True]})
+    chosen = nearest_boundary(pairs, 0.55, n=2)
+    assert chosen["score"].tolist() == [0.6, 0.5]
+    write_png(tmp_path / "x.png", cohort["films"][0])
+    write_png(tmp_path / "y.png", cohort["republished"][0])
+    drawn = pairs.assign(path_first=str(tmp_path / "x.png"), path_second=str(tmp_path / "y.png"),
+                         rotation_deg=0.0, scale=1.0)
+    plot_boundary_pairs(drawn, 0.55, n=3, out=tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").stat().st_size > 1000
