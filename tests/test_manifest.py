@@ -615,3 +615,11 @@ def test_read_manifest_refuses_labels_outside_the_declared_set(tmp_path):
     with pytest.raises(ManifestError, match=r"manifest.csv: label not in the declared label set.*'banana'"):
         read_manifest(path)
     assert read_manifest(path, labels=[*LABELS, "banana"]).loc[1, "label"] == "banana"
+
+
+def test_paths_that_cannot_be_placed_count_as_outside(tmp_path):
+    df = pd.DataFrame([row("nul", str(tmp_path / "a\x00.png")), row("rel", "images/a.png"),
+                       row("ok", str(tmp_path / "images" / "a.png"))])
+    with pytest.raises(ManifestError, match="2 paths outside the allowed folders") as caught:
+        validate(df, allowed_roots=[tmp_path])
+    assert "'nul'" in str(caught.value) and "'rel'" in str(caught.value) and "'ok'" not in str(caught.value)

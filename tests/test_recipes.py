@@ -74,6 +74,8 @@ def test_realdata_recipe_on_a_fixture(tmp_path):
     assert sorted(by_id.index[by_id["label"] == "pneumonia"]) == ["nih:00000001_001", "nih:00000002_000"]
     assert len(by_id[by_id["label"] == "normal"]) == 4
     assert by_id.loc["covid-chestxray:a.jpg", "path"] == str(base.resolve() / "covid-chestxray/images/a.jpg")
+    # the report of dropped rows names files relative to the base folder, as the recipe does
+    assert "nih-cxr14-sample/images/00000005_000.png" in set(report.dropped["path"])
     assert by_id.loc["nih:00000001_001", "source"] == "nih" and by_id.loc["nih:00000001_001", "source_label"] == "pneumonia"
     assert report.counts.loc["normal", "nih"] == 4 and report.offered == {"covid-chestxray": 5, "nih": 7}
     # every offered row not in the manifest is accounted for, raw finding and view kept

@@ -278,18 +278,6 @@ def relative_paths(df: pd.DataFrame, folder: str | os.PathLike) -> pd.DataFrame:
     return out
 
 
-def rebase_paths(df: pd.DataFrame, old_root: str | os.PathLike | None,
-                 new_root: str | os.PathLike) -> pd.DataFrame:
-    """Relative paths valid from ``old_root`` rewritten to stay valid from ``new_root``.
-
-    Deprecated: paths are absolute in memory, so a frame no longer needs rebasing;
-    kept for callers that still hold relative paths.
-    """
-    if old_root is None:
-        return df.copy()
-    return relative_paths(absolute_paths(df, Path(old_root).resolve()), Path(new_root).resolve())
-
-
 def default_roots(manifest_path: str | os.PathLike) -> list[Path]:
     """The folders a manifest file may point into without the reader allowing more.
 
@@ -313,24 +301,26 @@ def _escaping(df: pd.DataFrame, roots: Iterable[str | os.PathLike]) -> list[tupl
     resolved_roots = [Path(root).resolve() for root in roots]
     folder_cache: dict[str, Path] = {}
 
-    def real(value: str) -> Path:
-        folder, name = os.path.split(value)
-        if folder not in folder_cache:
-            folder_cache[folder] = Path(os.path.realpath(folder))
-        target = folder_cache[folder] / name
-        # a linked file may point elsewhere even inside a contained folder
-        return Path(os.path.realpath(target)) if os.path.islink(target) else target
+    def real(value: str) -> Path | None:
+        """``value`` with links resolved; ``None`` when the system cannot place it (a NUL byte)."""
+        try:
+            folder, name = os.path.split(value)
+            if folder not in folder_cache:
+                folder_cache[folder] = Path(os.path.realpath(folder))
+            target = folder_cache[folder] / name
+            # a linked file may point elsewhere even inside a contained folder
+            return Path(os.path.realpath(target)) if os.path.islink(target) else target
+        except (ValueError, OSError):
+            return None
 
     found = []
     for column in path_columns(df):
         for position, value in enumerate(_column(df, column)):
             if not value:
                 continue
-            if not os.path.isabs(value):
-                found.append((position, column, None))  # cannot be placed: counts as outside
-                continue
-            target = real(value)
-            if not any(target.is_relative_to(root) for root in resolved_roots):
+            target = real(value) if os.path.isabs(value) else None
+            # a relative value or one the system cannot place counts as outside
+            if target is None or not any(target.is_relative_to(root) for root in resolved_roots):
                 found.append((position, column, target))
     return found
 
