@@ -76,6 +76,21 @@ def list_notebooks(directory: Path | None = None) -> list[Path]:
     return sorted(p for p in directory.glob("*.ipynb") if re.match(r"^\d\d_", p.name))
 
 
+def trust(notebook: str | os.PathLike) -> None:
+    """Sign an executed notebook as trusted (what ``jupyter trust`` does), so JupyterLab draws its widgets.
+
+    JupyterLab renders stored widget views only in trusted notebooks; the pipeline executed
+    this one itself, so its outputs are as trustworthy as the notebook's code. The signature
+    lives in this user's Jupyter data folder (``nbsignatures.db``): on another machine or
+    account, run ``jupyter trust RUN_DIR/notebooks/*.ipynb`` there.
+    """
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    nb = nbformat.read(os.fspath(notebook), as_version=4)
+    NotebookNotary().sign(nb)
+
+
 def available_profiles() -> list[str]:
     """The profile names ``--profile`` accepts."""
     return profile_names()
@@ -195,6 +210,7 @@ def run_pipeline(
                 os.environ.pop(PINNED_ENV, None)
             else:
                 os.environ[PINNED_ENV] = pinned_before
+        trust(output)
         seconds = time.perf_counter() - start
         result.stages.append(StageResult(nb_path.name, str(output), seconds, True))
         print(f"[pipeline] {nb_path.name} done in {seconds:.0f} s", flush=True)

@@ -64,6 +64,9 @@ def test_quick_pipeline_runs_every_notebook(tmp_path, monkeypatch):
     # executed notebooks keep their widgets' state (the explorers show without a kernel)
     executed = nbformat.read(result.stages[0].output, as_version=4)
     assert executed.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state")
+    from nbformat.sign import NotebookNotary
+
+    assert NotebookNotary().check_signature(executed), "JupyterLab draws stored widgets only in trusted notebooks"
     # the same profile, seed and machine give the same metrics (every value but wall-clock times)
     again = run_pipeline(dataset="phantom", profile="quick", run_dir=tmp_path / "again", device="cpu",
                          progress=False)
