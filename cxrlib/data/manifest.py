@@ -303,6 +303,8 @@ def _escaping(df: pd.DataFrame, roots: Iterable[str | os.PathLike]) -> list[tupl
 
     def real(value: str) -> Path | None:
         """``value`` with links resolved; ``None`` when the system cannot place it (a NUL byte)."""
+        if "\x00" in value:
+            return None
         try:
             folder, name = os.path.split(value)
             if folder not in folder_cache:
