@@ -54,6 +54,7 @@ import pandas as pd
 
 from cxrlib import reader_study as rs
 from cxrlib.runs import read_json, write_json
+from cxrlib.stages.table import stage_path
 
 STUDY_FILE = "study.json"
 POOL_FILE = "pool.csv"
@@ -62,8 +63,6 @@ ANSWERS_DIR = "answers"
 READERS_FILE = "readers.json"
 TOKEN_FILE = "token"
 POOL_COLUMNS: tuple[str, ...] = ("image_id", "image", "generator", "truth", "label")
-#: Folders of a run where notebook 06 leaves its manifest, newest name first.
-RUN_STAGE_DIRS: tuple[str, ...] = ("06_diffusion_reader_study", "06_diffusion")
 DEFAULT_PORT = 8866
 MAX_BODY_BYTES = 4096
 MAX_NAME_LENGTH = 40
@@ -192,7 +191,7 @@ def prepare_study(
 def run_stage_dir(run_dir: str | os.PathLike) -> Path:
     """The folder of notebook 06 in a run (``run_dir`` itself when it holds the stage's manifest)."""
     run_dir = Path(run_dir)
-    candidates = [run_dir, *(run_dir / name for name in RUN_STAGE_DIRS)]
+    candidates = [run_dir, stage_path(run_dir, "06")]
     for folder in candidates:
         if (folder / "manifest.csv").is_file() and (folder / "params.json").is_file():
             return folder

@@ -17,8 +17,9 @@ from cxrlib import reader_web as rw
 from cxrlib.data import manifest as mf
 from cxrlib.data.io import read_image, write_png
 from cxrlib.runs import write_json
+from cxrlib.stages import get_stage
 
-STAGE = "06_diffusion_reader_study"
+STAGE = get_stage("06").name
 
 
 def make_tiny_run(
