@@ -174,8 +174,9 @@ class PairEvidence:
     refined: bool = False
 
 
-#: Scales (pixels of the ``size`` image) of the band-pass comparison; set by the benchmark.
-BAND: tuple[float, float] = (1.2, 4.0)
+#: Scales (pixels of the ``size`` image) of the band-pass comparison: the finest band that
+#: resizing and JPEG leave, where follow-up films of one patient stop matching (docs/copies.md).
+BAND: tuple[float, float] = (0.7, 1.8)
 
 
 def _band_pass(image: np.ndarray) -> np.ndarray:
