@@ -436,7 +436,7 @@ def test_rsna_adapter_reads_labels_boxes_and_headers(tmp_path):
     assert dict(by_id["view"]) == {"img-a": "AP", "img-b": "PA", "img-c": "PA"}
     assert dict(by_id["age"]) == {"img-a": "58", "img-b": "34", "img-c": "90"}  # 151 capped
     assert by_id.loc["img-a", "patient_id"] == "rsna-pneumonia:" + hash_patient_id("img-a", salt="rsna-test-salt")
-    assert by_id.loc["img-a", "path"] == "stage_2_train_images/img-a.dcm"
+    assert by_id.loc["img-a", "path"] == str(root.resolve() / "stage_2_train_images" / "img-a.dcm")
     reasons = {item.row: item.reason for item in adapter.skipped}
     assert reasons["img-missing"] == "DICOM file not found" and "invalid box" in reasons["line 7"]
     image = read_image(root / by_id.loc["img-a", "path"])
