@@ -130,12 +130,13 @@ def test_synthetic_image_resembling_a_real_one_follows_it_into_its_split(tmp_pat
 
 def test_materialize_resizes_images_and_masks_and_lists_bad_files(tmp_path):
     raw = tmp_path / "raw"
-    rgb = np.zeros((20, 30, 3), dtype=np.uint8)
-    rgb[..., 0] = 200
+    # images at least 32 pixels a side and not constant: cohorts refuse smaller or blank ones
+    rgb = np.zeros((40, 60, 3), dtype=np.uint8)
+    rgb[..., 0] = np.where(np.arange(60) // 6 % 2, 190, 210)  # red stripes
     __import__("PIL.Image", fromlist=["Image"]).fromarray(rgb).save(raw / "c.jpg" if raw.mkdir() is None else None)
-    write_png(raw / "g.png", np.full((12, 12), 77, dtype=np.uint8))
-    mask = np.zeros((12, 12), dtype=bool)
-    mask[:, 6:] = True
+    write_png(raw / "g.png", np.tile(np.arange(70, 118, dtype=np.uint8), (48, 1)))
+    mask = np.zeros((48, 48), dtype=bool)
+    mask[:, 24:] = True
     write_png(raw / "m.png", mask)
     (raw / "bad.png").write_bytes(b"broken")
     df = pd.DataFrame({"image_id": ["src:c", "src:g", "src:bad"], "path": ["c.jpg", "g.png", "bad.png"],
