@@ -277,3 +277,17 @@ def test_score_models_with_a_model_that_missed_images():
     assert scored.loc[0, "n"] == 40 and scored.loc[1, "n"] == 36 and (scored["auc"] == 1.0).all()
     summary = ex.summarize_sets(predictions.drop(index=missing), by_view=False, n_boot=50)
     assert (summary["n"] == 36).all()  # seed-means use the images every seed predicted
+
+
+def test_wide_table_with_the_floor():
+    rng = np.random.default_rng(4)
+    predictions = pd.concat([_set("internal", n_patients=30, separable=True, rng=rng),
+                             _set("random", n_patients=30, separable=False, rng=rng)])
+    summary = ex.summarize_sets(predictions, n_boot=100)
+    floor = pd.DataFrame({"task": ["normal_vs_covid"] * 2, "evaluation_set": ["internal", "random"],
+                          "auc": [0.6, 0.6], "auc_low": [0.5, 0.5], "auc_high": [0.7, 0.7]})
+    table = ex.wide_table(summary, floor).set_index("evaluation_set")
+    assert list(table.index) == ["internal", "random"] and table.loc["internal", "auc"] == 1.0
+    assert table.loc["internal", "versus_floor"] == "above the image-statistics floor"
+    assert table.loc["random", "versus_floor"] == "not shown to beat image statistics"
+    assert table.loc["random", "n"] == 60 and {"sensitivity_low", "floor_auc_high"} <= set(table.columns)

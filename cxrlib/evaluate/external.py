@@ -317,3 +317,31 @@ def with_columns(predictions: pd.DataFrame, manifests: Iterable[pd.DataFrame],
     for column in columns:
         out[column] = out[column].fillna("").astype(str) if column in out.columns else ""
     return out
+
+
+def wide_table(summary: pd.DataFrame, floor: pd.DataFrame | None = None, *,
+               group_by: Sequence[str] = ("task", "arch", "condition", "imbalance")) -> pd.DataFrame:
+    """:func:`summarize_sets` output (pooled views only) as one row per group and evaluation set.
+
+    Columns: the groups, ``evaluation_set``, ``n``, ``n_patients``, and per metric
+    ``<metric>``, ``<metric>_low``, ``<metric>_high``; with a ``floor``
+    (:func:`cxrlib.evaluate.shortcut.shortcut_floor` output) also ``floor_auc`` with its
+    bounds and ``versus_floor`` (:func:`cxrlib.evaluate.shortcut.against_floor`). The table
+    for ``results.csv``-style reports and the README's internal / external / floor table.
+    """
+    from cxrlib.evaluate.shortcut import against_floor
+
+    pooled = summary[summary["view"].astype(str) == ALL_VIEWS] if "view" in summary.columns else summary
+    keys = [c for c in (*group_by, "evaluation_set") if c in pooled.columns]
+    values = pooled.pivot_table(index=keys, columns="metric", values=["estimate", "low", "high"],
+                                aggfunc="first", dropna=False)
+    out = pd.DataFrame(index=values.index)
+    for metric in [m for m in METRICS if m in set(pooled["metric"])]:
+        out[metric] = values[("estimate", metric)]
+        out[f"{metric}_low"] = values[("low", metric)]
+        out[f"{metric}_high"] = values[("high", metric)]
+    counts = pooled.drop_duplicates(keys).set_index(keys)[["n", "n_patients"]]
+    out = counts.join(out).reset_index()
+    if floor is not None:
+        out = against_floor(out, floor)
+    return out
