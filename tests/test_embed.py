@@ -11,8 +11,8 @@ from cxrlib.data import manifest as mf
 from cxrlib.data.classification import ClassificationDataset, make_label_map
 from cxrlib.data.io import write_png
 from cxrlib.explain import embed
-from cxrlib.stages import umap_gradcam as st
 from cxrlib.models.classifiers import build_classifier, penultimate_features
+from cxrlib.stages import umap_gradcam as st
 from cxrlib.train.classifier import ClassifierTrainConfig, ClassifierTrainResult
 
 CLASSES = ["normal", "covid"]

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrlib.stages import cyclegan as syn
 from cxrlib.data import manifest as mf
 from cxrlib.data.io import read_image, write_png
 from cxrlib.models.cyclegan import CycleGANConfig, build_generator
+from cxrlib.stages import cyclegan as syn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,17 +87,6 @@ def test_synthetic_row_in_another_split_is_a_leak(cohort, generator, tmp_path):
     rows.loc[rows.index[0], "split"] = "test"
     with pytest.raises(mf.LeakageError):
         syn.add_synthetic(cohort, [rows])
-
-
-def test_input_manifest_prefers_segmentation_stage(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        syn.input_manifest_path(tmp_path)
-    (tmp_path / "01_data").mkdir()
-    (tmp_path / "01_data" / "manifest.csv").write_text("x")
-    assert syn.input_manifest_path(tmp_path).parent.name == "01_data"
-    (tmp_path / "02_segmentation").mkdir()
-    (tmp_path / "02_segmentation" / "manifest.csv").write_text("x")
-    assert syn.input_manifest_path(tmp_path).parent.name == "02_segmentation"
 
 
 def test_load_masks_union_and_empty_cells(cohort):
@@ -217,41 +206,14 @@ def test_judges_and_evaluate_translator(cohort, generator, tmp_path, monkeypatch
     assert list(table.index) == ["G_NC", "diffusion"] and "oracle_normal" in table.columns
 
 
-def _notebook_parameters() -> dict:
-    """The literal defaults of notebook 03's ``parameters`` cell."""
-    import ast
-
-    import nbformat
-
-    from cxrlib import config
-
-    nb = nbformat.read(config.notebooks_dir() / "03_cyclegan.ipynb", as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
-    values = {}
-    for node in ast.parse(cell.source).body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            values[node.targets[0].id] = ast.literal_eval(node.value)
-    return values
-
-
-def test_notebook_defaults_are_the_default_profile():
-    from cxrlib.pipeline import stage_params
-
-    defaults = _notebook_parameters()
-    profile = stage_params("default", "03_cyclegan")
-    assert profile, "the default profile has no 03_cyclegan entry"
-    different = {key: (defaults.get(key), value) for key, value in profile.items() if defaults.get(key) != value}
-    assert not different, f"parameters cell (notebook, profile) disagree: {different}"
-
-
 @pytest.mark.parametrize("profile", ["quick", "default", "full", "real-cpu"])
 def test_profile_sizes_build_a_valid_cyclegan(profile):
     """Each profile's 03 sizes, merged over the notebook defaults as papermill does, make a trainable CycleGAN."""
     from cxrlib.models.cyclegan import CycleGAN
-    from cxrlib.pipeline import stage_params
+    from cxrlib.stages.runtime import stage_parameters
     from cxrlib.train.cyclegan import CycleGANTrainConfig
 
-    p = {**_notebook_parameters(), **stage_params(profile, "03_cyclegan")}
+    p = stage_parameters("03", profile)
     train_config = CycleGANTrainConfig(
         epochs=p["EPOCHS"], epochs_decay=p["EPOCHS_DECAY"], batch_size=p["BATCH_SIZE"], lr=p["LEARNING_RATE"],
         lambda_id=p["LAMBDA_ID"], image_size=p["IMAGE_SIZE"],
@@ -268,9 +230,9 @@ def test_profile_sizes_build_a_valid_cyclegan(profile):
 
 def test_real_cpu_profile_translates_at_128_px_with_the_default_networks():
     """real-cpu: the real-data size (128 px) with the default profile's generator and discriminator widths."""
-    from cxrlib.pipeline import stage_params
+    from cxrlib.stages.runtime import stage_parameters
 
-    default, real = stage_params("default", "03_cyclegan"), stage_params("real-cpu", "03_cyclegan")
+    default, real = stage_parameters("03", "default"), stage_parameters("03", "real-cpu")
     assert real["IMAGE_SIZE"] == 128 > default["IMAGE_SIZE"]
     assert {key: real[key] for key in ("GENERATOR", "NGF", "NDF", "BATCH_SIZE")} == {
         key: default[key] for key in ("GENERATOR", "NGF", "NDF", "BATCH_SIZE")}
