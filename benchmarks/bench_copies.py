@@ -17,22 +17,30 @@ pairs of different files of one patient, verified directly. Results go to
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_average, write_result  # noqa: E402
-
-from cxrlib.data import copies  # noqa: E402
-from cxrlib.data.io import read_image  # noqa: E402
+from cxrlib.data import copies
+from cxrlib.data.io import read_image
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (as ``_common.load_average``, which this script does not
+    import: ``_common`` imports torch, whose memory would swamp the peak measured here)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 #: Combinations a re-publishing site might apply (each ends, as sites do, resized and re-encoded).
 COMBINATIONS: dict[str, list[str]] = {
     "crop+window+jpeg": ["crop", "window", "resize", "jpeg"],
@@ -75,13 +83,27 @@ def sample_with_follow_ups(table: pd.DataFrame, n: int, seed: int) -> pd.DataFra
     return pd.concat([multi, rest]).reset_index(drop=True)
 
 
+#: Thresholds of band-pass correlation the accuracy run sweeps (the detector's default is marked).
+THRESHOLDS = (0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
+
+
+def _effective(row, settings: copies.CopySettings) -> float:
+    """A pair's score when its map is a plausible re-publication, else -1 (never a copy)."""
+    evidence = copies.PairEvidence(
+        inliers=int(row.inliers), correlation=float(row.correlation),
+        coarse_correlation=float(row.coarse_correlation), overlap=float(row.overlap),
+        rotation_deg=float(row.rotation_deg), scale=float(row.scale), aligned=bool(row.aligned))
+    return evidence.correlation if copies.is_copy(evidence, replace(settings, min_correlation=-1.0)) else -1.0
+
+
 def _quantiles(values: pd.Series, levels: tuple[float, ...] = (0.05, 0.5, 0.95)) -> list[float]:
     return [round(float(values.quantile(level)), 3) for level in levels] if len(values) else []
 
 
 def run_accuracy(args: argparse.Namespace) -> dict:
     settings = copies.CopySettings()
-    table = sample_with_follow_ups(labelled_images(Path(args.data)), args.n, args.seed)
+    everything = labelled_images(Path(args.data))
+    table = sample_with_follow_ups(everything, args.n, args.seed)
     originals = [read_image(path) for path in table["path"]]
     patients = table["patient_id"].to_numpy()
     base = [copies.describe(image, settings) for image in originals]
@@ -92,8 +114,22 @@ def run_accuracy(args: argparse.Namespace) -> dict:
     native = {(a, b) for a, b, is_copy in own[["first", "second", "copy"]].itertuples(index=False)
               if is_copy and patients[a] != patients[b]}
     follow = [(a, b) for a in range(n) for b in range(a + 1, n) if patients[a] == patients[b]]
-    follow_evidence = [copies.verify_pair(base[a], base[b], settings) for a, b in follow]
+    # follow-ups: every pair of films of one patient in the whole folder (up to --follow-ups)
+    by_patient = everything.groupby("patient_id").indices
+    every_follow = [(int(a), int(b)) for rows in by_patient.values() for i, a in enumerate(rows)
+                    for b in rows[i + 1:]]
+    chosen = np.random.default_rng(args.seed).permutation(len(every_follow))[:args.follow_ups]
+    follow_paths = [(everything["path"][every_follow[c][0]], everything["path"][every_follow[c][1]])
+                    for c in sorted(chosen)]
+    described: dict[str, copies.ImageFeatures] = {}
+    for path in {p for pair in follow_paths for p in pair}:
+        described[path] = copies.describe(read_image(path), settings)
+    follow_evidence = [copies.verify_pair(described[a], described[b], settings) for a, b in follow_paths]
     follow_called = [copies.is_copy(evidence, settings) for evidence in follow_evidence]
+    loose = replace(settings, min_correlation=-1.0)
+    follow_scores = [e.correlation if copies.is_copy(e, loose) else -1.0 for e in follow_evidence]
+    true_scores: dict[str, list[float]] = {}
+    false_scores: list[float] = []
 
     n_distinct_pairs_base = n * (n - 1) // 2 - len(follow)
     kinds = {name: [name] for name in copies.TRANSFORMS} | COMBINATIONS
@@ -109,6 +145,12 @@ def run_accuracy(args: argparse.Namespace) -> dict:
         found = {(int(a), int(b)) for a, b in pairs.loc[pairs["copy"], ["first", "second"]].to_numpy()}
         hits = sum((i, n + i) in found for i in range(n))
         true = pairs[(pairs["second"] - pairs["first"]) == n]
+        effective = {(int(r.first), int(r.second)): _effective(r, settings) for r in pairs.itertuples(index=False)}
+        true_scores[name] = [effective.get((i, n + i), -1.0) for i in range(n)]
+        for (a, b), value in effective.items():
+            key = (min(origin[a], origin[b]), max(origin[a], origin[b]))
+            if patient_of[a] != patient_of[b] and key not in native:
+                false_scores.append(value)
         distinct_scores.extend(pairs.loc[patient_of[pairs["first"]] != patient_of[pairs["second"]]
                                          ].query("aligned")["score"].tolist())
         distinct = pairs[patient_of[pairs["first"]] != patient_of[pairs["second"]]]
@@ -127,6 +169,11 @@ def run_accuracy(args: argparse.Namespace) -> dict:
         "n_images": n, "n_patients": int(pd.Series(patients).nunique()), "seed": args.seed,
         "settings": copies.CopySettings().__dict__,
         "recall": per_kind,
+        "sweep": [{"min_correlation": t,
+                   "recall": {name: round(float(np.mean(np.array(v) >= t)), 4) for name, v in true_scores.items()},
+                   "false_copies": int((np.array(false_scores) >= t).sum()),
+                   "follow_up_not_copy_rate": round(float(np.mean(np.array(follow_scores) < t)), 4)
+                   if follow_scores else None} for t in THRESHOLDS],
         "distinct_patient_pairs": all_distinct, "distinct_patient_pairs_examined": examined_distinct,
         "false_copies": len(false_pairs),
         "false_copy_rate": len(false_pairs) / max(all_distinct, 1),
@@ -138,10 +185,11 @@ def run_accuracy(args: argparse.Namespace) -> dict:
             pd.Series(distinct_scores), (0.5, 0.95, 0.99, 1.0)),
         "follow_up_score_quantiles_50_95_99_max": _quantiles(
             pd.Series([e.correlation for e in follow_evidence]), (0.5, 0.95, 0.99, 1.0)),
-        "follow_up_pairs": len(follow),
-        "follow_up_not_copy_rate": round(1 - float(np.mean(follow_called)), 4) if follow else None,
-        "follow_up_called_copy": [(table["path"][a], table["path"][b])
-                                  for (a, b), called in zip(follow, follow_called, strict=True) if called][:20],
+        "follow_up_pairs_in_sample": len(follow),
+        "follow_up_not_copy_rate": round(1 - float(np.mean(follow_called)), 4) if follow_called else None,
+        "follow_up_pairs_verified": len(follow_paths),
+        "follow_up_called_copy": [pair for pair, called in zip(follow_paths, follow_called, strict=True)
+                                  if called][:20],
         "seconds": round(time.perf_counter() - started, 1),
         "load_average": load_average(),
     }
@@ -155,6 +203,8 @@ def run_one_size(args: argparse.Namespace) -> dict:
     originals = [read_image(path) for path in table["path"][: args.n]]
     rng = np.random.default_rng(args.seed)
     kinds = list(copies.TRANSFORMS)
+    # the interpreter, the libraries and the source films, before any image is described
+    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     features, describe_s = [], 0.0
     for index in range(args.size):
         image = originals[index % len(originals)]
@@ -171,6 +221,7 @@ def run_one_size(args: argparse.Namespace) -> dict:
             "total_s": round(describe_s + detect_s, 1), "pairs_examined": len(result.pairs),
             "copies": int(result.pairs["copy"].sum()),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "baseline_rss_mb": round(baseline_mb, 1), "source_films": len(originals),
             "load_average": load_average()}
 
 
@@ -184,7 +235,7 @@ def run_scale(args: argparse.Namespace) -> dict:
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    return {"sizes": rows, "cpu_threads": "OMP_NUM_THREADS / cv2 defaults of the caller"}
+    return {"sizes": rows, "settings": copies.CopySettings().__dict__}
 
 
 def main() -> None:
@@ -194,6 +245,7 @@ def main() -> None:
                         help="folder holding covid-chestxray/ and/or nih-cxr14-sample/")
     parser.add_argument("--n", type=int, default=300, help="films sampled (accuracy) or read (scale)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--follow-ups", type=int, default=600, help="follow-up pairs verified (accuracy)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2500, 10000, 40000])
     parser.add_argument("--size", type=int, default=2500, help="one-size: number of images")
     args = parser.parse_args()
@@ -203,6 +255,9 @@ def main() -> None:
         print(json.dumps(run_one_size(args)))
         return
     payload = run_accuracy(args) if args.mode == "accuracy" else run_scale(args)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import write_result
+
     write_result(RESULTS / f"copies_{args.mode}.json", payload)
 
 
