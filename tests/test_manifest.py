@@ -623,3 +623,12 @@ def test_paths_that_cannot_be_placed_count_as_outside(tmp_path):
     with pytest.raises(ManifestError, match="2 paths outside the allowed folders") as caught:
         validate(df, allowed_roots=[tmp_path])
     assert "'nul'" in str(caught.value) and "'rel'" in str(caught.value) and "'ok'" not in str(caught.value)
+
+
+def test_an_absolute_path_climbing_out_of_the_folder_is_refused(tmp_path):
+    (tmp_path / "outside.png").write_bytes(b"x")
+    climbing = f"{tmp_path}/cohort/images/../../outside.png"
+    path = hostile(tmp_path / "cohort", climbing)
+    with pytest.raises(ManifestError, match=r"'evil' path .*outside.png"):
+        read_manifest(path)
+    assert read_manifest(path, allowed_roots=[tmp_path]).loc[1, "path"] == str(tmp_path / "outside.png")

@@ -242,8 +242,12 @@ def path_columns(df: pd.DataFrame) -> list[str]:
 
 def _join(folder: str, value: str) -> str:
     """``value`` made absolute against ``folder`` (lexically: ``..`` folded, links kept)."""
-    if not value or os.path.isabs(value):
+    if not value:
         return value
+    if os.path.isabs(value):  # folded too, so that what is checked is what is opened
+        return os.path.normpath(value)
+    if os.sep == "/" and "//" not in value and "/." not in value and not value.startswith("."):
+        return f"{folder}/{value}" if folder != "/" else f"/{value}"  # already normal: skip normpath
     return os.path.normpath(os.path.join(folder, value))
 
 
@@ -254,7 +258,7 @@ def absolute_paths(df: pd.DataFrame, folder: str | os.PathLike) -> pd.DataFrame:
     base = os.path.abspath(os.fspath(folder))
     out = df.copy()
     for column in path_columns(out):
-        out[column] = [_join(base, value) for value in _column(out, column)]
+        out[column] = [_join(base, value) for value in _column(out, column).tolist()]
     return out
 
 
@@ -264,17 +268,29 @@ def relative_paths(df: pd.DataFrame, folder: str | os.PathLike) -> pd.DataFrame:
     are kept; a path on another drive (Windows) stays absolute."""
     base = os.path.abspath(os.fspath(folder))
     out = df.copy()
+    folders: dict[str, str | None] = {}  # relpath is slow; rows share few folders
+
+    def relative_folder(name: str) -> str | None:
+        if name not in folders:
+            try:
+                folders[name] = Path(os.path.relpath(name, base)).as_posix()
+            except ValueError:  # another drive: no relative path exists
+                folders[name] = None
+        return folders[name]
 
     def relative(value: str) -> str:
         if not value or not os.path.isabs(value):
             return value
-        try:
-            return Path(os.path.relpath(value, base)).as_posix()
-        except ValueError:  # another drive: no relative path exists
+        folder, name = os.path.split(value)
+        if name in ("", ".", ".."):
+            folder, name = value, ""
+        start = relative_folder(folder)
+        if start is None:
             return Path(value).as_posix()
+        return start if not name else name if start == "." else f"{start}/{name}"
 
     for column in path_columns(out):
-        out[column] = [relative(value) for value in _column(out, column)]
+        out[column] = [relative(value) for value in _column(out, column).tolist()]
     return out
 
 
@@ -298,32 +314,51 @@ def default_roots(manifest_path: str | os.PathLike) -> list[Path]:
 
 def _escaping(df: pd.DataFrame, roots: Iterable[str | os.PathLike]) -> list[tuple[int, str, Path | None]]:
     """``(row position, column, resolved target)`` per path value outside ``roots``."""
-    resolved_roots = [Path(root).resolve() for root in roots]
-    folder_cache: dict[str, Path] = {}
+    # string prefixes, not Path objects: a manifest has hundreds of thousands of path values
+    prefixes = [os.path.join(os.path.realpath(os.fspath(root)), "") for root in roots]
+    folder_cache: dict[str, tuple[str, set[str], bool]] = {}
 
-    def real(value: str) -> Path | None:
-        """``value`` with links resolved; ``None`` when the system cannot place it (a NUL byte)."""
-        if "\x00" in value:
-            return None
+    def links_in(folder: str) -> set[str]:
+        """Names of the symbolic links in ``folder`` (one directory listing instead of a stat per file)."""
         try:
-            folder, name = os.path.split(value)
-            if folder not in folder_cache:
-                folder_cache[folder] = Path(os.path.realpath(folder))
-            target = folder_cache[folder] / name
-            # a linked file may point elsewhere even inside a contained folder
-            return Path(os.path.realpath(target)) if os.path.islink(target) else target
-        except (ValueError, OSError):
-            return None
+            with os.scandir(folder) as entries:
+                return {entry.name for entry in entries if entry.is_symlink()}
+        except OSError:  # missing or unreadable folder: no links to follow
+            return set()
+
+    def inside(target: str) -> bool:
+        return any((target + os.sep).startswith(prefix) for prefix in prefixes)
+
+    def folder_facts(folder: str) -> tuple[str, set[str], bool]:
+        """The folder with links resolved, the names of links in it, and whether it is inside."""
+        if folder not in folder_cache:
+            try:
+                real_folder = os.path.realpath(folder)
+                folder_cache[folder] = (os.path.join(real_folder, ""), links_in(folder), inside(real_folder))
+            except (ValueError, OSError):
+                folder_cache[folder] = ("", set(), False)
+        return folder_cache[folder]
 
     found = []
     for column in path_columns(df):
-        for position, value in enumerate(_column(df, column)):
+        for position, value in enumerate(_column(df, column).tolist()):
             if not value:
                 continue
-            target = real(value) if os.path.isabs(value) else None
-            # a relative value or one the system cannot place counts as outside
-            if target is None or not any(target.is_relative_to(root) for root in resolved_roots):
-                found.append((position, column, target))
+            # a relative value, or one the system cannot place (a NUL byte), counts as outside
+            if not os.path.isabs(value) or "\x00" in value:
+                found.append((position, column, None))
+                continue
+            folder, name = os.path.split(value)
+            real_folder, links, folder_inside = folder_facts(folder)
+            if not real_folder:  # the system cannot place the folder
+                found.append((position, column, None))
+            elif name in links or name in ("", ".", ".."):
+                # a linked file may point elsewhere even inside a contained folder
+                target = os.path.realpath(real_folder + name)
+                if not inside(target):
+                    found.append((position, column, Path(target)))
+            elif not folder_inside:
+                found.append((position, column, Path(real_folder + name)))
     return found
 
 
