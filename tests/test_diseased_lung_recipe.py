@@ -67,3 +67,25 @@ def test_flipped_logits_come_back_with_the_lungs_exchanged():
 
     back = seg._flip_lr(torch.from_numpy(logits)).numpy()
     assert back[0, 2, 0, 0] == 5.0 and back[0, 1].max() == 0.0
+
+
+def test_quality_control_and_figures_on_a_segmented_manifest(tmp_path, one_thread):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cxrlib.models.unet import UNet, UNetConfig
+    from cxrlib.viz import segmentation as segviz
+
+    expert = expert_manifest(tmp_path)
+    model = UNet(UNetConfig(in_channels=1, num_classes=4, base_channels=4, depth=2))
+    segmented = seg.segment_manifest(model, expert, tmp_path / "out", input_size=32, device="cpu")
+    qc = seg.qc_manifest(segmented)
+    assert list(qc["image_id"]) == list(segmented["image_id"])
+    assert qc["qc_pass"].dtype == bool and (qc.loc[~qc["qc_pass"], "qc_reason"] != "").all()
+    # an untrained network finds no plausible lungs: every image fails, with its reason shown
+    assert not qc["qc_pass"].any()
+    figure = segviz.qc_failure_gallery(segmented, qc, max_images=2)
+    assert "fail" in figure._suptitle.get_text()
+    evaluation = seg.evaluate_by_convention(model, expert, input_size=32, size=48, n_boot=10)
+    segviz.dice_by_burden_figure(evaluation)
+    segviz.convention_gallery(evaluation, k=2, convention="visible")

@@ -260,11 +260,17 @@ def qc_failure_gallery(df: pd.DataFrame, qc: pd.DataFrame, *, max_images: int = 
 
             image = resize_image(image, labels.shape)
         reason = "\n".join(_wrap(str(item.qc_reason), 34))
-        show_overlay(ax, image, None, labels, title=f"{item.image_id}\n{reason}")
+        show_overlay(ax, image, None, labels, title=f"{_short(item.image_id)}\n{reason}")
     fig.suptitle(f"mask quality control: {len(failed)} of {len(qc)} images fail"
                  + (f" ({len(shown)} shown)" if len(shown) < len(failed) else ""), fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _short(name: object, width: int = 30) -> str:
+    """A long image id cut in the middle, so that titles of neighbouring panels do not overlap."""
+    text = str(name)
+    return text if len(text) <= width else f"{text[:width // 2 - 1]}...{text[-(width // 2 - 2):]}"
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -322,7 +328,7 @@ def convention_gallery(evaluation, k: int = 4, convention: str = "anatomical"):
             index = positions[item["image_id"]]
             show_overlay(ax, evaluation.images[index], evaluation.truth[index],
                          evaluation.pred[convention][index],
-                         title=f"{name}: {item['image_id']}\n{convention} Dice {item['dice_lungs']:.3f}")
+                         title=f"{name}: {_short(item['image_id'])}\n{convention} Dice {item['dice_lungs']:.3f}")
             heart = evaluation.cardiomediastinum[index]
             if heart is not None and heart.any():
                 ax.contour(heart.astype(float), levels=[0.5], colors=["#56B4E9"], linewidths=0.8,
