@@ -18,10 +18,11 @@ works in three steps, chosen by measurement on ``benchmarks/bench_copies.py``
    ``min_votes``) become candidates;
 3. **verification** (:func:`verify_pair`): the votes' matches give a similarity map
    (RANSAC, ``estimateAffinePartial2D``), which ECC alignment (``findTransformECC``,
-   affine) refines on the small canonical images; the pair is then compared on its
-   overlap by the correlation of a band-pass (difference of Gaussians) version, leaving
-   out saturated pixels (clipped windows, burned-in text). The same film gives a high
-   correlation; a follow-up film of the same patient matches in anatomy but not in fine
+   affine, masked to the covered part) may refine on the small canonical images; the
+   pair is then compared on its overlap by the correlation of a fine band-pass
+   (difference of Gaussians, :data:`BAND`), leaving out saturated pixels (clipped windows,
+   burned-in text), as the median over ``tiles x tiles`` tiles. The same film gives a high
+   score; a follow-up film of the same patient matches in anatomy but not in fine
    structure. :func:`is_copy` adds limits on rotation, scale and overlap.
 
 :func:`find_copies` runs the three steps over one or more lists of images and returns one
