@@ -220,6 +220,8 @@ def run_one_size(args: argparse.Namespace) -> dict:
             "candidates_and_verify_s": round(detect_s, 1),
             "total_s": round(describe_s + detect_s, 1), "pairs_examined": len(result.pairs),
             "copies": int(result.pairs["copy"].sum()),
+            "cpu_s": round(resource.getrusage(resource.RUSAGE_SELF).ru_utime
+                           + resource.getrusage(resource.RUSAGE_SELF).ru_stime, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "baseline_rss_mb": round(baseline_mb, 1), "source_films": len(originals),
             "load_average": load_average()}
