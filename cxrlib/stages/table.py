@@ -58,7 +58,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("01", "01_data_assembly", "Data assembly",
           outputs=(MANIFEST, METRICS, PARAMS, "gallery.png", "unreadable_and_dropped.csv", "dedup_report.csv",
-                   "kept_dropped.csv")),
+                   "copy_pairs.csv", "copy_boundary_pairs.png", "kept_dropped.csv")),
     Stage("02", "02_lung_segmentation", "Lung segmentation", manifest_from=("01",),
           outputs=(MANIFEST, METRICS, PARAMS, "model/", "masks/")),
     Stage("03", "03_cyclegan", "CycleGAN synthesis", manifest_from=("02", "01"),
