@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from cxrlib.data import recipes
-from cxrlib.data.sources import ADAPTERS, CovidCXNet, CsvImageFolder, DatasetFormatError, open_dataset
+from cxrlib.data.sources import (
+    ADAPTERS,
+    CovidCXNet,
+    CsvImageFolder,
+    DatasetFormatError,
+    open_dataset,
+)
 
 
 def _image(path, mode="L", fmt=None, seed=0):
@@ -152,7 +158,8 @@ def test_csv_images_from_a_recipe_needs_no_code(collection):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         manifest, _ = recipes.build_manifest(recipe, collection.parent)
-    assert sorted(zip(manifest["image_id"], manifest["label"])) == [("mine:a.png", "covid"), ("mine:b.png", "normal")]
+    taken = sorted(zip(manifest["image_id"], manifest["label"], strict=True))
+    assert taken == [("mine:a.png", "covid"), ("mine:b.png", "normal")]
 
 
 def test_new_adapters_are_registered_with_their_metadata():
