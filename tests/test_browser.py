@@ -202,13 +202,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def jupyterlab(tmp_path):
-    """A phantom cohort, an nbclient-executed (and trusted) notebook with notebook 01's explorer cell,
-    the same notebook without outputs, and JupyterLab serving them: ``(base url, token)``."""
+def jupyterlab(tmp_path, monkeypatch):
+    """Notebook 01 executed with the quick profile (and trusted), a notebook holding notebook 01's
+    explorer cell on a small phantom cohort, not yet run, and JupyterLab serving them:
+    ``(base url, token)``."""
+    import re as regex
+
     import nbformat
     from nbclient import NotebookClient
     from nbformat.sign import NotebookNotary
 
+    from cxrlib import config
     from cxrlib.data.phantom import CohortConfig, write_cohort
 
     write_cohort(tmp_path / "cohort", CohortConfig(n_patients=6, size=64, seed=0), progress=False)
@@ -224,15 +228,19 @@ def jupyterlab(tmp_path):
         ),
         tmp_path / "live.ipynb",
     )
-    executed = nbformat.v4.new_notebook(
-        cells=[nbformat.v4.new_code_cell(s) for s in sources], metadata=metadata
-    )
+    # notebook 01 itself, run as a reader would after choosing the quick profile in its parameters cell
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "data"))
+    executed = nbformat.read(config.notebooks_dir() / "01_data_assembly.ipynb", as_version=4)
+    cell = next(c for c in executed.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    cell.source = regex.sub(r'^PROFILE = "default"', 'PROFILE = "quick"', cell.source, flags=regex.M)
+    cell.source = regex.sub(r'^RUN_DIR = ""', f"RUN_DIR = {str(tmp_path / 'run')!r}", cell.source, flags=regex.M)
+    assert 'PROFILE = "quick"' in cell.source
     NotebookClient(
         executed,
-        timeout=120,
+        timeout=300,
         kernel_name="python3",
         store_widget_state=True,
-        resources={"metadata": {"path": str(tmp_path)}},
+        resources={"metadata": {"path": str(config.notebooks_dir())}},
     ).execute()
     assert "application/vnd.jupyter.widget-state+json" in executed.metadata["widgets"]
     jupyter_dirs = {
@@ -312,7 +320,8 @@ def test_jupyterlab_renders_an_executed_notebook_and_runs_the_explorer_live(chro
     base, token = jupyterlab
     outputs = ".jp-Notebook .jp-OutputArea-output"
 
-    # the executed notebook: outputs and the explorer's saved widget state render, no error anywhere
+    # notebook 01 executed with the quick profile: its outputs and the explorer's saved widget state
+    # render, no error anywhere
     driver = chrome(1200, 1000)
     driver.get(f"{base}/lab/tree/executed.ipynb?reset&token={token}")
     _wait(

@@ -175,3 +175,16 @@ def test_bad_pipeline_arguments_fail_before_anything_runs(tmp_path, kwargs, mess
     with pytest.raises(ValueError, match=message):
         pipeline.run_pipeline(run_dir=tmp_path / "run", progress=False, **kwargs)
     assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_summary_is_written_atomically(tmp_path, monkeypatch):
+    """pipeline.json goes through runs.atomic_write (a crash leaves the previous file whole)."""
+    from cxrlib import runs
+
+    calls = []
+    original = runs.atomic_write
+    monkeypatch.setattr(runs, "atomic_write", lambda path, *a, **k: (calls.append(path), original(path, *a, **k)))
+    path = tmp_path / "pipeline.json"
+    pipeline._write_summary(path, pipeline.PipelineResult(run_dir=tmp_path), {"profile": "quick"})
+    assert calls == [path] and json.loads(path.read_text())["profile"] == "quick"
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline.json"]
