@@ -223,10 +223,12 @@ def run_pipeline(
 
 def _write_summary(path: Path, result: PipelineResult, summary: Mapping[str, object]) -> None:
     from cxrlib import __version__
+    from cxrlib.results import git_commit
 
     runs.write_json(path, {
         **summary,
         "cxrlib_version": __version__,
+        "commit": git_commit(),
         "python": sys.version.split()[0],
         "cpu": config.cpu_description(),
         "stages": [s.__dict__ for s in result.stages],

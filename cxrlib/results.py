@@ -42,7 +42,8 @@ def _interval(value: Any) -> tuple[float, float]:
     return float("nan"), float("nan")
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The checkout's commit (short hash), ``"unknown"`` outside a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=config.PROJECT_ROOT, capture_output=True,
                              text=True, timeout=10, check=False)
@@ -160,7 +161,7 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         "dataset": context.get("dataset"),
         "profile": context.get("profile"),
         "seed": context.get("seed"),
-        "commit": _git_commit(),
+        "commit": context.get("commit") or git_commit(),
         "cxrlib_version": context.get("cxrlib_version"),
         "machine": context.get("cpu") or config.cpu_description(),
         "python": platform.python_version(),
