@@ -261,10 +261,12 @@ def compare_runs(*runs_to_compare: str | os.PathLike | Mapping[str, Any]) -> dic
     for label, summary in zip(labels, summaries, strict=True):
         for stage in summary.get("stages", []):
             for claim in stage.get("claims", []):
-                row = claim_rows.setdefault(claim["subject"], {"stage": stage["stage"], "subject": claim["subject"]})
+                row = claim_rows.setdefault(f"{stage['stage']}: {claim['subject']}",
+                                            {"stage": stage["stage"], "subject": claim["subject"]})
                 row[label] = {k: claim[k] for k in ("estimate", "low", "high", "verdict")}
             for metric in stage.get("metrics", []):
-                row = metric_rows.setdefault(metric["name"], {"stage": stage["stage"], "name": metric["name"]})
+                row = metric_rows.setdefault(f"{stage['stage']}: {metric['name']}",
+                                             {"stage": stage["stage"], "name": metric["name"]})
                 row[label] = {k: metric[k] for k in ("estimate", "low", "high")}
     for row in claim_rows.values():
         verdicts = {row[label]["verdict"] for label in labels if label in row}
