@@ -2,7 +2,7 @@
 
 This is the logic behind notebook 01. It reads a manifest, never edits raw files, and returns
 a new manifest (with ``content_hash`` and ``split``) plus a report whose numbers go into
-``RUN_DIR/01_data/metrics.json``.
+notebook 01's ``metrics.json``.
 """
 
 from __future__ import annotations
