@@ -53,3 +53,12 @@ def test_a_claim_is_made_only_when_the_interval_excludes_zero(low, high, verdict
 def test_unmeasured_claims_say_so():
     claim = claims.difference_claim("x", None, None, None)
     assert claim.direction == 0 and claim.sentence() == "x: not measured" and math.isnan(claim.estimate)
+
+
+def test_the_seed_level_is_widened_to_its_small_sample_interval():
+    """Five per-seed differences 0.1, 0.2, 0.0, 0.3, 0.1: t(4) interval 0.14 +/- 0.14, wider than a bootstrap."""
+    low, high = stats.seed_t_interval([0.1, 0.2, 0.0, 0.3, 0.1])
+    assert low == pytest.approx(0.14 - 2.776 * 0.1140 / 5 ** 0.5, abs=1e-3) and low < 0.0 < high
+    assert stats.widened((0.05, 0.25), [0.1, 0.2, 0.0, 0.3, 0.1]) == pytest.approx((low, high))
+    assert stats.widened((-0.5, 0.9), [0.1, 0.2, 0.0, 0.3, 0.1]) == (-0.5, 0.9)  # already wider: kept
+    assert stats.widened((0.05, 0.25), [0.1]) == (0.05, 0.25)  # one seed: nothing to add

@@ -212,7 +212,7 @@ def test_seed_means_and_the_paired_difference():
     labels = np.where(np.arange(2 * n_patients) < n_patients, "covid", "normal")
     rows = []
     for condition, shift in (("real", 0.0), ("real_gnc_gpc", 1.0)):
-        for seed in range(3):
+        for seed in range(5):
             score = rng.normal(size=len(labels)) + (labels == "covid") * (0.5 + shift)
             rows.append(pd.DataFrame({"task": "normal_vs_covid", "arch": "small_cnn", "condition": condition,
                                       "imbalance": "1:20", "seed": seed, "image_id": [f"i{k}" for k in range(len(labels))],
@@ -225,7 +225,7 @@ def test_seed_means_and_the_paired_difference():
                     ex.summaries.rank_auc((g["label"] == "covid").to_numpy(), g["score"].to_numpy())
                     for _, g in chosen.groupby("seed")]
         assert row["estimate"] == pytest.approx(np.mean(per_seed))
-        assert row["low"] <= row["estimate"] <= row["high"] and row["n_seeds"] == 3
+        assert row["low"] <= row["estimate"] <= row["high"] and row["n_seeds"] == 5
     comparison = ex.compare_conditions(predictions, "real", "real_gnc_gpc", ("sensitivity", "auc"), n_boot=200)
     assert len(comparison) == 2
     for row in comparison.to_dict("records"):
@@ -332,7 +332,7 @@ def test_comparisons_cover_the_spread_between_training_seeds():
                                   n_boot=2000, seed=0)
     row = table.iloc[0]
     assert row["difference"] == pytest.approx(-1 / 3)
-    assert row["difference_high"] == 0.0 and row["difference_low"] <= -2 / 3
+    assert row["difference_high"] >= 0.0 and row["difference_low"] <= -2 / 3
     assert row["baseline_per_seed"] == [1.0, 0.0, 0.0] and "seeds" in row["interval"]
     from cxrlib.evaluate.claims import NO_DIFFERENCE, difference_claim
 

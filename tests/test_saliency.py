@@ -212,13 +212,13 @@ def test_versus_baseline_covers_the_spread_between_training_runs():
     assert row["per_seed"] == pytest.approx([0.6, 0.5, 0.7]) and row["n_seeds"] == 3
     # one seed far above, two at the random level: the patient-only view would call it a win, two levels do not
     flaky = sal.versus_baseline(_seeded_scores([0.9, 0.0, 0.0]), ["pointing_game"], n_boot=2000).iloc[0]
-    assert flaky["low"] == 0.0 and flaky["high"] > 0.5
+    assert flaky["low"] <= 0.0 and flaky["high"] > 0.5
 
 
 def test_summarize_scores_uses_two_levels_only_with_several_seeds():
     several = sal.summarize_scores(_seeded_scores([0.0, 1.0]), ["pointing_game"], n_boot=2000)
     gradcam = several[several["method"] == "gradcam"].iloc[0]
     assert gradcam["n_seeds"] == 2 and gradcam["pointing_game"] == 0.5
-    assert gradcam["pointing_game_low"] == 0.0 and gradcam["pointing_game_high"] == 1.0
+    assert gradcam["pointing_game_low"] <= 0.0 and gradcam["pointing_game_high"] >= 1.0
     one = sal.summarize_scores(_seeded_scores([1.0]).drop(columns="seed"), ["pointing_game"], n_boot=200)
     assert one.iloc[0]["pointing_game_low"] == one.iloc[0]["pointing_game_high"] == 1.0

@@ -169,3 +169,34 @@ def seed_patient_ci(
                                                                   seed=seed, groups=groups)])
     low, high = np.nanpercentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return estimate, float(low), float(high)
+
+
+def seed_t_interval(per_seed: npt.ArrayLike, *, alpha: float = 0.05) -> tuple[float, float]:
+    """Student-t interval of the mean of per-seed values (NaN bounds with fewer than two finite values).
+
+    A percentile bootstrap over a handful of seeds is too narrow: resampling 5 values treats
+    their spread as the whole spread and uses normal quantiles. The t interval is the
+    small-sample answer for the seed level; :func:`widened` joins it to a bootstrap interval.
+    """
+    from scipy.stats import t as student_t
+
+    values = np.asarray(per_seed, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = float(student_t.ppf(1 - alpha / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def widened(interval: tuple[float, float], per_seed: npt.ArrayLike, *, alpha: float = 0.05) -> tuple[float, float]:
+    """``interval`` (e.g. two-level bootstrap) widened to contain the seed level's t interval.
+
+    The result covers test-patient sampling (from the bootstrap) and, with few training runs,
+    the seed-to-seed spread at its small-sample width (from :func:`seed_t_interval`). With one
+    seed, or NaN bounds, ``interval`` is returned as it is.
+    """
+    low, high = (float(v) for v in interval)
+    t_low, t_high = seed_t_interval(per_seed, alpha=alpha)
+    if np.isnan(t_low) or np.isnan(low) or np.isnan(high):
+        return low, high
+    return min(low, t_low), max(high, t_high)

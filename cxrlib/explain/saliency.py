@@ -39,7 +39,7 @@ import torch
 from scipy import ndimage
 
 from cxrlib.data.transforms import resize_image
-from cxrlib.evaluate.stats import bootstrap_ci, seed_patient_ci
+from cxrlib.evaluate.stats import bootstrap_ci, seed_patient_ci, widened
 
 #: Names of the two classifier-free baselines in tables.
 RANDOM = "random map"
@@ -269,8 +269,12 @@ def summarize_scores(per_image: pd.DataFrame, metrics: Sequence[str] | None = No
         for metric in metrics:
             if several:
                 table = _by_seed(per_image, method, metric)
-                estimate, low, high = seed_patient_ci(table.to_numpy(dtype=float), n_boot=n_boot, seed=seed,
+                values = table.to_numpy(dtype=float)
+                estimate, low, high = seed_patient_ci(values, n_boot=n_boot, seed=seed,
                                                       groups=_patients(per_image, table.columns))
+                with np.errstate(all="ignore"):
+                    low, high = widened((low, high), [np.nanmean(r) if np.isfinite(r).any() else np.nan
+                                                      for r in values])
             else:
                 estimate, low, high = bootstrap_ci(group[metric].to_numpy(dtype=float), n_boot=n_boot, seed=seed,
                                                    groups=group["patient_id"].to_numpy())
@@ -285,7 +289,8 @@ def versus_baseline(per_image: pd.DataFrame, metrics: Sequence[str], *, baseline
 
     For every method other than the two baselines and every metric: ``difference`` (mean
     over seeds of each seed's mean per-image difference), its 95% interval resampling seeds
-    and then patients (:func:`cxrlib.evaluate.stats.seed_patient_ci`), and ``per_seed``
+    and then patients (:func:`cxrlib.evaluate.stats.seed_patient_ci`), widened to contain the
+    Student-t interval of the per-seed values (:func:`cxrlib.evaluate.stats.widened`), and ``per_seed``
     (each seed's mean difference). A method beats the baseline only where ``low > 0``
     (:mod:`cxrlib.evaluate.claims` words it). Columns: ``method, measure, baseline,
     difference, low, high, per_seed, n_seeds, n_images``.
@@ -304,6 +309,7 @@ def versus_baseline(per_image: pd.DataFrame, metrics: Sequence[str], *, baseline
                                                   groups=_patients(per_image, method_table.columns))
             with np.errstate(all="ignore"):
                 per_seed = [float(np.nanmean(r)) if np.isfinite(r).any() else float("nan") for r in difference]
+            low, high = widened((low, high), per_seed)
             rows.append({"method": method, "measure": metric, "baseline": baseline, "difference": estimate,
                          "low": low, "high": high, "per_seed": per_seed, "n_seeds": int(difference.shape[0]),
                          "n_images": int(np.isfinite(difference).any(axis=0).sum())})

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from cxrlib.evaluate.stats import widened
 from cxrlib.stages.classifiers.summaries import INTERVAL_METHOD, percentile_interval, seed_pooled
 
 
@@ -40,10 +41,11 @@ def compare_conditions(predictions: pd.DataFrame, baseline: str = "real", treatm
             rows.append({
                 "task": task, "arch": arch, "imbalance": imbalance, "metric": metric,
                 "baseline": baseline, "treatment": treatment,
-                "baseline_estimate": float(np.nanmean(b_seed)), **_named_interval("baseline", b_boot),
-                "treatment_estimate": float(np.nanmean(t_seed)), **_named_interval("treatment", t_boot),
+                "baseline_estimate": float(np.nanmean(b_seed)), **_named_interval("baseline", b_boot, b_seed),
+                "treatment_estimate": float(np.nanmean(t_seed)), **_named_interval("treatment", t_boot, t_seed),
                 "difference": float(np.nanmean(t_seed) - np.nanmean(b_seed)),
-                **_named_interval("difference", t_boot[:n] - b_boot[:n]),
+                **_named_interval("difference", t_boot[:n] - b_boot[:n], t_seed - b_seed
+                                  if len(t_seed) == len(b_seed) else None),
                 "baseline_per_seed": [round(v, 4) for v in b_seed.tolist()],
                 "treatment_per_seed": [round(v, 4) for v in t_seed.tolist()],
                 "n_seeds": int(min(len(b_seed), len(t_seed))),
@@ -52,6 +54,8 @@ def compare_conditions(predictions: pd.DataFrame, baseline: str = "real", treatm
     return pd.DataFrame(rows)
 
 
-def _named_interval(name: str, samples: np.ndarray) -> dict[str, float]:
+def _named_interval(name: str, samples: np.ndarray, per_seed: np.ndarray | None = None) -> dict[str, float]:
     low, high = percentile_interval(samples)
+    if per_seed is not None:  # paired per-seed differences: the seed level at its small-sample width
+        low, high = widened((low, high), per_seed)
     return {f"{name}_low": low, f"{name}_high": high}

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlib.evaluate.classification import rank_auc
-from cxrlib.evaluate.stats import seed_patient_resamples
+from cxrlib.evaluate.stats import seed_patient_resamples, widened
 from cxrlib.stages.classifiers.design import POSITIVE
 
 
@@ -30,7 +30,9 @@ SEED_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], float]] =
 
 #: How the intervals of :func:`summarize_over_seeds` and ``compare_conditions`` are formed.
 INTERVAL_METHOD = ("95% percentile interval of the seed-mean over bootstrap replicates that draw the training seeds "
-                   "with replacement and then the test patients (two levels; differences paired by seed and patient)")
+                   "with replacement and then the test patients (two levels; differences paired by seed and patient), "
+                   "widened where needed to contain the Student-t interval of the per-seed values (a bootstrap over a "
+                   "few seeds alone is too narrow)")
 
 
 def seed_pooled(predictions: pd.DataFrame, group_by: Sequence[str], metrics: Sequence[str], n_boot: int,
@@ -122,7 +124,7 @@ def summarize_over_seeds(predictions: pd.DataFrame, metrics: Sequence[str] = ("s
     for key, entry in pooled.items():
         for metric in metrics:
             per_seed = np.asarray(entry["per_seed"][metric], dtype=np.float64)
-            low, high = percentile_interval(entry["boot"][metric])
+            low, high = widened(percentile_interval(entry["boot"][metric]), per_seed)
             rows.append({"task": key[0], **dict(zip(group_by, key[1:], strict=True)), "metric": metric,
                          "estimate": float(np.nanmean(per_seed)), "low": low, "high": high,
                          "n_seeds": len(per_seed), "seed_min": float(np.nanmin(per_seed)),
