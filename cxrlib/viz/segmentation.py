@@ -84,26 +84,31 @@ def learning_curves(history: pd.DataFrame):
     return fig
 
 
-def best_worst_gallery(evaluation: SegmentationEvaluation, k: int = 4, variant: str = "post"):
-    """Top row: the ``k`` test images with the highest Dice (both lungs); bottom row: the lowest."""
-    ranked = evaluation.ranked(variant)
+def _best_worst_grid(ranked: pd.DataFrame, k: int, draw) -> plt.Figure:
+    """Top row: the ``k`` best rows of ``ranked`` (sorted worst first), best first; bottom row: the
+    ``k`` worst. ``draw(ax, row, name)`` draws one image; empty cells are hidden."""
     k = max(1, min(k, len(ranked)))
     picks = {"best": ranked.tail(k).iloc[::-1], "worst": ranked.head(k)}
     fig, axes = plt.subplots(2, k, figsize=(2.6 * k, 6.3), squeeze=False)
     for row, (name, table) in enumerate(picks.items()):
         for col in range(k):
-            ax = axes[row, col]
             if col >= len(table):
-                ax.set_axis_off()
+                axes[row, col].set_axis_off()
                 continue
-            item = table.iloc[col]
-            index = int(item["index"])
-            show_overlay(ax, evaluation.images[index], evaluation.truth[index],
-                         evaluation.pred[variant][index],
-                         title=f"{name}: {item['image_id']}\n{item['label']}  Dice {item['dice_lungs']:.3f}")
+            draw(axes[row, col], table.iloc[col], name)
     _overlay_legend(fig)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
+
+
+def best_worst_gallery(evaluation: SegmentationEvaluation, k: int = 4, variant: str = "post"):
+    """Top row: the ``k`` test images with the highest Dice (both lungs); bottom row: the lowest."""
+    def draw(ax, item, name):
+        index = int(item["index"])
+        show_overlay(ax, evaluation.images[index], evaluation.truth[index], evaluation.pred[variant][index],
+                     title=f"{name}: {item['image_id']}\n{item['label']}  Dice {item['dice_lungs']:.3f}")
+
+    return _best_worst_grid(evaluation.ranked(variant), k, draw)
 
 
 def predictions_by_class(df: pd.DataFrame, *, n_per_class: int = 3, seed: int = 0,
@@ -312,27 +317,15 @@ def convention_gallery(evaluation, k: int = 4, convention: str = "anatomical"):
     """Best (top) and worst (bottom) ``k`` images under one convention: the reference as drawn
     (green), the prediction (vermilion) and the cardiomediastinum (dashed), whose removal
     turns anatomical into visible lungs."""
-    ranked = evaluation.ranked(convention)
     positions = {image_id: i for i, image_id in enumerate(evaluation.per_image
                                                            .drop_duplicates("image_id")["image_id"])}
-    k = max(1, min(k, len(ranked)))
-    picks = {"best": ranked.tail(k).iloc[::-1], "worst": ranked.head(k)}
-    fig, axes = plt.subplots(2, k, figsize=(2.6 * k, 6.3), squeeze=False)
-    for row, (name, table) in enumerate(picks.items()):
-        for col in range(k):
-            ax = axes[row, col]
-            if col >= len(table):
-                ax.set_axis_off()
-                continue
-            item = table.iloc[col]
-            index = positions[item["image_id"]]
-            show_overlay(ax, evaluation.images[index], evaluation.truth[index],
-                         evaluation.pred[convention][index],
-                         title=f"{name}: {_short(item['image_id'])}\n{convention} Dice {item['dice_lungs']:.3f}")
-            heart = evaluation.cardiomediastinum[index]
-            if heart is not None and heart.any():
-                ax.contour(heart.astype(float), levels=[0.5], colors=["#56B4E9"], linewidths=0.8,
-                           linestyles="dashed")
-    _overlay_legend(fig)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    return fig
+
+    def draw(ax, item, name):
+        index = positions[item["image_id"]]
+        show_overlay(ax, evaluation.images[index], evaluation.truth[index], evaluation.pred[convention][index],
+                     title=f"{name}: {_short(item['image_id'])}\n{convention} Dice {item['dice_lungs']:.3f}")
+        heart = evaluation.cardiomediastinum[index]
+        if heart is not None and heart.any():
+            ax.contour(heart.astype(float), levels=[0.5], colors=["#56B4E9"], linewidths=0.8, linestyles="dashed")
+
+    return _best_worst_grid(evaluation.ranked(convention), k, draw)
