@@ -190,3 +190,20 @@ def test_masks_are_unions_of_columns_and_bad_files_are_listed(tmp_path):
     assert masks[0].shape == (10, 10) and masks[0].sum() == 2 * masks[2].sum()
     assert masks[1] is None
     assert np.array_equal(masks[0], masks[0][:, ::-1])
+
+
+def test_saliency_images_one_sample_for_every_seed(tmp_path):
+    """The COVID-19 test images a seed got right under any seed; 'all' takes every COVID-19 test image."""
+    choices = []
+    for seed, right in ((0, {"c1"}), (1, {"c2"})):
+        cell = tmp_path / f"seed{seed}"
+        cell.mkdir()
+        pd.DataFrame({"image_id": ["c1", "c2", "c3", "n1"], "patient_id": ["p1", "p2", "p3", "p4"],
+                      "label": ["covid", "covid", "covid", "normal"],
+                      "pred": [("covid" if i in right else "normal") for i in ("c1", "c2", "c3")] + ["normal"]}
+                     ).to_csv(cell / "predictions.csv", index=False)
+        choices.append(st.ClassifierChoice(row={"seed": seed}, cell_dir=cell, reason=""))
+    assert sorted(st.saliency_images(choices, "covid", only_correct=True, max_images=10)) == ["c1", "c2"]
+    assert sorted(st.saliency_images(choices, "covid", only_correct=False, max_images=10)) == ["c1", "c2", "c3"]
+    drawn = st.saliency_images(choices, "covid", only_correct=False, max_images=2, seed=3)
+    assert len(drawn) == 2 and drawn == st.saliency_images(choices, "covid", only_correct=False, max_images=2, seed=3)

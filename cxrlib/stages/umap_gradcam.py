@@ -235,6 +235,22 @@ def seed_choices(choice: ClassifierChoice, run_dir: str | os.PathLike) -> list[C
                              reason=f"seed {row['seed']} of {choice.reason.split(':')[0]}") for row in rows]
 
 
+def saliency_images(choices: Sequence[ClassifierChoice], positive_label: str, *, only_correct: bool,
+                    max_images: int, seed: int = 0) -> list[str]:
+    """The COVID-19 test images every seed's classifier is scored on: one seeded sample for all seeds.
+
+    The pool is every ``positive_label`` test image (``only_correct``: those at least one seed
+    classified correctly; :func:`saliency_over_seeds` then scores, per seed, only the images
+    that seed got right). At most ``max_images`` are drawn with ``seed``.
+    """
+    tables = [read_cell_predictions(choice).set_index("image_id") for choice in choices]
+    first = tables[0]
+    pool = first.index[first["label"].astype(str) == positive_label].astype(str)
+    if only_correct:
+        pool = pool[[any(bool(table.loc[i, "correct"]) for table in tables) for i in pool]]
+    return pd.Series(pool, dtype=str).sample(n=min(max_images, len(pool)), random_state=seed).tolist()
+
+
 def saliency_over_seeds(choices: Sequence[ClassifierChoice], test_rows: pd.DataFrame, eval_ids: Sequence[str],
                         methods: Sequence[str], *, load: Any, only_correct: bool, positive_label: str,
                         lung_columns: Sequence[str], size: int, layer: str | None = None, tolerance: float = 0.0,
@@ -280,5 +296,5 @@ def saliency_over_seeds(choices: Sequence[ClassifierChoice], test_rows: pd.DataF
 __all__ = [
     "ClassifierChoice", "ExplainedImages", "MASK_ALIGNED_MODES", "choose_classifier",
     "embedding_rows", "explain_rows", "load_masks", "lung_mask_columns", "read_cell_predictions",
-    "read_grid_results", "saliency_over_seeds", "seed_choices",
+    "read_grid_results", "saliency_images", "saliency_over_seeds", "seed_choices",
 ]
