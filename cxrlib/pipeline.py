@@ -27,6 +27,7 @@ from cxrlib.stages.runtime import (
     load_profile,
     notebook_parameters,
     profile_names,
+    profile_overrides,
 )
 
 
@@ -49,6 +50,24 @@ def check_dataset(dataset: str, extra_params: Mapping[str, object] | None = None
     if not (extra_params or {}).get("DATA_ROOT"):
         raise ValueError(f"dataset {dataset!r} is a recipe: give the folder holding its sources with "
                          "--param DATA_ROOT=PATH (e.g. --param DATA_ROOT=../shared/realdata)")
+
+
+def check_external(profile: str, extra_params: Mapping[str, object] | None = None) -> None:
+    """Read every external cohort notebook 01 will assemble (``EXTERNAL``, from ``--param`` or the
+    profile) before any kernel starts, so a missing folder, a cohort with no image or a recipe
+    naming an unknown class stops the run with one line naming the cohort
+    (:class:`cxrlib.data.external.ExternalCohortError`) before anything is trained.
+
+    The data folder is ``EXTERNAL_ROOT``, else ``DATA_ROOT`` (relative: from the project root).
+    """
+    from cxrlib.data.external import external_specs, load_externals
+
+    params = {**profile_overrides(profile, "01"), **dict(extra_params or {})}
+    specs = external_specs(params.get("EXTERNAL"))
+    if not specs:
+        return
+    root = str(params.get("EXTERNAL_ROOT") or params.get("DATA_ROOT") or "")
+    load_externals(specs, config.PROJECT_ROOT / root if root else "")
 
 
 def route_parameters(notebooks: Sequence[Path], extra_params: Mapping[str, object]) -> dict[str, dict[str, object]]:
@@ -169,6 +188,7 @@ def run_pipeline(
         if not selected:
             raise ValueError(f"no notebook matches {list(notebooks)}")
     check_dataset(dataset, extra_params)
+    check_external(profile, extra_params)
     routed = route_parameters(selected, extra_params)
     run_dir = runs.resolve_run_dir(run_dir, dataset, profile)
     out_dir = run_dir / "notebooks"

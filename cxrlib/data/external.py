@@ -314,3 +314,42 @@ def read_external(stage_dir: str | os.PathLike, *,
             manifest_path.parent.name
         cohorts[name] = frame
     return cohorts
+
+
+def external_specs(value: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
+    """Notebook 01's ``EXTERNAL`` parameter as a list of recipe names or paths.
+
+    ``""`` / ``None`` / ``[]``: none; one name (``"cxnet_covid"``, as ``--param
+    EXTERNAL=cxnet_covid`` gives it) or a list of them. Repeated entries are kept once.
+    """
+    if value is None or (isinstance(value, str | os.PathLike) and not os.fspath(value)):
+        return []
+    items = [value] if isinstance(value, str | os.PathLike) else list(value)
+    specs = [os.fspath(item).strip() for item in items]
+    if any(not spec for spec in specs):
+        raise ExternalCohortError(f"EXTERNAL: an empty cohort name in {items!r}")
+    return list(dict.fromkeys(specs))
+
+
+def load_externals(specs: str | os.PathLike | Sequence[str | os.PathLike] | None, data_root: str | os.PathLike, *,
+                   seed: int | None = None,
+                   classes: Sequence[str] | None = ("normal", "pneumonia", "covid")) -> dict[str, tuple]:
+    """:func:`load_external` for every entry of ``specs`` (:func:`external_specs`), before any
+    image is decoded: ``{name: (manifest, recipe build report)}``.
+
+    The first bad cohort stops with its :class:`ExternalCohortError` line (notebook 01 calls
+    this first, and ``python -m cxrlib pipeline`` before any notebook runs, so a wrong
+    cohort never costs a training run). Two specs giving one recipe name are refused.
+    """
+    specs = external_specs(specs)
+    if specs and not os.fspath(data_root):
+        raise ExternalCohortError(f"external cohort {specs[0]!r}: no data folder given (DATA_ROOT or EXTERNAL_ROOT)")
+    if specs and not Path(data_root).is_dir():
+        raise ExternalCohortError(f"external cohort {specs[0]!r}: data folder {os.fspath(data_root)} does not exist")
+    loaded: dict[str, tuple] = {}
+    for spec in specs:
+        name, manifest, report = load_external(spec, data_root, seed=seed, classes=classes)
+        if name in loaded:
+            raise ExternalCohortError(f"external cohort {spec!r}: a second cohort named {name!r}")
+        loaded[name] = (manifest, report)
+    return loaded
