@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ import pandas as pd
 
 from cxrlib import runs
 from cxrlib.data import manifest as mf
-from cxrlib.evaluate.external import INTERNAL, with_columns
+from cxrlib.evaluate import external as ext
+from cxrlib.evaluate.external import ALL_VIEWS, INTERNAL, with_columns
 from cxrlib.stages.classifiers import predictions_frame
 from cxrlib.train.classifier import load_classifier, predict_proba
 
@@ -158,3 +161,134 @@ def predict_cells(
     frame = pd.concat(parts, ignore_index=True)
     first = [*[k for k in CELL_KEYS if k in frame.columns], "evaluation_set"]
     return frame[first + [c for c in frame.columns if c not in first]]
+
+
+# ----------------------------------------------------------------------------- notebook 04's external section
+
+
+@dataclass
+class ExternalEvaluation:
+    """Every trained cell on the internal test split and on every external cohort, with the floor.
+
+    ``predictions``: :func:`predict_cells` output (one row per model and image);
+    ``per_model``: :func:`cxrlib.evaluate.external.score_models` (each seed, set and view);
+    ``summary``: :func:`~cxrlib.evaluate.external.summarize_sets` (seed-means, two-level
+    intervals, per view) with the floor's verdict on its AUC rows; ``drops``:
+    :func:`~cxrlib.evaluate.external.internal_minus_external`; ``floor``:
+    :func:`cxrlib.evaluate.shortcut.shortcut_floor`; ``table``:
+    :func:`~cxrlib.evaluate.external.wide_table` (one row per condition and set, pooled
+    views, with the floor and ``versus_floor``); ``sources``: how well image statistics tell
+    the development cohort's sources (or sites) apart, and each external cohort from the
+    development cohort (:func:`cxrlib.evaluate.shortcut.cohort_separability`).
+    """
+
+    predictions: pd.DataFrame
+    per_model: pd.DataFrame
+    summary: pd.DataFrame
+    drops: pd.DataFrame
+    floor: pd.DataFrame
+    table: pd.DataFrame
+    sources: dict[str, Any] = field(default_factory=dict)
+    cohorts: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    def results_rows(self, results: pd.DataFrame) -> pd.DataFrame:
+        """``results`` (one row per cell, internal test split) with an ``evaluation_set``
+        column (``"internal"``), followed by one row per cell and external cohort: the cell's
+        keys, ``cell_dir``, ``threshold`` and that cohort's ``n, n_pos, n_patients`` and AUC /
+        sensitivity / specificity with intervals over patients (pooled views). What
+        ``results.csv`` holds; readers that want the grid keep ``evaluation_set == "internal"``
+        (:func:`internal_rows`)."""
+        internal = results.assign(evaluation_set=INTERNAL)
+        keys = [k for k in CELL_KEYS if k in results.columns and k in self.per_model.columns]
+        if self.per_model.empty:
+            return internal
+        external = self.per_model[(self.per_model["evaluation_set"] != INTERNAL)
+                                  & (self.per_model["view"].astype(str) == ALL_VIEWS)]
+        external = external.drop(columns=["view"])
+        cells = results[[*keys, *[c for c in ("cell_dir", "threshold", "status") if c in results.columns]]]
+        external = cells.merge(external, on=keys, how="inner")
+        return pd.concat([internal, external], ignore_index=True)
+
+    def metrics(self) -> dict[str, Any]:
+        """Plain data for notebook 04's ``metrics.json``: per condition and set the AUC,
+        sensitivity and specificity with intervals, the floor and the verdict (``table``),
+        the internal-minus-external differences with their intervals (``drops``), per-view
+        rows, the floor itself and the source separability."""
+        per_view = self.summary[self.summary["view"].astype(str) != ALL_VIEWS] if len(self.summary) else self.summary
+        return {
+            "cohorts": list(self.cohorts),
+            "interval": ("seed-means; 95% interval over resamples of the training seeds, then the patients of "
+                         "each set (differences: seeds paired, patients of both sets resampled independently)"),
+            "table": self.table.to_dict("records"),
+            "drops": self.drops.to_dict("records"),
+            "per_view": per_view.to_dict("records"),
+            "floor": self.floor.to_dict("records"),
+            "sources": self.sources,
+            "seconds": self.seconds,
+        }
+
+
+def internal_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a ``results.csv`` that describe the internal test split (all rows of one
+    written before it had an ``evaluation_set`` column)."""
+    if "evaluation_set" not in results.columns:
+        return results
+    return results[results["evaluation_set"].fillna(INTERNAL).astype(str) == INTERNAL].reset_index(drop=True)
+
+
+def _separability(name: str, call) -> dict[str, Any]:
+    try:
+        return runs.to_plain(call())
+    except ValueError as error:  # one source, or too few patients to cross-validate
+        return {"status": "skipped", "reason": f"{name}: {error}"}
+
+
+def evaluate_external(
+    results: pd.DataFrame,
+    cohorts: Mapping[str, pd.DataFrame],
+    development: pd.DataFrame,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> ExternalEvaluation:
+    """Notebook 04's external section in one call: every cell of ``results`` (the grid) on
+    the internal test split and on every cohort of ``cohorts`` (``{name: external
+    manifest}``, :func:`cxrlib.data.external.read_external`) at the cell's validation
+    threshold, scored per model, per condition (seed-mean, two-level intervals), per view
+    where the view is known, the internal-minus-external difference, and the shortcut floor
+    of each binary task of the grid on every set, with the verdict next to each AUC.
+
+    ``development``: the manifest the grid was trained on (its real rows give the floor's
+    training data, the views of the internal images and the source separability). A
+    cohort with positives only gets a sensitivity and NaN AUC / specificity.
+    """
+    from cxrlib.evaluate import shortcut
+    from cxrlib.stages.classifiers import TASKS, real_rows
+
+    started = time.perf_counter()
+    real = real_rows(development)
+    predictions = predict_cells(results, cohorts, run_dir=run_dir, development=real, device=device,
+                                progress=progress)
+    per_model = ext.score_models(predictions, n_boot=n_boot, seed=seed)
+    summary = ext.summarize_sets(predictions, n_boot=n_boot, seed=seed)
+    drops = ext.internal_minus_external(predictions, n_boot=n_boot, seed=seed)
+    statistics = shortcut.statistics_table(real)
+    external_stats = {name: (cohort, shortcut.statistics_table(cohort)) for name, cohort in cohorts.items()}
+    tasks = {name: TASKS[name].classes for name in dict.fromkeys(results["task"].astype(str))
+             if name in TASKS and TASKS[name].binary}
+    floor = shortcut.shortcut_floor(real, statistics, tasks, external_stats, n_boot=n_boot, seed=seed)
+    summary = shortcut.against_floor(summary, floor, estimate="estimate")
+    table = ext.wide_table(summary, floor)
+    sources = {"development": _separability("development", lambda: shortcut.source_separability(real, statistics,
+                                                                                               n_boot=n_boot,
+                                                                                               seed=seed))}
+    for name, pair in external_stats.items():
+        sources[name] = _separability(name, lambda pair=pair: shortcut.cohort_separability(
+            {"development": (real, statistics), "external": pair}, n_boot=n_boot, seed=seed))
+    return ExternalEvaluation(predictions=predictions, per_model=per_model, summary=summary, drops=drops,
+                              floor=floor, table=table, sources=sources, cohorts=tuple(cohorts),
+                              seconds=time.perf_counter() - started)

@@ -23,10 +23,11 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -473,6 +474,27 @@ def evaluate_segmentation(
         summary[variant] = summarize_metrics(table, seed=seed, groups="patient_id", n_boot=n_boot)
     return SegmentationEvaluation(per_image=per_image, summary=summary, images=shown, truth=truth,
                                   pred={"raw": raw, "post": post}, seconds=time.perf_counter() - started)
+
+
+def evaluate_cohorts(
+    model: nn.Module,
+    cohorts: Mapping[str, pd.DataFrame],
+    **kwargs: Any,
+) -> tuple[dict[str, SegmentationEvaluation], dict[str, str]]:
+    """:func:`evaluate_segmentation` on every image with lung masks of each external cohort
+    (``{name: manifest}``, :func:`cxrlib.data.external.read_external`; every row is a test
+    row there). ``kwargs`` go to :func:`evaluate_segmentation` (``input_size`` is required).
+    Returns ``({name: evaluation}, {name: why it was skipped})``: a cohort without lung
+    masks (most real collections) is skipped, never scored against nothing.
+    """
+    scored: dict[str, SegmentationEvaluation] = {}
+    skipped: dict[str, str] = {}
+    for name, cohort in cohorts.items():
+        if with_masks(cohort).empty:
+            skipped[name] = "no lung masks"
+            continue
+        scored[name] = evaluate_segmentation(model, cohort, split=None, **kwargs)
+    return scored, skipped
 
 
 # ----------------------------------------------------------------------------- error maps

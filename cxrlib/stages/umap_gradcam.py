@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from cxrlib.data.transforms import resize_mask
 from cxrlib.explain.cam import compute_cams, patch_cam, predict_classes
 from cxrlib.explain.embed import analysis_groups, origin_kind
 from cxrlib.stages import output_path, stage_path
+from cxrlib.stages.external import internal_rows
 from cxrlib.train.classifier import ClassifierTrainResult, make_dataset
 
 #: Input modes whose images keep the original image geometry (CAMs can be scored against masks).
@@ -50,11 +51,12 @@ class ClassifierChoice:
 
 
 def read_grid_results(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Notebook 04's ``results.csv`` (one row per trained cell); FileNotFoundError when it is missing."""
+    """Notebook 04's ``results.csv``, its internal-test rows (one per trained cell; the rows of
+    external cohorts are left out); FileNotFoundError when it is missing."""
     path = output_path(run_dir, "04", "results.csv")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run notebook 04 with the same RUN_DIR first")
-    results = pd.read_csv(path)
+    results = internal_rows(pd.read_csv(path))  # one row per cell: the internal test split
     missing = {"task", "arch", "condition", "seed", "best_val_auc", "cell_dir"} - set(results.columns)
     if missing:
         raise ValueError(f"{path} lacks columns {sorted(missing)}; it was not written by notebook 04")
@@ -293,8 +295,50 @@ def saliency_over_seeds(choices: Sequence[ClassifierChoice], test_rows: pd.DataF
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+def external_saliency(choice: ClassifierChoice, cohorts: Mapping[str, pd.DataFrame], methods: Sequence[str], *,
+                      load: Any, positive_label: str, size: int, max_images: int = 30, layer: str | None = None,
+                      tolerance: float = 0.0, n_random: int = 10, random_grid: int | tuple[int, int] = 7,
+                      centre_sigma: float = 0.25, patch_k: int = 20, n_boot: int = 1000,
+                      seed: int = 0) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """Lung overlap (and, where lesion masks exist, pointing game and lesion energy) of the chosen
+    classifier's ``positive_label`` CAMs on each external cohort (``{name: manifest}``,
+    :func:`cxrlib.data.external.read_external`) that has lung masks.
+
+    At most ``max_images`` ``positive_label`` images per cohort (a seeded sample; every one, right
+    or wrong, since the external images carry no prediction of this model yet) are scored with
+    :func:`cxrlib.explain.saliency.score_images` against the cohort's own masks, then summarised
+    per method with 95 % intervals over patients (:func:`cxrlib.explain.saliency.summarize_scores`).
+    Returns ``({name: summary table}, {name: why it was skipped})``.
+    """
+    from cxrlib.explain import saliency as sal
+
+    summaries: dict[str, pd.DataFrame] = {}
+    skipped: dict[str, str] = {}
+    model = None
+    for name, cohort in cohorts.items():
+        rows = cohort[cohort["label"].astype(str) == positive_label].drop_duplicates("image_id")
+        columns, reason = lung_mask_columns(rows)
+        if rows.empty or not columns:
+            skipped[name] = f"no {positive_label} image" if rows.empty else reason
+            continue
+        rows = rows.sample(n=min(max_images, len(rows)), random_state=seed).reset_index(drop=True)
+        model = model or load(choice.cell_dir)
+        explained = explain_rows(model, rows, methods, target_class=model.classes.index(positive_label), layer=layer,
+                                 display_size=size, patch_k=patch_k, seed=seed)
+        lesion = ("mask_lesion" in rows.columns and rows["mask_lesion"].map(_present).all())
+        per_image = sal.score_images(explained.maps, rows["image_id"].astype(str).tolist(),
+                                     lung_masks=load_masks(rows, columns, size),
+                                     lesion_masks=load_masks(rows, ["mask_lesion"], size) if lesion else None,
+                                     patient_ids=rows["patient_id"].astype(str).tolist(), tolerance=tolerance,
+                                     n_random=n_random, random_grid=random_grid, centre_sigma=centre_sigma, seed=seed)
+        measures = [m for m in ("lung_overlap", "pointing_game", "lesion_energy")
+                    if m in per_image.columns and per_image[m].notna().any()]
+        summaries[name] = sal.summarize_scores(per_image, measures, n_boot=n_boot, seed=seed)
+    return summaries, skipped
+
+
 __all__ = [
     "ClassifierChoice", "ExplainedImages", "MASK_ALIGNED_MODES", "choose_classifier",
-    "embedding_rows", "explain_rows", "load_masks", "lung_mask_columns", "read_cell_predictions",
+    "embedding_rows", "explain_rows", "external_saliency", "load_masks", "lung_mask_columns", "read_cell_predictions",
     "read_grid_results", "saliency_images", "saliency_over_seeds", "seed_choices",
 ]

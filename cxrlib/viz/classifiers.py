@@ -260,3 +260,74 @@ def grid_explorer(results: pd.DataFrame, predictions: pd.DataFrame):
         control.observe(redraw, names="value")
     redraw()
     return widgets.VBox([widgets.HBox([task, arch]), widgets.HBox([condition, imbalance]), out])
+
+
+#: Marker of each evaluation set in :func:`external_figure` (the internal test split first).
+SET_MARKERS: tuple[str, ...] = ("o", "s", "^", "v", "D", "P")
+
+
+def external_figure(table: pd.DataFrame, *, metrics: Sequence[str] = ("auc", "sensitivity")):
+    """Internal test split vs every external cohort, per condition, with the shortcut floor.
+
+    ``table``: :func:`cxrlib.evaluate.external.wide_table` output (one row per task, arch,
+    condition, imbalance and ``evaluation_set``; ``floor_auc`` columns when a floor was
+    given). One panel per metric (rows) and task (columns); within a panel a group per
+    condition (and architecture / imbalance, when there are several), one marker per
+    evaluation set: the seed-mean with its 95 % interval. On AUC panels, each set's floor
+    (what image statistics reach on that set) is a dashed line in the set's colour with its
+    interval shaded. A metric undefined on a set (AUC of a positives-only cohort) is left out.
+    """
+    rows = table.copy()
+    for column in ("arch", "imbalance"):
+        if column not in rows.columns:
+            rows[column] = ""
+    tasks = _ordered(rows["task"], list(TASKS))
+    sets = list(dict.fromkeys(["internal", *rows["evaluation_set"].astype(str)]))
+    sets = [s for s in sets if (rows["evaluation_set"].astype(str) == s).any()]
+    colors = dict(zip(sets, ["#4d4d4d", "#CC79A7", "#0072B2", "#E69F00", "#009E73", "#D55E00"], strict=False))
+    metrics = [m for m in metrics if m in rows.columns]
+    fig, axes = plt.subplots(len(metrics), len(tasks), figsize=(1.2 + 4.8 * len(tasks), 0.8 + 3.2 * len(metrics)),
+                             squeeze=False, sharey=True)
+    for j, task in enumerate(tasks):
+        panel = rows[rows["task"] == task]
+        groups = list(dict.fromkeys(zip(panel["condition"], panel["arch"], panel["imbalance"], strict=True)))
+        groups.sort(key=lambda g: (list(CONDITIONS).index(g[0]) if g[0] in CONDITIONS else len(CONDITIONS), g[1:]))
+        several = len({g[1:] for g in groups}) > 1
+        labels = [_title(g[0]) + (f"\n{g[1]} {g[2]}" if several else "") for g in groups]
+        width = 0.7 / max(len(sets), 1)
+        for i, metric in enumerate(metrics):
+            ax = axes[i][j]
+            for k, name in enumerate(sets):
+                part = panel[panel["evaluation_set"].astype(str) == name].set_index(["condition", "arch", "imbalance"])
+                part = part.reindex(groups)
+                estimate = part[metric].to_numpy(dtype=float)
+                if not np.isfinite(estimate).any():
+                    continue
+                x = np.arange(len(groups)) - 0.35 + width * (k + 0.5)
+                error = np.vstack([estimate - part[f"{metric}_low"].to_numpy(dtype=float),
+                                   part[f"{metric}_high"].to_numpy(dtype=float) - estimate])
+                ax.errorbar(x, estimate, yerr=np.nan_to_num(np.clip(error, 0, None)), fmt=SET_MARKERS[k % 6],
+                            color=colors.get(name, "#333333"), capsize=3, ms=6, label=name if j == 0 else None)
+                floor_column = f"floor_{metric}"
+                if floor_column in part.columns and np.isfinite(part[floor_column].to_numpy(dtype=float)).any():
+                    floor = part[[floor_column, f"{floor_column}_low", f"{floor_column}_high"]].dropna().iloc[0]
+                    ax.axhline(floor[floor_column], color=colors.get(name, "#333333"), ls="--", lw=1,
+                               label=f"floor ({name})" if j == 0 else None)
+                    ax.axhspan(floor[f"{floor_column}_low"], floor[f"{floor_column}_high"],
+                               color=colors.get(name, "#333333"), alpha=0.08)
+            if metric == "auc":
+                ax.axhline(0.5, color="black", lw=0.6, ls=":")
+            ax.set_xticks(np.arange(len(groups)), labels if i == len(metrics) - 1 else [""] * len(groups), fontsize=8)
+            ax.set_ylim(-0.02, 1.05)
+            ax.set_ylabel(metric if j == 0 else "")
+            if i == 0:
+                ax.set_title(TASKS[task].title if task in TASKS else task, fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="upper center", ncol=min(len(names), 4), fontsize=8,
+                   bbox_to_anchor=(0.5, 1.0 + 0.04 * ((len(names) - 1) // 4 + 1)), frameon=False)
+    fig.suptitle("Internal test split vs external cohorts (seed-mean, 95% CI); dashed: image-statistics floor",
+                 fontsize=10, y=1.0 + 0.04 * ((len(names) - 1) // 4 + 2) if handles else 1.02)
+    fig.tight_layout()
+    return fig
