@@ -136,6 +136,39 @@ def _diffusion(metrics: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
     return rows, []
 
 
+def _external(metrics: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
+    """Notebook 04's internal / external / floor table (``metrics["external"]``) as rows of plain
+    numbers, and the internal-minus-external differences as claims (AUC; sensitivity where the
+    cohort has positives only, so no AUC)."""
+    external = metrics.get("external") or {}
+    if not isinstance(external, Mapping) or not external.get("table"):
+        return [], []
+    keys = ("task", "arch", "condition", "imbalance")
+    drops: dict[tuple, dict] = {}
+    for row in external.get("drops") or []:
+        if row.get("metric") in ("auc", "sensitivity") and not math.isnan(_num(row.get("difference"))):
+            key = (*(row.get(k) for k in keys), row.get("external"))
+            if row["metric"] == "auc" or key not in drops:
+                drops[key] = row
+    rows = []
+    for row in external["table"]:
+        out = {k: row.get(k) for k in (*keys, "evaluation_set", "versus_floor")}
+        for metric in ("auc", "sensitivity", "specificity", "floor_auc"):
+            out[metric] = {"estimate": _num(row.get(metric)), "low": _num(row.get(f"{metric}_low")),
+                           "high": _num(row.get(f"{metric}_high"))}
+        out["n"], out["n_patients"] = row.get("n"), row.get("n_patients")
+        drop = drops.get((*(row.get(k) for k in keys), row.get("evaluation_set")))
+        if drop is not None:
+            claim = difference_claim(f"{drop['task']} {drop['arch']} {drop['imbalance']} {drop['condition']}, "
+                                     f"{drop['metric']}: internal minus {drop['external']}", drop.get("difference"),
+                                     drop.get("low"), drop.get("high"), up="drops externally",
+                                     down="higher externally")
+            out["difference"] = _claim(claim, metric=drop["metric"], interval=external.get("interval", ""))
+        rows.append(out)
+    claims = [row["difference"] for row in rows if "difference" in row]
+    return rows, claims
+
+
 _COLLECTORS = {"02": _segmentation, "03": _cyclegan, "04": _classifiers, "05": _analysis, "06": _diffusion}
 
 
@@ -153,9 +186,13 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         params_path = output_path(run_dir, stage, "params.json")
         params = runs.read_json(params_path) if params_path.is_file() else {}
         rows, claims = _COLLECTORS.get(stage.key, lambda m: ([], []))(metrics)
-        stages.append({"stage": stage.name, "title": stage.title, "metrics": rows, "claims": claims,
-                       "profile": (params.get("params") or {}).get("PROFILE"),
-                       "threads": params.get("torch_threads")})
+        entry = {"stage": stage.name, "title": stage.title, "metrics": rows, "claims": claims,
+                 "profile": (params.get("params") or {}).get("PROFILE"), "threads": params.get("torch_threads")}
+        external, drop_claims = _external(metrics)
+        if external:  # notebook 04 with external cohorts: the held-out table and its drop claims
+            entry["external"] = external
+            entry["claims"] = [*claims, *drop_claims]
+        stages.append(entry)
     return runs.to_plain({
         "run": run_dir.name,
         "dataset": context.get("dataset"),
@@ -220,7 +257,28 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         if stage.get("metrics"):
             lines += ["| measure | estimate (95% CI) |", "|---|---|"]
             lines += [f"| {m['name']} | {_fmt_interval(m)} |" for m in stage["metrics"]]
+        if stage.get("external"):
+            lines += _external_lines(stage["external"])
     return "\n".join(lines) + "\n"
+
+
+def _external_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The internal / external / floor table of notebook 04 (rows of :func:`_external`)."""
+    lines = ["", "### Internal test split vs external cohorts vs the shortcut floor", "",
+             "Seed-means at each model's validation threshold; the floor is a logistic regression on global image "
+             "statistics trained on the same training split. A positives-only cohort has a sensitivity only.", "",
+             "| task | condition | evaluation set | AUC (95% CI) | sensitivity (95% CI) | specificity (95% CI) | "
+             "floor AUC (95% CI) | versus floor | internal minus external | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        drop = row.get("difference") or {}
+        difference = f"{drop.get('metric')}: {_fmt_interval(drop, sign=True)}" if drop else ""
+        lines.append(f"| {row.get('task')} | {row.get('condition')} | {row.get('evaluation_set')} | "
+                     f"{_fmt_interval(row['auc'])} | {_fmt_interval(row['sensitivity'])} | "
+                     f"{_fmt_interval(row['specificity'])} | {_fmt_interval(row['floor_auc'])} | "
+                     f"{row.get('versus_floor') or ''} | {difference} | "
+                     f"{('**' + drop['verdict'] + '**') if drop else ''} |")
+    return lines
 
 
 def write_results(run_dir: str | os.PathLike) -> Path:
