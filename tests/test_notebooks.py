@@ -59,6 +59,13 @@ def test_quick_pipeline_runs_every_notebook(tmp_path, monkeypatch):
     assert data_metrics["leakage_ok"] is True
     assert data_metrics["n_images"] > 0 and data_metrics["n_unreadable"] == 0
     assert stages.output_path(run_dir, "01", "gallery.png").exists()
+    # the held-out phantom site: assembled by 01, scored by 04 on both sets with the floor, segmented by 02
+    assert data_metrics["external"]["heldout_valley_imaging"]["n_kept"] > 0
+    external = json.loads(stages.output_path(run_dir, "04", "metrics.json").read_text())["external"]
+    assert [row["evaluation_set"] for row in external["table"]][:2] == ["internal", "heldout_valley_imaging"]
+    assert all("floor_auc" in row and "versus_floor" in row for row in external["table"])
+    segmentation = json.loads(stages.output_path(run_dir, "02", "metrics.json").read_text())
+    assert segmentation["external"]["heldout_valley_imaging"]["n_test"] > 0
     # the quick run must not overwrite the README figures
     assert (gallery.stat().st_mtime_ns if gallery.exists() else None) == before
     # executed notebooks keep their widgets' state (the explorers show without a kernel)
