@@ -115,7 +115,8 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 def _cmd_data_copies(args: argparse.Namespace) -> int:
     from cxrlib.data.copies import CopySettings, copies_across, write_pairs
 
-    settings = CopySettings(min_correlation=args.min_correlation, k=args.k)
+    chosen = {"min_correlation": args.min_correlation, "min_tight_share": args.min_tight_share}
+    settings = CopySettings(k=args.k, **{name: value for name, value in chosen.items() if value is not None})
     result = copies_across(args.inputs, settings, progress=not args.quiet)
     out = write_pairs(result, args.out)
     where = "across the inputs" if len(args.inputs) > 1 else "within the input"
@@ -256,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("inputs", nargs="+", help="image folders or manifests (.csv/.parquet with a path "
                                              "column); two or more: pairs across them, one: within it")
     q.add_argument("--out", required=True, help="CSV: one row per examined pair, with evidence and 'copy'")
-    q.add_argument("--min-correlation", type=float, default=0.55,
-                   help="band-pass correlation from which an aligned pair is a copy (docs/copies.md)")
+    q.add_argument("--min-correlation", type=float, default=None,
+                   help="band-pass correlation from which an aligned pair is a copy (default: CopySettings)")
+    q.add_argument("--min-tight-share", type=float, default=None,
+                   help="share of keypoint matches the map must fit tightly (default: CopySettings)")
     q.add_argument("--k", type=int, default=5, help="candidate partners examined per image")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_data_copies)
@@ -308,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "holds in it (repeatable)")
     p.add_argument("--note", action="append", default=[], type=_parameter, metavar="RUN=TEXT",
                    help="how a run was made (load, threads), shown next to it (repeatable)")
+    p.add_argument("--readme", default=None, metavar="README",
+                   help="also rewrite the held-out-site table between README's external-table markers from RUN")
     p.set_defaults(func=_cmd_results)
 
     p = sub.add_parser("compare", help="every headline metric and claim of two or more runs side by side")
@@ -328,12 +333,18 @@ def _cmd_results(args: argparse.Namespace) -> int:
     source = sources[0]
     if source.is_dir() and args.out is None and not args.rerun:
         print(results.write_results(source))
+        if args.readme:
+            results.update_readme(args.readme, source / results.SUMMARY)
+            print(args.readme)
         return 0
     text = results.render_page(source, sources[1:], notes={name: str(note) for name, note in args.note})
     out = Path(args.out) if args.out else (source / results.RESULTS if source.is_dir()
                                            else source.with_name(results.RESULTS))
     runs.atomic_write(out, lambda stream: stream.write(text), mode="w")
     print(out)
+    if args.readme:
+        results.update_readme(args.readme, source if not source.is_dir() else results.summarize_run(source))
+        print(args.readme)
     return 0
 
 

@@ -96,6 +96,59 @@ def test_rotation_and_scale_are_measured(cohort):
     assert abs(evidence.scale - 1.0) < 0.05
 
 
+def test_root_sift_descriptors_are_bytes_of_unit_length(cohort):
+    features = copies.describe(cohort["films"][0])
+    assert features.descriptors.dtype == np.uint8 and features.descriptors.shape[1] == copies.DESCRIPTOR_DIM
+    assert len(features.descriptors) == len(features.points) > 20
+    norms = np.linalg.norm(features.descriptors.astype(np.float64) / 255, axis=1)
+    assert np.allclose(norms, 1.0, atol=0.02)  # square roots of an L1-normalised histogram
+    assert copies.root_sift(None).shape == (0, copies.DESCRIPTOR_DIM)
+
+
+def test_clipped_pixels_are_marked_and_left_out(cohort):
+    image = cohort["films"][1]
+    windowed = np.clip((image.astype(np.float32) - 110) * 3.0, 0, 255).astype(np.uint8)
+    plain, clipped = copies.describe(image), copies.describe(windowed)
+    assert (plain.small == 0).mean() < 0.05  # only the darkest levels of an unclipped film
+    expected = ((windowed <= copies.CLIP_TOLERANCE) | (windowed >= 255 - copies.CLIP_TOLERANCE)).mean()
+    assert abs((clipped.small == 0).mean() - expected) < 0.1 and expected > 0.3
+    evidence = copies.verify_pair(plain, clipped)
+    assert copies.is_copy(evidence), evidence  # the rest of the film still correlates
+
+
+def test_the_finer_image_is_compared_at_the_coarser_ones_scale(cohort):
+    import cv2
+
+    image = cohort["films"][2]
+    small = cv2.resize(image, (110, 110), interpolation=cv2.INTER_AREA)
+    # the copy shrunk into a textured frame (that trimming cannot remove): its film is coarser
+    frame = film(anatomy(99), 99)
+    frame[41:151, 41:151] = small
+    big, framed = copies.describe(image), copies.describe(frame)
+    for first, second in ((big, framed), (framed, big)):
+        evidence = copies.verify_pair(first, second)
+        # the map always takes the coarser image to the finer one
+        assert copies.is_copy(evidence) and 1.5 < evidence.scale < 1.95, evidence
+
+
+def test_the_inverted_file_index_finds_what_the_exact_one_finds():
+    rng = np.random.default_rng(0)
+    centres = rng.integers(40, 216, size=(60, copies.DESCRIPTOR_DIM))  # clustered, as keypoints are
+    descriptors = np.clip(centres[np.arange(6000) % 60] + rng.integers(-30, 31, size=(6000, copies.DESCRIPTOR_DIM)),
+                          0, 255).astype(np.uint8)
+    queries = np.clip(descriptors[:500].astype(int) + rng.integers(-3, 4, size=(500, copies.DESCRIPTOR_DIM)),
+                      0, 255).astype(np.uint8)
+    exact = copies._DescriptorIndex(descriptors)
+    inverted = copies._DescriptorIndex(descriptors, exact_below=1000)
+    assert type(exact.index).__name__ == "IndexFlatL2" and "IVF" in type(inverted.index).__name__
+    for index in (exact, inverted):
+        distances, found = index.search(queries, 2)
+        hit = found[:, 0] == np.arange(500)
+        assert hit.mean() > 0.9 and np.all(distances[:, 0] <= distances[:, 1])
+        assert np.allclose(distances[hit, 0], np.linalg.norm(queries[hit].astype(float) - descriptors[:500][hit], axis=1),
+                           atol=0.05)  # Euclidean, not squared
+
+
 def test_copies_across_folders_and_manifests_and_the_command(tmp_path, cohort, capsys):
     first, second = tmp_path / "a", tmp_path / "b"
     for index in range(4):

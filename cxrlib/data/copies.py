@@ -9,21 +9,23 @@ works in three steps, chosen by measurement on ``benchmarks/bench_copies.py``
 1. **describe** each image once (:func:`describe`): uniform borders and padding trimmed,
    the longest side resized to ``CopySettings.feature_size`` pixels, the histogram
    equalised (window/level, gamma and equalisation are monotone grey-level maps), then
-   up to ``n_features`` ORB keypoints (OpenCV) and a small ``size``-pixel copy of the
-   canonical image for verification;
-2. **candidates** (:func:`candidate_pairs`): every keypoint descriptor goes into one
-   locality-sensitive-hashing index (OpenCV FLANN LSH, sub-quadratic); each image's
-   descriptors look up their two nearest neighbours, a match passing Lowe's ratio test is
-   a vote for the image it belongs to, and the ``k`` images with the most votes (at least
-   ``min_votes``) become candidates;
+   up to ``n_features`` SIFT keypoints (OpenCV) with RootSIFT descriptors stored as bytes,
+   and a small ``size``-pixel copy of the canonical image for verification, its clipped
+   pixels (a window that saturates) marked;
+2. **candidates** (:func:`candidate_pairs`): every keypoint descriptor goes into one faiss
+   index (exact for small sets, an inverted file above; sub-quadratic); each descriptor
+   looks up its nearest neighbours, a match passing Lowe's ratio test is a vote for the
+   image it belongs to, and the ``k`` images with the most votes (at least ``min_votes``)
+   become candidates;
 3. **verification** (:func:`verify_pair`): the votes' matches give a similarity map
    (RANSAC, ``estimateAffinePartial2D``), which ECC alignment (``findTransformECC``,
    affine, masked to the covered part) may refine on the small canonical images; the
-   pair is then compared on its overlap by the correlation of a fine band-pass
-   (difference of Gaussians, :data:`BAND`), leaving out saturated pixels (clipped windows,
-   burned-in text), as the median over ``tiles x tiles`` tiles. The same film gives a high
-   score; a follow-up film of the same patient matches in anatomy but not in fine
-   structure. :func:`is_copy` adds limits on rotation, scale and overlap.
+   finer of the two images is warped (cubic) onto the coarser one, and the pair is
+   compared on its overlap by the correlation of a fine band-pass (difference of
+   Gaussians, :data:`BAND`), leaving out saturated and clipped pixels (windows, burned-in
+   text), as the median over ``tiles x tiles`` tiles. The same film gives a high score; a
+   follow-up film of the same patient matches in anatomy but not in fine structure.
+   :func:`is_copy` adds limits on rotation, scale and overlap.
 
 :func:`find_copies` runs the three steps over one or more lists of images and returns one
 row per examined pair with its evidence; :func:`folder_paths` lists a folder's images.
@@ -47,7 +49,7 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".
                                    ".tiff", ".gif", ".dcm", ".dicom")
 #: Columns of :func:`find_copies`' table (``first`` / ``second``: positions in the input).
 PAIR_COLUMNS: tuple[str, ...] = (
-    "first", "second", "path_first", "path_second", "score", "copy", "votes", "inliers",
+    "first", "second", "path_first", "path_second", "score", "copy", "votes", "inliers", "tight_share",
     "correlation", "coarse_correlation", "overlap", "rotation_deg", "scale", "aligned", "refined",
 )
 
@@ -56,15 +58,17 @@ PAIR_COLUMNS: tuple[str, ...] = (
 class CopySettings:
     """Knobs of the detector; the defaults are the ones measured in ``docs/copies.md``."""
 
-    feature_size: int = 192         # longest side (pixels) of the image ORB looks at
+    feature_size: int = 192         # longest side (pixels) of the image SIFT looks at
     size: int = 128                 # longest side (pixels) of the image verification aligns
-    n_features: int = 200           # ORB keypoints per image
+    n_features: int = 200           # SIFT keypoints per image
+    contrast_threshold: float = 0.01  # SIFT's contrast threshold (OpenCV's default 0.04 finds too few)
     ratio: float = 0.85             # Lowe's ratio test for a descriptor match
     k: int = 5                      # candidate partners per image
     min_votes: int = 3              # fewer matched keypoints: not a candidate
     min_inliers: int = 6            # fewer RANSAC inliers: not aligned further, not a copy
     tiles: int = 4                  # the score is the median correlation over tiles x tiles
-    min_correlation: float = 0.55   # band-pass correlation from which a pair is a copy
+    min_correlation: float = 0.4    # band-pass correlation from which a pair is a copy ...
+    min_tight_share: float = 0.25   # ... when this share of its keypoint matches fits the map within TIGHT_PIXELS
     max_rotation_deg: float = 20.0  # larger rotations are not re-publication
     max_scale_ratio: float = 2.5    # larger relative scale is not re-publication
     min_overlap: float = 0.3        # share of the smaller image that must overlap the other
@@ -115,13 +119,34 @@ def canonical_image(image: np.ndarray, size: int, blank_std: float = 2.0) -> np.
     return cv2.equalizeHist(resized)
 
 
+#: Grey levels (of 255) within which a pixel counts as clipped at the image's darkest or
+#: brightest value: a window that clips, then resizing and JPEG, leave flat regions a few
+#: levels above black or below white whose only texture is compression noise.
+CLIP_TOLERANCE: int = 8
+
+
+def _mark_clipped(image: np.ndarray, small: np.ndarray, blank_std: float) -> np.ndarray:
+    """``small`` (equalised) with the pixels that were clipped in ``image`` set to 0 and every
+    other pixel at least 1, so that verification leaves them out (:func:`_compare` treats 0
+    and 255 as saturated). Clipped: within :data:`CLIP_TOLERANCE` of the trimmed image's
+    darkest or brightest level, judged on the same grid as ``small`` before equalisation."""
+    import cv2
+
+    trimmed = np.ascontiguousarray(trim_borders(np.asarray(image), blank_std), dtype=np.uint8)
+    plain = cv2.resize(trimmed, (small.shape[1], small.shape[0]), interpolation=cv2.INTER_AREA)
+    low, high = int(plain.min()), int(plain.max())
+    clipped = (plain <= low + CLIP_TOLERANCE) | (plain >= high - CLIP_TOLERANCE)
+    return np.where(clipped, 0, np.maximum(small, 1)).astype(np.uint8)
+
+
 @dataclass
 class ImageFeatures:
-    """One image as the detector keeps it (about ``size**2 + 40 * n_features`` bytes).
+    """One image as the detector keeps it (about ``size**2 + 136 * n_features`` bytes).
 
-    ``small``: ``(h, w)`` ``uint8`` canonical image, longest side ``size``; ``points``:
-    ``(K, 2)`` ``float32`` keypoint positions in ``small``'s pixels; ``descriptors``:
-    ``(K, 32)`` ``uint8`` ORB descriptors (``K`` may be 0 for a blank image).
+    ``small``: ``(h, w)`` ``uint8`` canonical image, longest side ``size``, clipped pixels
+    set to 0 (:func:`_mark_clipped`); ``points``: ``(K, 2)`` ``float32`` keypoint positions
+    in ``small``'s pixels; ``descriptors``: ``(K, 128)`` ``uint8`` RootSIFT descriptors
+    (:func:`root_sift`; ``K`` may be 0 for a blank image).
     """
 
     small: np.ndarray
@@ -129,27 +154,41 @@ class ImageFeatures:
     descriptors: np.ndarray
 
 
-def _orb(settings: CopySettings):
+#: Length of a keypoint descriptor (SIFT).
+DESCRIPTOR_DIM: int = 128
+
+
+def _detector(settings: CopySettings):
     import cv2
 
-    # small patches and a low FAST threshold: the images are small and smooth
-    return cv2.ORB_create(nfeatures=settings.n_features, scaleFactor=1.3, nlevels=4,
-                          edgeThreshold=15, patchSize=15, fastThreshold=5)
+    # a low contrast threshold: the canonical images are small and smooth
+    return cv2.SIFT_create(nfeatures=settings.n_features, contrastThreshold=settings.contrast_threshold)
 
 
-def describe(image: np.ndarray, settings: CopySettings = CopySettings(), orb=None) -> ImageFeatures:
+def root_sift(descriptors: np.ndarray | None) -> np.ndarray:
+    """``(K, 128)`` SIFT descriptors as ``uint8`` RootSIFT (Arandjelovic & Zisserman 2012:
+    L1-normalised, square-rooted, so that Euclidean distance compares them as the Hellinger
+    kernel does), scaled to 0-255: 128 bytes per keypoint."""
+    if descriptors is None or not len(descriptors):
+        return np.zeros((0, DESCRIPTOR_DIM), dtype=np.uint8)
+    values = np.asarray(descriptors, dtype=np.float32)
+    values = np.sqrt(values / np.maximum(values.sum(axis=1, keepdims=True), 1e-6))
+    return np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)
+
+
+def describe(image: np.ndarray, settings: CopySettings = CopySettings(), detector=None) -> ImageFeatures:
     """:class:`ImageFeatures` of an ``(H, W)`` ``uint8`` image."""
     import cv2
 
     canonical = canonical_image(image, settings.feature_size, settings.blank_std)
-    keypoints, descriptors = (orb or _orb(settings)).detectAndCompute(canonical, None)
+    keypoints, descriptors = (detector or _detector(settings)).detectAndCompute(canonical, None)
+    descriptors = root_sift(descriptors)
     scale = settings.size / settings.feature_size
     small = cv2.resize(canonical, (max(8, round(canonical.shape[1] * scale)),
                                    max(8, round(canonical.shape[0] * scale))),
                        interpolation=cv2.INTER_AREA)
+    small = _mark_clipped(image, small, settings.blank_std)
     points = np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2) * scale
-    if descriptors is None:
-        descriptors = np.zeros((0, 32), dtype=np.uint8)
     return ImageFeatures(small=small, points=points, descriptors=descriptors)
 
 
@@ -163,7 +202,10 @@ class PairEvidence:
     (the equalised images themselves), ``overlap`` (share of the smaller image), the map's
     ``rotation_deg`` and ``scale``; ``aligned`` is False when the keypoints gave no map
     with ``min_inliers`` inliers (such a pair is never a copy); ``refined`` says whether ECC
-    improved on the keypoint map."""
+    improved on the keypoint map; ``tight_share`` is the share of all keypoint matches that
+    the keypoint map explains within :data:`TIGHT_PIXELS` (a copy is one rigid picture, so
+    most of its matches fit to a fraction of a pixel; a follow-up film of the same patient,
+    breathing and posed a little differently, fits only loosely)."""
 
     inliers: int
     correlation: float
@@ -173,11 +215,21 @@ class PairEvidence:
     scale: float
     aligned: bool
     refined: bool = False
+    tight_share: float = 0.0
 
+
+#: Reprojection error (pixels of the ``size`` image) within which a keypoint match fits the
+#: map tightly (:attr:`PairEvidence.tight_share`).
+TIGHT_PIXELS: float = 0.7
 
 #: Scales (pixels of the ``size`` image) of the band-pass comparison: the finest band that
 #: resizing and JPEG leave, where follow-up films of one patient stop matching (docs/copies.md).
 BAND: tuple[float, float] = (0.7, 1.8)
+
+
+#: A tile takes part in the median when at least this share of its pixels is usable (a
+#: window that clips leaves large saturated areas out).
+MIN_TILE_SHARE: float = 0.1
 
 
 def _band_pass(image: np.ndarray) -> np.ndarray:
@@ -204,7 +256,8 @@ def match_keypoints(first: ImageFeatures, second: ImageFeatures, ratio: float = 
 
     if len(first.descriptors) < 2 or len(second.descriptors) < 2:
         return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
-    matches = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(first.descriptors, second.descriptors, k=2)
+    matches = cv2.BFMatcher(cv2.NORM_L2).knnMatch(first.descriptors.astype(np.float32),
+                                                  second.descriptors.astype(np.float32), k=2)
     good = [pair[0] for pair in matches if len(pair) == 2 and pair[0].distance < ratio * pair[1].distance]
     # one match per keypoint of ``second``: many-to-one matches let RANSAC fit a map that
     # sends everything to one point
@@ -226,7 +279,8 @@ def _compare(template: np.ndarray, moving: np.ndarray, warp: np.ndarray, tiles: 
 
     height, width = template.shape
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    warped = cv2.warpAffine(moving, warp, (width, height), flags=flags, borderValue=0.0)
+    warped = cv2.warpAffine(moving, warp, (width, height), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                            borderValue=0.0)  # cubic: linear smooths away the band compared
     valid = cv2.warpAffine(np.ones_like(moving), warp, (width, height), flags=flags,
                            borderValue=0.0) > 0.99
     # saturated pixels (a clipped window, burned-in text, rotation corners) carry no structure
@@ -240,9 +294,14 @@ def _compare(template: np.ndarray, moving: np.ndarray, warp: np.ndarray, tiles: 
     for rows in np.array_split(np.arange(height), tiles):
         for columns in np.array_split(np.arange(width), tiles):
             block = np.ix_(rows, columns)
-            if usable[block].sum() >= 0.25 * len(rows) * len(columns):
+            if usable[block].sum() >= MIN_TILE_SHARE * len(rows) * len(columns):
                 scores.append(_masked_corr(band_template[block], band_moving[block], usable[block]))
-    band = float(np.median(scores)) if len(scores) >= max(2, tiles * tiles // 4) else 0.0
+    if len(scores) >= max(2, tiles * tiles // 5):
+        band = float(np.median(scores))
+    elif usable.mean() >= MIN_TILE_SHARE:  # too few tiles (a window clipped most of the film): one region
+        band = _masked_corr(band_template, band_moving, usable)
+    else:
+        band = 0.0
     return band, _masked_corr(template, warped, usable), valid
 
 
@@ -296,10 +355,21 @@ def verify_pair(first: ImageFeatures, second: ImageFeatures,
         # the map takes first's pixels to second's (what ECC and WARP_INVERSE_MAP expect)
         warp, inliers = _similarity(points_first, points_second, settings)
     aligned = warp is not None and inliers >= settings.min_inliers
+    tight_share = 0.0
+    if warp is not None and len(points_first):
+        errors = np.linalg.norm(points_first @ warp[:, :2].T + warp[:, 2] - points_second, axis=1)
+        tight_share = float(np.mean(errors < TIGHT_PIXELS))
     if warp is None:  # no usable matches: assume both show the whole film
         warp = np.array([[moving.shape[1] / width, 0, 0], [0, moving.shape[0] / height, 0]])
     warp = warp.astype(np.float32)
     scale = math.sqrt(abs(float(np.linalg.det(warp[:, :2].astype(np.float64)))))
+    if scale < 1 / 1.05:
+        # ``first`` shows the film more finely than ``second``: compare in the coarser image's
+        # pixels (else the band-pass of the finer image holds detail the other never had)
+        warp = cv2.invertAffineTransform(warp).astype(np.float32)
+        template, moving = moving, template
+        height, width = template.shape
+        scale = 1 / scale
     if scale > 1.05:  # second is sampled more finely: smooth it first so that warping does not alias
         moving = cv2.GaussianBlur(moving, (0, 0), 0.5 * math.sqrt(scale**2 - 1))
     correlation, coarse, valid = _compare(template, moving, warp, settings.tiles)
@@ -322,13 +392,14 @@ def verify_pair(first: ImageFeatures, second: ImageFeatures,
     overlap = float(valid.sum()) / max(min(template.size, moving_in_first), 1.0)
     return PairEvidence(inliers=inliers, correlation=correlation, coarse_correlation=coarse,
                         overlap=min(overlap, 1.0), rotation_deg=rotation, scale=scale,
-                        aligned=aligned, refined=refined)
+                        aligned=aligned, refined=refined, tight_share=tight_share)
 
 
 def is_copy(evidence: PairEvidence, settings: CopySettings = CopySettings()) -> bool:
-    """The decision: correlated fine structure under a plausible re-publication map."""
+    """The decision: correlated fine structure under a tight, plausible re-publication map."""
     scale = max(evidence.scale, 1e-6)
     return bool(evidence.aligned and evidence.correlation >= settings.min_correlation
+                and evidence.tight_share >= settings.min_tight_share
                 and abs(evidence.rotation_deg) <= settings.max_rotation_deg
                 and 1 / settings.max_scale_ratio <= scale <= settings.max_scale_ratio
                 and evidence.overlap >= settings.min_overlap)
@@ -337,39 +408,51 @@ def is_copy(evidence: PairEvidence, settings: CopySettings = CopySettings()) -> 
 # ----------------------------------------------------------------------------- many images
 
 
-def _binary_index(descriptors: np.ndarray, seed: int = 0):
-    """A faiss index over ``(M, 32)`` ``uint8`` ORB descriptors: exact below 50,000 of them,
-    else an inverted file of about ``4 * sqrt(M)`` lists (search cost ~ ``M**0.5`` per query,
-    so the whole search grows like ``M**1.5``, not ``M**2``)."""
-    import faiss
+class _DescriptorIndex:
+    """A faiss index over ``(M, 128)`` ``uint8`` RootSIFT descriptors: exact search below
+    ``exact_below`` of them, else an inverted file, the vectors stored as bytes
+    (``QT_8bit_direct``: exact, 128 bytes each), of about ``4 * sqrt(M)`` lists probed 8 at a time (search cost
+    ~ ``M**0.5`` per query, so the whole search grows like ``M**1.5``, not ``M**2``).
+    :meth:`search` takes ``uint8`` queries and returns Euclidean (not squared) distances."""
 
-    n_bits = descriptors.shape[1] * 8
-    if len(descriptors) < 50_000:
-        index = faiss.IndexBinaryFlat(n_bits)
-    else:
-        n_lists = int(min(4096, 4 * math.sqrt(len(descriptors))))
-        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(n_bits), n_bits, n_lists)
-        index.cp.niter = 4  # a rough partition is enough: the lists only need to be local
-        index.cp.seed = seed
-        sample = np.random.default_rng(seed).choice(len(descriptors), min(len(descriptors), 40 * n_lists),
-                                                    replace=False)
-        index.train(descriptors[np.sort(sample)])
-        index.nprobe = 8
-    index.add(descriptors)
-    return index
+    def __init__(self, descriptors: np.ndarray, seed: int = 0, exact_below: int = 100_000) -> None:
+        import faiss
+
+        dim = descriptors.shape[1]
+        kind = faiss.ScalarQuantizer.QT_8bit_direct
+        if len(descriptors) < exact_below:  # BLAS search over float copies (under 51 MB)
+            self.index = faiss.IndexFlatL2(dim)
+        else:
+            n_lists = int(min(16_384, 4 * math.sqrt(len(descriptors))))
+            self._quantizer = faiss.IndexFlatL2(dim)  # kept alive with the index
+            # the vectors themselves, not their residuals: bytes cannot hold a negative residual
+            self.index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, n_lists, kind, faiss.METRIC_L2, False)
+            self.index.cp.niter = 4  # a rough partition is enough: the lists only need to be local
+            self.index.cp.seed = seed
+            sample = np.random.default_rng(seed).choice(len(descriptors), min(len(descriptors), 40 * n_lists),
+                                                        replace=False)
+            self.index.train(descriptors[np.sort(sample)].astype(np.float32))
+            self.index.nprobe = 8
+        for start in range(0, len(descriptors), 200_000):  # float copies one block at a time
+            self.index.add(descriptors[start:start + 200_000].astype(np.float32))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        distances, found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return np.sqrt(np.maximum(distances, 0.0)), found
 
 
 def candidate_pairs(features: Sequence[ImageFeatures], settings: CopySettings = CopySettings(),
                     groups: Sequence[int] | None = None, chunk: int = 20_000) -> pd.DataFrame:
     """Pairs worth verifying: ``first < second`` positions in ``features``, with ``votes``.
 
-    All ORB descriptors go into one faiss binary index (:func:`_binary_index`); each
+    All keypoint descriptors go into one faiss index (:class:`_DescriptorIndex`); each
     descriptor looks up its nearest neighbours, and the nearest one from another image
     votes for that image when it passes Lowe's ratio test against the nearest one from a
     third image (so several copies of one film do not cancel each other out). Each image
     keeps its ``settings.k`` best-voted partners with at least ``min_votes`` votes. With
     ``groups`` (one id per image), only pairs across groups are kept (and only they vote).
-    Memory: the descriptors (32 bytes each) and the search results of one ``chunk``.
+    Memory: the descriptors (128 bytes each, twice: the features and the index) and the
+    search results of one ``chunk``.
     """
     n_images = len(features)
     empty = pd.DataFrame({"first": [], "second": [], "votes": []}, dtype=int)
@@ -381,7 +464,7 @@ def candidate_pairs(features: Sequence[ImageFeatures], settings: CopySettings = 
         return empty
     owner = np.repeat(np.arange(n_images), counts)
     everything = np.ascontiguousarray(np.concatenate([f.descriptors for f in features if len(f.descriptors)]))
-    index = _binary_index(everything)
+    index = _DescriptorIndex(everything)
     cross_only = groups is not None and len(set(group_of.tolist())) > 1
     neighbours = 8
     voters, voted = [], []
@@ -400,10 +483,18 @@ def candidate_pairs(features: Sequence[ImageFeatures], settings: CopySettings = 
         runner_up = usable & (other != best[:, None])
         second = np.argmax(runner_up, axis=1)
         has_second = runner_up[rows, second]
-        passes = has_first & (~has_second | (distances[rows, first]
-                                             < settings.ratio * distances[rows, second]))
-        voters.append(query_owner[passes])
-        voted.append(best[passes])
+        runner = other[rows, second]
+        # and the nearest one from a third image: when two images (a film and its copy, or
+        # two copies) match equally well, both are distinctive against the rest
+        third_up = runner_up & (other != runner[:, None])
+        third = np.argmax(third_up, axis=1)
+        has_third = third_up[rows, third]
+        d_first, d_second, d_third = (distances[rows, column] for column in (first, second, third))
+        passes = has_first & (~has_second | (d_first < settings.ratio * d_second)
+                              | ~has_third | (d_first < settings.ratio * d_third))
+        passes_second = has_second & (~has_third | (d_second < settings.ratio * d_third))
+        voters += [query_owner[passes], query_owner[passes_second]]
+        voted += [best[passes], runner[passes_second]]
     if not voters:
         return empty
     votes = pd.DataFrame({"query": np.concatenate(voters), "partner": np.concatenate(voted)})
@@ -432,7 +523,7 @@ def folder_paths(folder: str | os.PathLike) -> list[Path]:
 def describe_paths(paths: Sequence[str | os.PathLike], settings: CopySettings = CopySettings(),
                    progress: bool = False) -> tuple[list[ImageFeatures | None], LoadReport]:
     """:func:`describe` every image file (``None`` and a report line where one is unreadable)."""
-    orb = _orb(settings)
+    detector = _detector(settings)
     report = LoadReport()
     iterator: Iterable = paths
     if progress:
@@ -442,7 +533,7 @@ def describe_paths(paths: Sequence[str | os.PathLike], settings: CopySettings = 
     described: list[ImageFeatures | None] = []
     for path in iterator:
         try:
-            described.append(describe(read_image(path), settings, orb))
+            described.append(describe(read_image(path), settings, detector))
             report.n_ok += 1
         except (ImageReadError, ValueError) as error:
             report.bad.append(BadFile(path=str(path), error=getattr(error, "reason", str(error))))
@@ -510,6 +601,7 @@ def find_copies(
         rows.append({"first": a, "second": b, "path_first": names[a], "path_second": names[b],
                      "score": round(evidence.correlation, 4), "copy": is_copy(evidence, settings),
                      "votes": votes, "inliers": evidence.inliers,
+                     "tight_share": round(evidence.tight_share, 3),
                      "correlation": round(evidence.correlation, 4),
                      "coarse_correlation": round(evidence.coarse_correlation, 4),
                      "overlap": round(evidence.overlap, 3), "rotation_deg": round(evidence.rotation_deg, 2),
