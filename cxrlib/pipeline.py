@@ -194,7 +194,11 @@ def run_pipeline(
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     result = PipelineResult(run_dir=run_dir)
-    summary = dict(dataset=dataset, profile=profile, seed=int(seed), device=device, params=extra_params)
+    from cxrlib.results import git_commit
+
+    # the code the run starts from (later commits during a long run do not change it)
+    summary = dict(dataset=dataset, profile=profile, seed=int(seed), device=device, params=extra_params,
+                   commit=git_commit(mark_changes=True))
     for nb_path in selected:
         declared = notebook_parameters(nb_path)
         common = {"DATASET": dataset, "PROFILE": profile, "SEED": int(seed), "RUN_DIR": str(run_dir),
@@ -243,12 +247,10 @@ def run_pipeline(
 
 def _write_summary(path: Path, result: PipelineResult, summary: Mapping[str, object]) -> None:
     from cxrlib import __version__
-    from cxrlib.results import git_commit
 
     runs.write_json(path, {
         **summary,
         "cxrlib_version": __version__,
-        "commit": git_commit(),
         "python": sys.version.split()[0],
         "cpu": config.cpu_description(),
         "stages": [s.__dict__ for s in result.stages],

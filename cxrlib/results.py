@@ -42,12 +42,18 @@ def _interval(value: Any) -> tuple[float, float]:
     return float("nan"), float("nan")
 
 
-def git_commit() -> str:
-    """The checkout's commit (short hash), ``"unknown"`` outside a git checkout."""
+def git_commit(mark_changes: bool = False) -> str:
+    """The checkout's commit (short hash), ``"unknown"`` outside a git checkout; with
+    ``mark_changes``, ``"+changes"`` appended when tracked files differ from that commit."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=config.PROJECT_ROOT, capture_output=True,
                              text=True, timeout=10, check=False)
-        return out.stdout.strip() or "unknown"
+        commit = out.stdout.strip() or "unknown"
+        if mark_changes and commit != "unknown":
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=config.PROJECT_ROOT,
+                                    capture_output=True, text=True, timeout=10, check=False)
+            commit += "+changes" if status.stdout.strip() else ""
+        return commit
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -279,6 +285,56 @@ def _external_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                      f"{row.get('versus_floor') or ''} | {difference} | "
                      f"{('**' + drop['verdict'] + '**') if drop else ''} |")
     return lines
+
+
+#: The lines between which README.md holds the held-out-site table (:func:`update_readme`).
+README_MARKERS: tuple[str, str] = (
+    "<!-- external-table: generated from docs/results/ by `python -m cxrlib results ... --readme README.md` -->",
+    "<!-- end of external-table -->",
+)
+
+
+def render_external_brief(summary: Mapping[str, Any]) -> str:
+    """A short internal vs external vs floor table of a run (notebook 04's external rows): one
+    row per task, condition and external cohort, every number from ``summary``. Empty when
+    the run had no external cohort."""
+    rows = [row for stage in summary.get("stages") or [] for row in stage.get("external") or []]
+    internal = {(r.get("task"), r.get("arch"), r.get("condition"), r.get("imbalance")): r
+                for r in rows if r.get("evaluation_set") == "internal"}
+    lines = ["| task | condition | external cohort | AUC internal | AUC external | internal minus external | "
+             "floor AUC internal / external | external versus floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.get("evaluation_set") == "internal":
+            continue
+        inside = internal.get((row.get("task"), row.get("arch"), row.get("condition"), row.get("imbalance")), {})
+        drop = row.get("difference") or {}
+        difference = f"{_fmt_interval(drop, digits=2, sign=True)} **{drop['verdict']}**" if drop else "n/a"
+        floor_in = _fmt_interval(inside["floor_auc"], digits=2).split(" (")[0] if inside else "n/a"
+        lines.append(f"| {row.get('task')} | {row.get('condition')} | {row.get('evaluation_set')} | "
+                     f"{_fmt_interval(inside['auc'], digits=2) if inside else 'n/a'} | "
+                     f"{_fmt_interval(row['auc'], digits=2)} | {difference} | "
+                     f"{floor_in} / {_fmt_interval(row['floor_auc'], digits=2).split(' (')[0]} | "
+                     f"{row.get('versus_floor') or ''} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
+def update_readme(readme: str | os.PathLike, summary: str | os.PathLike | Mapping[str, Any]) -> bool:
+    """Replace the text between :data:`README_MARKERS` in ``readme`` with
+    :func:`render_external_brief` of ``summary`` (written atomically); True if it changed.
+    Raises ``ValueError`` when the markers are missing or the run has no external rows."""
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    start, end = README_MARKERS
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{path}: needs one line {start!r} and, after it, one line {end!r}")
+    table = render_external_brief(_load_summary(summary))
+    if not table:
+        raise ValueError(f"{path}: the run {_load_summary(summary).get('run')!r} has no external cohort to show")
+    new = text[:text.index(start) + len(start)] + "\n" + table + text[text.index(end):]
+    if new != text:
+        runs.atomic_write(path, lambda stream: stream.write(new), mode="w")
+    return new != text
 
 
 def write_results(run_dir: str | os.PathLike) -> Path:

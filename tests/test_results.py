@@ -85,3 +85,49 @@ def test_docs_results_page_is_generated_from_its_committed_summaries():
                                notes=page.get("notes"))
     assert text == (config.PROJECT_ROOT / "docs" / "results.md").read_text(), \
         "docs/results.md differs from its summaries: regenerate it with the command in docs/results/page.json"
+
+
+def _external_summary() -> dict:
+    def value(estimate, low, high):
+        return {"estimate": estimate, "low": low, "high": high}
+
+    base = {"task": "normal_vs_covid", "arch": "small_cnn", "condition": "real", "imbalance": "1:20"}
+    internal = {**base, "evaluation_set": "internal", "auc": value(0.97, 0.93, 1.0),
+                "floor_auc": value(0.99, 0.98, 1.0), "versus_floor": "not shown to beat image statistics"}
+    held_out = {**base, "evaluation_set": "heldout_site", "auc": value(0.80, 0.64, 0.95),
+                "floor_auc": value(0.57, 0.45, 0.69), "versus_floor": "above the image-statistics floor",
+                "difference": {"estimate": 0.17, "low": 0.02, "high": 0.33, "verdict": "drops externally"}}
+    return {"run": "demo", "stages": [{"stage": "04_classifiers", "external": [internal, held_out]}]}
+
+
+def test_readme_table_is_rewritten_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    start, end = results.README_MARKERS
+    readme.write_text(f"# title\n\n{start}\nold table\n{end}\n\nafter\n")
+    assert results.update_readme(readme, _external_summary()) is True
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# title") and text.endswith("after\n")
+    row = [line for line in text.splitlines() if "heldout_site" in line][0]
+    assert "0.97 (0.93 to 1.00)" in row and "0.80 (0.64 to 0.95)" in row
+    assert "+0.17 (+0.02 to +0.33) **drops externally**" in row and "0.99 / 0.57" in row
+    assert results.update_readme(readme, _external_summary()) is False  # idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="README.md: needs one line"):
+        results.update_readme(readme, _external_summary())
+    readme.write_text(f"{start}\n{end}\n")
+    with pytest.raises(ValueError, match="no external cohort"):
+        results.update_readme(readme, {"run": "plain", "stages": []})
+
+
+def test_readme_external_table_comes_from_the_committed_results():
+    """README.md's held-out-site table is the one the committed main run's summary renders."""
+    from cxrlib import config
+
+    folder = config.PROJECT_ROOT / "docs" / "results"
+    page = json.loads((folder / "page.json").read_text())
+    table = results.render_external_brief(results._load_summary(folder / page["main"]))
+    readme = (config.PROJECT_ROOT / "README.md").read_text()
+    start, end = results.README_MARKERS
+    assert table, "the main run behind docs/results.md has no external cohort"
+    assert readme[readme.index(start) + len(start):readme.index(end)] == "\n" + table, \
+        "README.md's external table differs from docs/results: regenerate it with --readme README.md"
