@@ -3,6 +3,7 @@ distinct patients, follow-up films not called copies; and throughput / peak memo
 
     nice -n 10 python benchmarks/bench_copies.py accuracy [--data /work/shared/realdata] [--n 300]
     nice -n 10 python benchmarks/bench_copies.py scale --sizes 2500 10000 40000
+    nice -n 10 python benchmarks/bench_copies.py cross     # covid-cxnet vs covid-chestxray, figures
 
 The images come from folders with patient ids read in place (nothing is copied):
 ``covid-chestxray`` (ieee8023 layout: ``metadata.csv`` + ``images/``) and ``nih-cxr14-sample``
@@ -252,9 +253,36 @@ def run_scale(args: argparse.Namespace) -> dict:
     return {"sizes": rows, "settings": copies.CopySettings().__dict__}
 
 
+def run_cross(args: argparse.Namespace) -> dict:
+    """``covid-cxnet`` against ``covid-chestxray``: the pairs (CSV), and two figures to check by
+    eye, 12 copies drawn at random and the 12 lowest-scored copies (written beside the JSON;
+    they show dataset images, so they stay out of the repository)."""
+    from cxrlib.viz.copies import plot_pairs
+
+    data = Path(args.data)
+    inputs = [data / "covid-cxnet", data / "covid-chestxray"]
+    started = time.perf_counter()
+    result = copies.copies_across(inputs)
+    seconds = time.perf_counter() - started
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    copies.write_pairs(result, RESULTS / "copies_cross_pairs.csv")
+    called = result.copies
+    plot_pairs(called.sample(min(12, len(called)), random_state=args.seed), title="copies drawn at random",
+               out=RESULTS / "copies_cross_random.png")
+    plot_pairs(called.nsmallest(12, "score"), title="lowest-scored copies", out=RESULTS / "copies_cross_lowest.png")
+    bins = [-1.0, 0.5, 0.6, 0.8, 0.9, 0.95, 1.01]
+    return {"inputs": [str(path) for path in inputs], "pairs_examined": len(result.pairs),
+            "copies": len(called), "first_images_in_copies": int(called["first"].nunique()),
+            "second_images_in_copies": int(called["second"].nunique()),
+            "copy_scores": {str(interval): int(count) for interval, count in
+                            pd.cut(called["score"], bins).value_counts().sort_index().items()},
+            "seconds": round(seconds, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "load_average": load_average(), "unreadable": len(result.report.bad)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["accuracy", "scale", "one-size"])
+    parser.add_argument("mode", choices=["accuracy", "scale", "one-size", "cross"])
     parser.add_argument("--data", default="/work/shared/realdata",
                         help="folder holding covid-chestxray/ and/or nih-cxr14-sample/")
     parser.add_argument("--n", type=int, default=300, help="films sampled (accuracy) or read (scale)")
@@ -268,7 +296,7 @@ def main() -> None:
 
         print(json.dumps(run_one_size(args)))
         return
-    payload = run_accuracy(args) if args.mode == "accuracy" else run_scale(args)
+    payload = {"accuracy": run_accuracy, "scale": run_scale, "cross": run_cross}[args.mode](args)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import write_result
 
