@@ -159,9 +159,10 @@ def _external(metrics: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
     rows = []
     for row in external["table"]:
         out = {k: row.get(k) for k in (*keys, "evaluation_set", "versus_floor")}
-        for metric in ("auc", "sensitivity", "specificity", "floor_auc"):
-            out[metric] = {"estimate": _num(row.get(metric)), "low": _num(row.get(f"{metric}_low")),
-                           "high": _num(row.get(f"{metric}_high"))}
+        for metric in ("auc", "sensitivity", "specificity", "floor_auc", "floor_sensitivity"):
+            if metric in row:  # floor_sensitivity: runs since it was added
+                out[metric] = {"estimate": _num(row.get(metric)), "low": _num(row.get(f"{metric}_low")),
+                               "high": _num(row.get(f"{metric}_high"))}
         out["n"], out["n_patients"] = row.get("n"), row.get("n_patients")
         drop = drops.get((*(row.get(k) for k in keys), row.get("evaluation_set")))
         if drop is not None:
@@ -270,18 +271,23 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
 
 def _external_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The internal / external / floor table of notebook 04 (rows of :func:`_external`)."""
+    with_sensitivity = any("floor_sensitivity" in row for row in rows)
     lines = ["", "### Internal test split vs external cohorts vs the shortcut floor", "",
              "Seed-means at each model's validation threshold; the floor is a logistic regression on global image "
-             "statistics trained on the same training split. A positives-only cohort has a sensitivity only.", "",
+             "statistics trained on the same training split. A positives-only cohort has a sensitivity only"
+             + (" (there the floor is read on sensitivity)." if with_sensitivity else "."), "",
              "| task | condition | evaluation set | AUC (95% CI) | sensitivity (95% CI) | specificity (95% CI) | "
-             "floor AUC (95% CI) | versus floor | internal minus external | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "floor AUC (95% CI) | " + ("floor sensitivity (95% CI) | " if with_sensitivity else "")
+             + "versus floor | internal minus external | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_sensitivity else "")]
     for row in rows:
         drop = row.get("difference") or {}
         difference = f"{drop.get('metric')}: {_fmt_interval(drop, sign=True)}" if drop else ""
+        floor_sensitivity = f"{_fmt_interval(row['floor_sensitivity'])} | " if "floor_sensitivity" in row else (
+            "n/a | " if with_sensitivity else "")
         lines.append(f"| {row.get('task')} | {row.get('condition')} | {row.get('evaluation_set')} | "
                      f"{_fmt_interval(row['auc'])} | {_fmt_interval(row['sensitivity'])} | "
-                     f"{_fmt_interval(row['specificity'])} | {_fmt_interval(row['floor_auc'])} | "
+                     f"{_fmt_interval(row['specificity'])} | {_fmt_interval(row['floor_auc'])} | {floor_sensitivity}"
                      f"{row.get('versus_floor') or ''} | {difference} | "
                      f"{('**' + drop['verdict'] + '**') if drop else ''} |")
     return lines

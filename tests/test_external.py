@@ -291,3 +291,24 @@ def test_wide_table_with_the_floor():
     assert table.loc["internal", "versus_floor"] == "above the image-statistics floor"
     assert table.loc["random", "versus_floor"] == "not shown to beat image statistics"
     assert table.loc["random", "n"] == 60 and {"sensitivity_low", "floor_auc_high"} <= set(table.columns)
+
+
+def test_a_positives_only_cohort_is_read_against_the_floor_on_sensitivity():
+    rng = np.random.default_rng(6)
+    predictions = pd.concat([_set("internal", n_patients=30, separable=True, rng=rng),
+                             _set("positives", n_patients=30, separable=False, only_positive=True, rng=rng)])
+    summary = ex.summarize_sets(predictions, n_boot=100)
+    floor = pd.DataFrame({"task": ["normal_vs_covid"] * 2, "evaluation_set": ["internal", "positives"],
+                          "auc": [0.6, np.nan], "auc_low": [0.5, np.nan], "auc_high": [0.7, np.nan],
+                          "sensitivity": [0.5, 0.95], "sensitivity_low": [0.4, 0.9],
+                          "sensitivity_high": [0.6, 0.99]})
+    table = ex.wide_table(summary, floor).set_index("evaluation_set")
+    assert np.isnan(table.loc["positives", "auc"]) and table.loc["positives", "floor_sensitivity"] == 0.95
+    # random scores call about half the positives: below a floor that calls 95% of them
+    assert table.loc["positives", "sensitivity_high"] < 0.9
+    assert table.loc["positives", "versus_floor"] == "not shown to beat image statistics"
+    # where the AUC exists the verdict stays on the AUC
+    assert table.loc["internal", "versus_floor"] == "above the image-statistics floor"
+    floor.loc[1, ["sensitivity", "sensitivity_low", "sensitivity_high"]] = [0.1, 0.05, 0.2]
+    assert ex.wide_table(summary, floor).set_index("evaluation_set").loc["positives", "versus_floor"] == \
+        "above the image-statistics floor"

@@ -131,3 +131,14 @@ def test_readme_external_table_comes_from_the_committed_results():
     assert table, "the main run behind docs/results.md has no external cohort"
     assert readme[readme.index(start) + len(start):readme.index(end)] == "\n" + table, \
         "README.md's external table differs from docs/results: regenerate it with --readme README.md"
+
+
+def test_single_run_pages_are_generated_from_their_committed_summaries():
+    """docs/results/<page>.md of single runs (e.g. the real-data designs) render from their summaries."""
+    from cxrlib import config
+
+    folder = config.PROJECT_ROOT / "docs" / "results"
+    pages = json.loads((folder / "page.json").read_text()).get("single_run_pages", {})
+    for page, source in pages.items():
+        assert (folder / page).read_text() == results.render_markdown(results._load_summary(folder / source)), \
+            f"docs/results/{page} differs from {source}: regenerate it with the command in docs/results/page.json"

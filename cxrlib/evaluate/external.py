@@ -325,8 +325,10 @@ def wide_table(summary: pd.DataFrame, floor: pd.DataFrame | None = None, *,
 
     Columns: the groups, ``evaluation_set``, ``n``, ``n_patients``, and per metric
     ``<metric>``, ``<metric>_low``, ``<metric>_high``; with a ``floor``
-    (:func:`cxrlib.evaluate.shortcut.shortcut_floor` output) also ``floor_auc`` with its
-    bounds and ``versus_floor`` (:func:`cxrlib.evaluate.shortcut.against_floor`). The table
+    (:func:`cxrlib.evaluate.shortcut.shortcut_floor` output) also ``floor_auc`` and
+    ``floor_sensitivity`` with their bounds and ``versus_floor``
+    (:func:`cxrlib.evaluate.shortcut.against_floor`: on AUC, or on sensitivity where a
+    cohort of positives only has no AUC). The table
     for ``results.csv``-style reports and the README's internal / external / floor table.
     """
     from cxrlib.evaluate.shortcut import against_floor
@@ -344,4 +346,13 @@ def wide_table(summary: pd.DataFrame, floor: pd.DataFrame | None = None, *,
     out = counts.join(out).reset_index()
     if floor is not None:
         out = against_floor(out, floor)
+        if {"sensitivity", "sensitivity_low"} <= set(out.columns) and "sensitivity" in floor.columns:
+            # a cohort of positives only has no AUC: there the floor is read on sensitivity
+            by_sensitivity = against_floor(out.drop(columns=["beats_floor", "versus_floor"]), floor,
+                                           metric="sensitivity")
+            for column in ("floor_sensitivity", "floor_sensitivity_low", "floor_sensitivity_high"):
+                out[column] = by_sensitivity[column].to_numpy()
+            no_auc = (out["auc"].isna() if "auc" in out.columns else pd.Series(True, index=out.index)).to_numpy()
+            for column in ("beats_floor", "versus_floor"):
+                out.loc[no_auc, column] = by_sensitivity.loc[no_auc, column].to_numpy()
     return out
