@@ -31,11 +31,14 @@ from cxrlib.stages.runtime import (
 )
 
 
-def check_dataset(dataset: str, extra_params: Mapping[str, object] | None = None) -> None:
+def check_dataset(dataset: str, extra_params: Mapping[str, object] | None = None, *,
+                  needs_data_root: bool = True) -> None:
     """Refuse an unknown dataset, or a recipe without ``DATA_ROOT``, before any kernel starts.
 
-    ``dataset`` is ``"phantom"``, a shipped recipe name or the path of a recipe YAML file.
-    Raises ``ValueError`` with a one-line message.
+    ``dataset`` is ``"phantom"``, a shipped recipe name or the path of a recipe YAML file;
+    ``needs_data_root``: whether a selected notebook reads the sources (notebook 01; later
+    notebooks rerun on their own read the run folder). Raises ``ValueError`` with a one-line
+    message.
     """
     from cxrlib.data.recipes import available_recipes, is_recipe_path
 
@@ -47,7 +50,7 @@ def check_dataset(dataset: str, extra_params: Mapping[str, object] | None = None
     elif dataset not in available_recipes():
         raise ValueError(f"unknown dataset {dataset!r}; choose 'phantom', a recipe "
                          f"({', '.join(available_recipes())}) or the path of a recipe .yaml file")
-    if not (extra_params or {}).get("DATA_ROOT"):
+    if needs_data_root and not (extra_params or {}).get("DATA_ROOT"):
         raise ValueError(f"dataset {dataset!r} is a recipe: give the folder holding its sources with "
                          "--param DATA_ROOT=PATH (e.g. --param DATA_ROOT=../shared/realdata)")
 
@@ -187,8 +190,10 @@ def run_pipeline(
         selected = [p for p in selected if any(p.stem == n or p.stem.startswith(n) for n in notebooks)]
         if not selected:
             raise ValueError(f"no notebook matches {list(notebooks)}")
-    check_dataset(dataset, extra_params)
-    check_external(profile, extra_params)
+    check_dataset(dataset, extra_params,
+                  needs_data_root=any("DATA_ROOT" in notebook_parameters(path) for path in selected))
+    if any("EXTERNAL" in notebook_parameters(path) for path in selected):
+        check_external(profile, extra_params)
     routed = route_parameters(selected, extra_params)
     run_dir = runs.resolve_run_dir(run_dir, dataset, profile)
     out_dir = run_dir / "notebooks"

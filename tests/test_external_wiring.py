@@ -52,6 +52,23 @@ def test_bad_external_cohorts_stop_the_pipeline_before_any_notebook(tmp_path):
         load_externals(["cxnet_covid"], "")
 
 
+def test_a_recipe_needs_its_data_folder_only_where_notebook_01_runs(tmp_path, monkeypatch):
+    import cxrlib.pipeline as pipeline
+
+    with pytest.raises(ValueError, match="--param DATA_ROOT=PATH"):
+        pipeline.check_dataset("realdata", {})
+    pipeline.check_dataset("realdata", {}, needs_data_root=False)  # a later notebook rerun alone
+    with pytest.raises(ValueError, match="unknown dataset"):
+        pipeline.check_dataset("no_such_recipe", {}, needs_data_root=False)
+    checked = []
+    monkeypatch.setattr(pipeline, "check_external", lambda *args: checked.append(args))
+    with pytest.raises(ValueError, match="no selected notebook declares --param EXTERNAL"):
+        # notebook 04 alone: neither DATA_ROOT nor the external cohorts are asked for
+        pipeline.run_pipeline(dataset="realdata", profile="quick", run_dir=tmp_path / "run", notebooks=["04"],
+                              extra_params={"EXTERNAL": "cxnet_covid"}, progress=False)
+    assert checked == [] and not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
     """A 30-patient phantom with a site held out (site-label correlation 1), one trained cell."""
