@@ -231,6 +231,7 @@ def run_one_size(args: argparse.Namespace) -> dict:
     detect_s = time.perf_counter() - started
     return {"images": args.size, "describe_s": round(describe_s, 1),
             "candidates_and_verify_s": round(detect_s, 1),
+            "candidates_s": round(result.seconds["candidates"], 1), "verify_s": round(result.seconds["verify"], 1),
             "total_s": round(describe_s + detect_s, 1), "pairs_examined": len(result.pairs),
             "copies": int(result.pairs["copy"].sum()),
             "cpu_s": round(resource.getrusage(resource.RUSAGE_SELF).ru_utime

@@ -77,6 +77,7 @@ def test_detector_finds_every_republished_film_and_no_follow_up(cohort):
     assert called == {(i, 2 * n + i) for i in range(n)}  # each film and its copy, nothing else
     pairs = result.pairs
     assert list(pairs.columns) == list(copies.PAIR_COLUMNS) and len(pairs) < len(images) * 6
+    assert set(result.seconds) == {"describe", "candidates", "verify"} and min(result.seconds.values()) >= 0
     true = pairs[(pairs["second"] - pairs["first"]) == 2 * n]
     assert true["score"].min() > pairs.loc[~pairs["copy"], "score"].max()
     # verified directly (not only when the index proposes them), follow-ups are not copies
