@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -15,6 +16,17 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
+
+
+def machine(threads: int | None, load_before: float | None) -> dict:
+    """Where a benchmark ran: platform, Python, PyTorch, the CPU (model, cores, bf16 support),
+    the CUDA device if any, PyTorch threads, and the load average before and after."""
+    from cxrlib.config import cpu_description
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": cpu_description(), "cpu_count": os.cpu_count(), "threads": threads,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_1min_before": load_before, "load_average_1min_after": load_average()}
 
 
 def sync(device: torch.device) -> None:

@@ -28,7 +28,6 @@ import contextlib
 import io
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 
-from _common import load_average, sync, write_result  # noqa: E402
+from _common import load_average, machine, sync, write_result  # noqa: E402
 
 from cxrlib.models.cyclegan import CycleGAN, count_parameters  # noqa: E402
 from cxrlib.train.cyclegan import CycleGANTrainConfig, CycleGANTrainer  # noqa: E402
@@ -216,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{device_name} {size}x{size} {generator}: {shown}", flush=True)
     payload = {
         "benchmark": "cyclegan training step (G_AB + G_BA update, then D_A + D_B update), batch 1",
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": args.threads,
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "load_average_1min_before": load_before, "load_average_1min_after": load_average()},
+        "machine": machine(args.threads, load_before),
         "settings": {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
                      "reference": str(args.reference) if args.reference else None},
         "results": results,

@@ -43,7 +43,6 @@ Writes ``benchmarks/results/precision.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -57,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
 
-from _common import load_average, write_result  # noqa: E402
+from _common import load_average, machine, write_result  # noqa: E402
 from bench_cyclegan import build_reference  # noqa: E402
 
 from cxrlib.config import cpu_description  # noqa: E402
@@ -343,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "one training step per loop, fp32 vs bf16 autocast on the CPU, interleaved rounds",
         "command": "python benchmarks/bench_precision.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"cpu": cpu, "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "threads": args.threads,
-                    "load_average_1min_before": load_before, "load_average_1min_after": load_average()},
+        "machine": machine(args.threads, load_before),
         "matmul_peak": {**peak_runs, "size": args.peak_size},
         "settings": {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
                      "reference": str(args.reference) if args.reference else None},

@@ -21,7 +21,11 @@ from cxrlib.evaluate.segmentation import (
     per_image_metrics_by_convention,
     summarize_by_convention,
 )
-from cxrlib.stages.lung_segmentation import labels_by_convention, mask_qc_table, retrocardiac_training_labels
+from cxrlib.stages.lung_segmentation import (
+    labels_by_convention,
+    mask_qc_table,
+    retrocardiac_training_labels,
+)
 
 
 def chest(height: int = 100, width: int = 100) -> np.ndarray:

@@ -77,7 +77,7 @@ def test_quick_pipeline_runs_every_notebook(tmp_path, monkeypatch):
     # the same profile, seed and machine give the same metrics (every value but wall-clock times)
     again = run_pipeline(dataset="phantom", profile="quick", run_dir=tmp_path / "again", device="cpu",
                          progress=False)
-    for first, second in zip(result.stages, again.stages, strict=True):
+    for first, _ in zip(result.stages, again.stages, strict=True):  # strict: both ran every stage
         stage = stages.get_stage(first.notebook.removesuffix(".ipynb"))
         assert _without_timings(json.loads(stages.output_path(run_dir, stage, "metrics.json").read_text())) == \
             _without_timings(json.loads(stages.output_path(tmp_path / "again", stage, "metrics.json").read_text())), \
