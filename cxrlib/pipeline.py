@@ -190,9 +190,9 @@ def run_pipeline(
         selected = [p for p in selected if any(p.stem == n or p.stem.startswith(n) for n in notebooks)]
         if not selected:
             raise ValueError(f"no notebook matches {list(notebooks)}")
-    check_dataset(dataset, extra_params,
-                  needs_data_root=any("DATA_ROOT" in notebook_parameters(path) for path in selected))
-    if any("EXTERNAL" in notebook_parameters(path) for path in selected):
+    declared = set().union(*(notebook_parameters(path) for path in selected))
+    check_dataset(dataset, extra_params, needs_data_root="DATA_ROOT" in declared)
+    if "EXTERNAL" in declared:
         check_external(profile, extra_params)
     routed = route_parameters(selected, extra_params)
     run_dir = runs.resolve_run_dir(run_dir, dataset, profile)

@@ -26,6 +26,7 @@ from typing import Any
 
 from cxrlib import config, runs
 from cxrlib.evaluate.claims import Claim, difference_claim
+from cxrlib.evaluate.external import drop_claim
 from cxrlib.stages import METRICS, STAGES, output_path
 
 SUMMARY = "summary.json"
@@ -166,11 +167,7 @@ def _external(metrics: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
         out["n"], out["n_patients"] = row.get("n"), row.get("n_patients")
         drop = drops.get((*(row.get(k) for k in keys), row.get("evaluation_set")))
         if drop is not None:
-            claim = difference_claim(f"{drop['task']} {drop['arch']} {drop['imbalance']} {drop['condition']}, "
-                                     f"{drop['metric']}: internal minus {drop['external']}", drop.get("difference"),
-                                     drop.get("low"), drop.get("high"), up="drops externally",
-                                     down="higher externally")
-            out["difference"] = _claim(claim, metric=drop["metric"], interval=external.get("interval", ""))
+            out["difference"] = _claim(drop_claim(drop), metric=drop["metric"], interval=external.get("interval", ""))
         rows.append(out)
     claims = [row["difference"] for row in rows if "difference" in row]
     return rows, claims
@@ -316,11 +313,11 @@ def render_external_brief(summary: Mapping[str, Any]) -> str:
         inside = internal.get((row.get("task"), row.get("arch"), row.get("condition"), row.get("imbalance")), {})
         drop = row.get("difference") or {}
         difference = f"{_fmt_interval(drop, digits=2, sign=True)} **{drop['verdict']}**" if drop else "n/a"
-        floor_in = _fmt_interval(inside["floor_auc"], digits=2).split(" (")[0] if inside else "n/a"
+        floor_in = _fmt_interval({"estimate": inside["floor_auc"]["estimate"]}, digits=2) if inside else "n/a"
         lines.append(f"| {row.get('task')} | {row.get('condition')} | {row.get('evaluation_set')} | "
                      f"{_fmt_interval(inside['auc'], digits=2) if inside else 'n/a'} | "
                      f"{_fmt_interval(row['auc'], digits=2)} | {difference} | "
-                     f"{floor_in} / {_fmt_interval(row['floor_auc'], digits=2).split(' (')[0]} | "
+                     f"{floor_in} / {_fmt_interval({'estimate': row['floor_auc']['estimate']}, digits=2)} | "
                      f"{row.get('versus_floor') or ''} |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 

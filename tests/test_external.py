@@ -312,3 +312,12 @@ def test_a_positives_only_cohort_is_read_against_the_floor_on_sensitivity():
     floor.loc[1, ["sensitivity", "sensitivity_low", "sensitivity_high"]] = [0.1, 0.05, 0.2]
     assert ex.wide_table(summary, floor).set_index("evaluation_set").loc["positives", "versus_floor"] == \
         "above the image-statistics floor"
+
+
+def test_drop_claim_is_worded_from_its_interval():
+    row = {"task": "normal_vs_covid", "arch": "cnn", "imbalance": "1:20", "condition": "real", "metric": "auc",
+           "external": "site_b", "difference": 0.2, "low": 0.05, "high": 0.3}
+    claim = ex.drop_claim(row)
+    assert claim.verdict == "drops externally" and "auc: internal minus site_b" in claim.subject
+    assert ex.drop_claim({**row, "low": -0.05}).verdict == "no difference shown"
+    assert ex.drop_claim({**row, "difference": -0.2, "low": -0.3, "high": -0.1}).verdict == "higher externally"

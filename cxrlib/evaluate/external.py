@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from cxrlib.evaluate.claims import Claim, difference_claim
 from cxrlib.evaluate.stats import seed_patient_resamples
 
 #: Columns that name one trained model, in order (those present are used).
@@ -303,6 +304,15 @@ def internal_minus_external(
                                  "low": low, "high": high, "n_seeds": len(common),
                                  "shown": bool(np.isfinite(low) and (low > 0 or high < 0))})
     return pd.DataFrame(rows)
+
+
+def drop_claim(row) -> Claim:
+    """The claim of one :func:`internal_minus_external` row (a mapping with ``task``, ``arch``,
+    ``imbalance``, ``condition``, ``metric``, ``external``, ``difference``, ``low``, ``high``):
+    "drops externally" only when the interval excludes zero."""
+    return difference_claim(f"{row['task']} {row['arch']} {row['imbalance']} {row['condition']}, "
+                            f"{row['metric']}: internal minus {row['external']}", row.get("difference"),
+                            row.get("low"), row.get("high"), up="drops externally", down="higher externally")
 
 
 def with_columns(predictions: pd.DataFrame, manifests: Iterable[pd.DataFrame],
