@@ -105,19 +105,27 @@ def trim_borders(image: np.ndarray, blank_std: float = 2.0, max_share: float = 0
     return np.asarray(image)[top:bottom, left:right]
 
 
+def _trimmed(image: np.ndarray, blank_std: float) -> np.ndarray:
+    pixels = np.asarray(image)
+    if pixels.ndim != 2:
+        raise ValueError(f"canonical_image needs an (H, W) grey image, got shape {pixels.shape}")
+    return np.ascontiguousarray(trim_borders(pixels, blank_std), dtype=np.uint8)
+
+
+def _longest_side(image: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    height, width = image.shape
+    scale = size / max(height, width)
+    return cv2.resize(image, (max(8, round(width * scale)), max(8, round(height * scale))),
+                      interpolation=cv2.INTER_AREA)
+
+
 def canonical_image(image: np.ndarray, size: int, blank_std: float = 2.0) -> np.ndarray:
     """Trimmed, resized (longest side ``size``) and equalised ``(h, w)`` ``uint8`` image."""
     import cv2
 
-    pixels = np.asarray(image)
-    if pixels.ndim != 2:
-        raise ValueError(f"canonical_image needs an (H, W) grey image, got shape {pixels.shape}")
-    trimmed = np.ascontiguousarray(trim_borders(pixels, blank_std), dtype=np.uint8)
-    height, width = trimmed.shape
-    scale = size / max(height, width)
-    new_size = (max(8, round(width * scale)), max(8, round(height * scale)))
-    resized = cv2.resize(trimmed, new_size, interpolation=cv2.INTER_AREA)
-    return cv2.equalizeHist(resized)
+    return cv2.equalizeHist(_longest_side(_trimmed(image, blank_std), size))
 
 
 #: Grey levels (of 255) within which a pixel counts as clipped at the image's darkest or
@@ -126,15 +134,11 @@ def canonical_image(image: np.ndarray, size: int, blank_std: float = 2.0) -> np.
 CLIP_TOLERANCE: int = 8
 
 
-def _mark_clipped(image: np.ndarray, small: np.ndarray, blank_std: float) -> np.ndarray:
-    """``small`` (equalised) with the pixels that were clipped in ``image`` set to 0 and every
-    other pixel at least 1, so that verification leaves them out (:func:`_compare` treats 0
-    and 255 as saturated). Clipped: within :data:`CLIP_TOLERANCE` of the trimmed image's
-    darkest or brightest level, judged on the same grid as ``small`` before equalisation."""
-    import cv2
-
-    trimmed = np.ascontiguousarray(trim_borders(np.asarray(image), blank_std), dtype=np.uint8)
-    plain = cv2.resize(trimmed, (small.shape[1], small.shape[0]), interpolation=cv2.INTER_AREA)
+def _mark_clipped(plain: np.ndarray, small: np.ndarray) -> np.ndarray:
+    """``small`` (equalised) with the pixels that were clipped set to 0 and every other pixel
+    at least 1, so that verification leaves them out (:func:`_compare` treats 0 and 255 as
+    saturated). Clipped: within :data:`CLIP_TOLERANCE` of the darkest or brightest level of
+    ``plain``, the trimmed image on ``small``'s grid before equalisation."""
     low, high = int(plain.min()), int(plain.max())
     clipped = (plain <= low + CLIP_TOLERANCE) | (plain >= high - CLIP_TOLERANCE)
     return np.where(clipped, 0, np.maximum(small, 1)).astype(np.uint8)
@@ -181,14 +185,14 @@ def describe(image: np.ndarray, settings: CopySettings = CopySettings(), detecto
     """:class:`ImageFeatures` of an ``(H, W)`` ``uint8`` image."""
     import cv2
 
-    canonical = canonical_image(image, settings.feature_size, settings.blank_std)
+    trimmed = _trimmed(image, settings.blank_std)
+    canonical = cv2.equalizeHist(_longest_side(trimmed, settings.feature_size))
     keypoints, descriptors = (detector or _detector(settings)).detectAndCompute(canonical, None)
     descriptors = root_sift(descriptors)
     scale = settings.size / settings.feature_size
-    small = cv2.resize(canonical, (max(8, round(canonical.shape[1] * scale)),
-                                   max(8, round(canonical.shape[0] * scale))),
-                       interpolation=cv2.INTER_AREA)
-    small = _mark_clipped(image, small, settings.blank_std)
+    shape = (max(8, round(canonical.shape[1] * scale)), max(8, round(canonical.shape[0] * scale)))
+    small = cv2.resize(canonical, shape, interpolation=cv2.INTER_AREA)
+    small = _mark_clipped(cv2.resize(trimmed, shape, interpolation=cv2.INTER_AREA), small)
     points = np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2) * scale
     return ImageFeatures(small=small, points=points, descriptors=descriptors)
 
