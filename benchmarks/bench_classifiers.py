@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from _common import load_average, sync
 
 from cxrlib.data import manifest as mf
@@ -45,6 +44,7 @@ from cxrlib.data.classification import ClassificationDataset
 from cxrlib.data.io import write_png
 from cxrlib.data.masks import LungPatchSampler
 from cxrlib.models.classifiers import ARCHITECTURES, build_classifier, count_parameters
+from cxrlib.train.classifier import train_step
 from cxrlib.train.engine import autocast_context, make_grad_scaler
 
 HERE = Path(__file__).resolve().parent
@@ -68,13 +68,7 @@ def time_training(arch: str, *, device: torch.device, size: int, batch_size: int
     labels = torch.randint(0, 2, (batch_size,), device=device)
 
     def step() -> None:
-        with autocast_context(device, amp):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, weight=weights)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(model, images, labels, weights, optimizer, scaler, lambda: autocast_context(device, amp))
 
     for _ in range(warmup):
         step()

@@ -63,6 +63,7 @@ from cxrlib.config import cpu_description  # noqa: E402
 from cxrlib.models.classifiers import build_classifier  # noqa: E402
 from cxrlib.models.cyclegan import CycleGAN  # noqa: E402
 from cxrlib.models.unet import UNet, UNetConfig  # noqa: E402
+from cxrlib.train.classifier import train_step  # noqa: E402
 from cxrlib.train.cyclegan import CycleGANTrainConfig, CycleGANTrainer  # noqa: E402
 from cxrlib.train.engine import DistContext, Precision, cpu_has_native_bf16  # noqa: E402
 from cxrlib.train.segmentation import segmentation_loss  # noqa: E402
@@ -134,13 +135,7 @@ def _classifier_step(arch: str, size: int, batch: int, precision: Precision, cha
     model.train()
 
     def step() -> None:
-        with precision.autocast():
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, weight=weights)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(model, images, labels, weights, optimizer, scaler, precision.autocast)
 
     return step
 

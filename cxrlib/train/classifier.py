@@ -581,6 +581,22 @@ def train_classifier(
     )
 
 
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
+               optimizer: torch.optim.Optimizer, scaler, autocast: Callable[[], Any]) -> torch.Tensor:
+    """One optimizer step of the classifier on a batch: the forward pass under ``autocast()``
+    (e.g. :meth:`~cxrlib.train.engine.Precision.autocast`), class-weighted cross-entropy in
+    fp32, the backward pass through ``scaler`` (a no-op scaler outside fp16). Returns the loss.
+    The training loop and the benchmarks time this same step."""
+    with autocast():
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels, weight=class_weights)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def _train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler, class_weights: torch.Tensor | None,
                      config: ClassifierTrainConfig, ctx: DistContext, *, precision: Precision, channels_last: bool,
@@ -601,13 +617,7 @@ def _train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.opti
     for images, labels in bar:
         images = _to_device(images, ctx.device, channels_last)
         labels = labels.to(ctx.device, non_blocking=True).long()
-        with precision.autocast():
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, weight=class_weights)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss = train_step(model, images, labels, class_weights, optimizer, scaler, precision.autocast)
         steps += 1
         batch = images.shape[0]
         sums[0] += batch
