@@ -219,17 +219,30 @@ def run_one_size(args: argparse.Namespace) -> dict:
     # the interpreter, the libraries and the source films, before any image is described
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     features, describe_s = [], 0.0
-    for index in range(args.size):
-        image = originals[index % len(originals)]
-        if index >= len(originals):  # later rounds: the same films re-published
-            image = copies.republish(image, list(rng.choice(kinds, size=2, replace=False)), rng)
+    for batch_start in range(0, args.size, 256):  # generated 256 at a time (not timed), then described
+        batch = []
+        for index in range(batch_start, min(batch_start + 256, args.size)):
+            image = originals[index % len(originals)]
+            if index >= len(originals):  # later rounds: the same films re-published
+                image = copies.republish(image, list(rng.choice(kinds, size=2, replace=False)), rng)
+            batch.append(image)
         started = time.perf_counter()
-        features.append(copies.describe(image, settings))
+        features += copies.describe_many(batch, settings, workers=args.workers)
         describe_s += time.perf_counter() - started
     started = time.perf_counter()
     result = copies.find_copies(features, settings=settings)
     detect_s = time.perf_counter() - started
+    # every image has other versions of its film (index modulo the source films): how many
+    # are called a copy of at least one of them, and how many copies join different films
+    film = np.arange(args.size) % len(originals)
+    called = result.pairs[result.pairs["copy"]]
+    same = film[called["first"].to_numpy()] == film[called["second"].to_numpy()]
+    linked = np.zeros(args.size, dtype=bool)
+    linked[called["first"].to_numpy()[same]] = linked[called["second"].to_numpy()[same]] = True
     return {"images": args.size, "describe_s": round(describe_s, 1),
+            "workers": args.workers or copies.default_workers(),
+            "images_called_copy_of_own_film": round(float(linked.mean()), 4),
+            "copies_across_source_films": int((~same).sum()),
             "candidates_and_verify_s": round(detect_s, 1),
             "candidates_s": round(result.seconds["candidates"], 1), "verify_s": round(result.seconds["verify"], 1),
             "total_s": round(describe_s + detect_s, 1), "pairs_examined": len(result.pairs),
@@ -241,6 +254,22 @@ def run_one_size(args: argparse.Namespace) -> dict:
             "load_average": load_average()}
 
 
+def cpu() -> dict:
+    """The CPU the timings come from (read from ``/proc/cpuinfo``; no torch, see above)."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "cores": copies.default_workers(),
+            "simd": [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]}
+
+
 def run_scale(args: argparse.Namespace) -> dict:
     import json
 
@@ -248,10 +277,13 @@ def run_scale(args: argparse.Namespace) -> dict:
     for size in args.sizes:
         command = [sys.executable, __file__, "one-size", "--size", str(size), "--data", args.data,
                    "--n", str(args.n), "--seed", str(args.seed)]
+        if args.workers:
+            command += ["--workers", str(args.workers)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    return {"sizes": rows, "settings": copies.CopySettings().__dict__}
+    return {"sizes": rows, "settings": copies.CopySettings().__dict__, "cpu": cpu(),
+            "index": {"list_size": copies.LIST_SIZE, "nprobe": copies.NPROBE}}
 
 
 def run_cross(args: argparse.Namespace) -> dict:
@@ -291,6 +323,8 @@ def main() -> None:
     parser.add_argument("--follow-ups", type=int, default=600, help="follow-up pairs verified (accuracy)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2500, 10000, 40000])
     parser.add_argument("--size", type=int, default=2500, help="one-size: number of images")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads describing images (scale; default: the cores this process may use)")
     args = parser.parse_args()
     if args.mode == "one-size":
         import json

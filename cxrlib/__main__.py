@@ -117,7 +117,7 @@ def _cmd_data_copies(args: argparse.Namespace) -> int:
 
     chosen = {"min_correlation": args.min_correlation, "min_tight_share": args.min_tight_share}
     settings = CopySettings(k=args.k, **{name: value for name, value in chosen.items() if value is not None})
-    result = copies_across(args.inputs, settings, progress=not args.quiet)
+    result = copies_across(args.inputs, settings, progress=not args.quiet, workers=args.workers)
     out = write_pairs(result, args.out)
     where = "across the inputs" if len(args.inputs) > 1 else "within the input"
     print(f"{len(result.pairs)} pairs examined {where}, {int(result.pairs['copy'].sum())} copies; "
@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--min-tight-share", type=float, default=None,
                    help="share of keypoint matches the map must fit tightly (default: CopySettings)")
     q.add_argument("--k", type=int, default=5, help="candidate partners examined per image")
+    q.add_argument("--workers", type=int, default=None,
+                   help="threads describing images (default: the cores this process may use)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_data_copies)
 

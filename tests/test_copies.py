@@ -140,14 +140,64 @@ def test_the_inverted_file_index_finds_what_the_exact_one_finds():
     queries = np.clip(descriptors[:500].astype(int) + rng.integers(-3, 4, size=(500, copies.DESCRIPTOR_DIM)),
                       0, 255).astype(np.uint8)
     exact = copies._DescriptorIndex(descriptors)
-    inverted = copies._DescriptorIndex(descriptors, exact_below=1000)
+    # given in blocks, as candidate_pairs gives each image's descriptors
+    inverted = copies._DescriptorIndex(np.array_split(descriptors, 7), exact_below=1000)
     assert type(exact.index).__name__ == "IndexFlatL2" and "IVF" in type(inverted.index).__name__
+    assert inverted.index.ntotal == exact.index.ntotal == 6000
     for index in (exact, inverted):
         distances, found = index.search(queries, 2)
         hit = found[:, 0] == np.arange(500)
         assert hit.mean() > 0.9 and np.all(distances[:, 0] <= distances[:, 1])
         assert np.allclose(distances[hit, 0], np.linalg.norm(queries[hit].astype(float) - descriptors[:500][hit], axis=1),
                            atol=0.05)  # Euclidean, not squared
+
+
+def test_the_inverted_file_grows_in_lists_not_in_list_length():
+    rng = np.random.default_rng(1)
+    centres = rng.integers(40, 216, size=(200, copies.DESCRIPTOR_DIM))
+    sizes = {}
+    for total in (4000, 16000):
+        descriptors = np.clip(centres[np.arange(total) % 200] + rng.integers(-30, 31, size=(total, copies.DESCRIPTOR_DIM)),
+                              0, 255).astype(np.uint8)
+        index = copies._DescriptorIndex(descriptors, exact_below=1000, list_size=50)
+        lengths = [index.index.invlists.list_size(number) for number in range(index.n_lists)]
+        assert sum(lengths) == total and index._quantizer.ntotal == index.n_lists
+        sizes[total] = (index.n_lists, float(np.mean(lengths)))
+    # four times the descriptors: about four times the lists, lists of about the same length
+    assert 3.0 < sizes[16000][0] / sizes[4000][0] < 5.0 and 0.7 < sizes[16000][1] / sizes[4000][1] < 1.4, sizes
+
+
+def test_coarse_centroids_give_every_cluster_a_centroid_and_no_more_than_its_points():
+    rng = np.random.default_rng(2)
+    # one large cluster and a few tiny ones far away: each tiny one still gets its centroid
+    sample = np.concatenate([rng.normal(0, 1, size=(3000, 8)), rng.normal(50, 0.1, size=(3, 8)),
+                             rng.normal(-50, 0.1, size=(2, 8))]).astype(np.float32)
+    centroids = copies._coarse_centroids(sample, 60, seed=0)
+    again = copies._coarse_centroids(sample, 60, seed=0)
+    assert centroids.dtype == np.float32 and centroids.shape[1] == 8 and np.array_equal(centroids, again)
+    assert 40 <= len(centroids) <= 80
+    for far in (50, -50):
+        assert np.min(np.abs(centroids - far).max(axis=1)) < 1.0  # a centroid on the tiny cluster
+    assert len(np.unique(centroids, axis=0)) == len(centroids)
+
+
+def test_describing_on_threads_gives_the_same_features_in_order(tmp_path, cohort):
+    images = cohort["films"][:4] + cohort["republished"][:4]
+    alone = [copies.describe(image) for image in images]
+    threaded = copies.describe_many(images, workers=2)
+    assert [len(f.descriptors) for f in threaded] == [len(f.descriptors) for f in alone]
+    for one, other in zip(alone, threaded, strict=True):
+        assert np.array_equal(one.descriptors, other.descriptors) and np.array_equal(one.small, other.small)
+    paths = []
+    for number, image in enumerate(images[:3]):
+        paths.append(tmp_path / f"film{number}.png")
+        write_png(paths[-1], image)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    described, report = copies.describe_paths([paths[0], broken, paths[1], paths[2]], workers=2)
+    assert described[1] is None and report.n_ok == 3 and [bad.path for bad in report.bad] == [str(broken)]
+    for features, expected in zip([described[0], described[2], described[3]], alone[:3], strict=True):
+        assert np.array_equal(features.descriptors, expected.descriptors)
 
 
 def test_copies_across_folders_and_manifests_and_the_command(tmp_path, cohort, capsys):
