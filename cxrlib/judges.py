@@ -76,24 +76,27 @@ def _train_judge(manifest: pd.DataFrame, run_dir: str | Path, config: Classifier
 
 def train_feature_network(manifest: pd.DataFrame, run_dir: str | Path, *, image_size: int, arch: str = "small_cnn",
                           epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-                          device: str = "auto", progress: bool = False) -> ClassifierTrainResult:
+                          device: str = "auto", progress: bool = False,
+                          precision: str = "fp32") -> ClassifierTrainResult:
     """The project's own chest X-ray feature space: a 3-class classifier (normal / pneumonia /
     covid) trained on *real* training images only, chosen by validation macro AUC.
 
     Images are resized to ``image_size`` (the CycleGAN's side). Its GAP features
     (:func:`features`) are the space for FD, KID, memorisation and detectability: a network
     that never saw a synthetic image is an unbiased judge of them. Resumes / loads from
-    ``run_dir`` like :func:`cxrlib.train.classifier.train_classifier`.
+    ``run_dir`` like :func:`cxrlib.train.classifier.train_classifier`. ``precision``: the
+    training loop's autocast (:func:`cxrlib.train.engine.resolve_precision`); features are
+    read in fp32.
     """
     config = ClassifierTrainConfig(arch=arch, classes=list(FEATURE_CLASSES), image_size=image_size, epochs=epochs,
                                    batch_size=batch_size, lr=lr, seed=seed, device=device, augment="light",
-                                   patience=None, progress=progress)
+                                   patience=None, progress=progress, precision=precision)
     return _train_judge(manifest, run_dir, config, None)
 
 
 def train_oracle(manifest: pd.DataFrame, run_dir: str | Path, *, image_size: int, arch: str = "small_cnn",
                  epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, seed: int = 1,
-                 device: str = "auto", progress: bool = False) -> ClassifierTrainResult:
+                 device: str = "auto", progress: bool = False, precision: str = "fp32") -> ClassifierTrainResult:
     """An independent COVID vs non-COVID classifier ("oracle") trained on real training images only.
 
     Another task and seed than :func:`train_feature_network`; normal and pneumonia images
@@ -102,7 +105,7 @@ def train_oracle(manifest: pd.DataFrame, run_dir: str | Path, *, image_size: int
     """
     config = ClassifierTrainConfig(arch=arch, classes=list(ORACLE_CLASSES), image_size=image_size, epochs=epochs,
                                    batch_size=batch_size, lr=lr, seed=seed, device=device, augment="light",
-                                   patience=None, progress=progress)
+                                   patience=None, progress=progress, precision=precision)
     label_of = {name: ("covid" if name == TARGET_LABEL else "non_covid") for name in manifest["label"].astype(str)}
     return _train_judge(manifest, run_dir, config, label_of)
 

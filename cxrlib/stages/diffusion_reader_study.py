@@ -109,14 +109,15 @@ def add_diffusion_rows(manifest: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFra
 
 
 def train_judges(manifest: pd.DataFrame, folder: str | os.PathLike, *, image_size: int, epochs: int = 10,
-                 arch: str = "small_cnn", seed: int = 0, device: str = "auto") -> tuple[Any, Any]:
+                 arch: str = "small_cnn", seed: int = 0, device: str = "auto",
+                 precision: str = "fp32") -> tuple[Any, Any]:
     """``(feature_net, oracle)`` of notebook 03's recipe at ``image_size``, trained on real images only
     (``folder/feature_net``, ``folder/oracle``; a finished run is loaded)."""
     folder = Path(folder)
     feature_net = judges.train_feature_network(manifest, folder / "feature_net", image_size=image_size, arch=arch,
-                                            epochs=epochs, seed=seed, device=device)
+                                            epochs=epochs, seed=seed, device=device, precision=precision)
     oracle = judges.train_oracle(manifest, folder / "oracle", image_size=image_size, arch=arch, epochs=epochs,
-                              seed=seed + 1, device=device)
+                              seed=seed + 1, device=device, precision=precision)
     return feature_net, oracle
 
 
