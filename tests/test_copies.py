@@ -167,6 +167,14 @@ def test_the_inverted_file_grows_in_lists_not_in_list_length():
     assert 3.0 < sizes[16000][0] / sizes[4000][0] < 5.0 and 0.7 < sizes[16000][1] / sizes[4000][1] < 1.4, sizes
 
 
+def test_candidate_pairs_do_not_depend_on_how_the_queries_are_chunked(cohort):
+    features = [copies.describe(image) for image in cohort["films"] + cohort["republished"]]
+    whole = copies.candidate_pairs(features)
+    assert len(whole) >= cohort["n"]  # every film and its copy at least
+    for chunk in (1, 150, 1000):  # one image per chunk, a few images, several
+        assert copies.candidate_pairs(features, chunk=chunk).equals(whole), chunk
+
+
 def test_coarse_centroids_give_every_cluster_a_centroid_and_no_more_than_its_points():
     rng = np.random.default_rng(2)
     # one large cluster and a few tiny ones far away: each tiny one still gets its centroid

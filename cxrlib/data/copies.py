@@ -110,7 +110,7 @@ def trim_borders(image: np.ndarray, blank_std: float = 2.0, max_share: float = 0
 def _trimmed(image: np.ndarray, blank_std: float) -> np.ndarray:
     pixels = np.asarray(image)
     if pixels.ndim != 2:
-        raise ValueError(f"canonical_image needs an (H, W) grey image, got shape {pixels.shape}")
+        raise ValueError(f"copy detection needs an (H, W) grey image, got shape {pixels.shape}")
     return np.ascontiguousarray(trim_borders(pixels, blank_std), dtype=np.uint8)
 
 
@@ -121,13 +121,6 @@ def _longest_side(image: np.ndarray, size: int) -> np.ndarray:
     scale = size / max(height, width)
     return cv2.resize(image, (max(8, round(width * scale)), max(8, round(height * scale))),
                       interpolation=cv2.INTER_AREA)
-
-
-def canonical_image(image: np.ndarray, size: int, blank_std: float = 2.0) -> np.ndarray:
-    """Trimmed, resized (longest side ``size``) and equalised ``(h, w)`` ``uint8`` image."""
-    import cv2
-
-    return cv2.equalizeHist(_longest_side(_trimmed(image, blank_std), size))
 
 
 #: Grey levels (of 255) within which a pixel counts as clipped at the image's darkest or
@@ -530,10 +523,11 @@ def candidate_pairs(features: Sequence[ImageFeatures], settings: CopySettings = 
     neighbours = 8
     voters, voted = [], []
     ends = np.cumsum(counts)
+    starts = ends - counts
     first_image = 0
     while first_image < n_images:  # whole images, about ``chunk`` descriptors at a time
-        last_image = max(first_image + 1, int(np.searchsorted(ends, ends[first_image] - counts[first_image] + chunk, side="right")))
-        start, stop = int(ends[first_image] - counts[first_image]), int(ends[last_image - 1])
+        last_image = max(first_image + 1, int(np.searchsorted(ends, starts[first_image] + chunk, side="right")))
+        start, stop = int(starts[first_image]), int(ends[last_image - 1])
         queries = [f.descriptors for f in features[first_image:last_image] if len(f.descriptors)]
         first_image = last_image
         if not queries:
