@@ -165,7 +165,7 @@ def test_precision_is_a_command_line_option():
     import argparse
 
     parser = argparse.ArgumentParser()
-    add_arguments(parser, SegTrainConfig, exclude=("unet",))
+    add_arguments(parser, SegTrainConfig, exclude=("unet", "partial_labels"))
     assert from_arguments(SegTrainConfig, parser.parse_args(["--precision", "auto"])).precision == "auto"
     with pytest.raises(SystemExit):
         parser.parse_args(["--precision", "fp8"])

@@ -107,6 +107,72 @@ def test_per_image_dice_counts_absent_classes_as_perfect():
     assert scores[0, 1].item() == 1.0 and scores[1].tolist() == [1.0, 1.0]
 
 
+PARTIAL = {4: [0, 3]}  # "background or class 3"
+
+
+def test_partial_labels_without_partial_pixels_change_nothing():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8)
+    labels = torch.randint(0, 4, (2, 8, 8))
+    plain, _ = segmentation_loss(logits, labels)
+    partial, _ = segmentation_loss(logits, labels, partial_labels=PARTIAL)
+    assert partial.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_a_partial_pixel_is_indifferent_between_its_classes():
+    labels = torch.full((1, 4, 4), 4, dtype=torch.long)  # background or class 3, everywhere
+    labels[0, 0, 0] = 1
+    def loss_with(mass_on_3: float) -> float:
+        logits = torch.full((1, 4, 4, 4), -20.0)
+        logits[0, 1, 0, 0] = 20.0
+        rest = torch.ones(4, 4, dtype=torch.bool)
+        rest[0, 0] = False
+        logits[0, 0][rest] = float(np.log(1.0 - mass_on_3))
+        logits[0, 3][rest] = float(np.log(mass_on_3))
+        return segmentation_loss(logits, labels, partial_labels=PARTIAL)[0].item()
+    assert loss_with(0.01) == pytest.approx(loss_with(0.99), abs=1e-4)
+    # the same probabilities are wrong for class 3 when the labels say background
+    exact = labels.clone()
+    exact[exact == 4] = 0
+    logits = torch.full((1, 4, 4, 4), -20.0)
+    logits[0, 1, 0, 0] = 20.0
+    logits[0, 3] = 0.0
+    logits[0, 3, 0, 0] = -20.0
+    assert segmentation_loss(logits, exact)[0].item() > 10 * segmentation_loss(logits, labels, partial_labels=PARTIAL)[0].item()
+
+
+def test_a_partial_pixel_still_counts_against_the_other_classes():
+    labels = torch.full((1, 4, 4), 4, dtype=torch.long)
+    logits = torch.full((1, 4, 4, 4), -20.0)
+    logits[:, 1] = 20.0  # everything called class 1, which "background or class 3" excludes
+    loss, parts = segmentation_loss(logits, labels, partial_labels=PARTIAL)
+    assert parts["ce"].item() > 30 and parts["dice_loss"].item() > 0.3
+    logits.requires_grad_(True)
+    segmentation_loss(logits, labels, partial_labels=PARTIAL)[0].backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_per_image_dice_leaves_partial_pixels_out_of_their_classes():
+    truth = torch.full((1, 4, 4), 4, dtype=torch.long)
+    truth[0, :2] = 1
+    pred = truth.clone()
+    pred[0, 2:] = 3  # class 3 predicted where the source did not say
+    scores = per_image_dice(pred, truth, num_classes=4, partial_labels=PARTIAL)
+    assert scores[0].tolist() == [1.0, 1.0, 1.0]
+    pred[0, 2:] = 2  # class 2 there is wrong: the partial label excludes it
+    assert per_image_dice(pred, truth, num_classes=4, partial_labels=PARTIAL)[0, 1].item() == 0.0
+
+
+def test_partial_labels_are_checked():
+    with pytest.raises(ValueError, match="is a class of its own"):
+        SegTrainConfig(include_heart=True, partial_labels={3: [0, 1]})
+    with pytest.raises(ValueError, match="two or more of the classes"):
+        SegTrainConfig(include_heart=True, partial_labels={4: [0, 7]})
+    assert SegTrainConfig(include_heart=True, partial_labels={"4": [3, 0]}).partial_labels == {4: [0, 3]}
+    with pytest.raises(ValueError, match=r"label values \[5\]"):
+        segmentation_loss(torch.zeros(1, 4, 2, 2), torch.full((1, 2, 2), 5), partial_labels=PARTIAL)
+
+
 def test_config_resolves_unet_and_rejects_contradictions():
     resolved = SegTrainConfig(include_heart=True, unet={"depth": 3}).resolved()
     assert resolved.unet["num_classes"] == 4 and resolved.unet["depth"] == 3

@@ -99,6 +99,11 @@ class SegTrainConfig:
       former switch, kept so existing settings run as before).
     - ``channels_last``: NHWC memory layout (faster convolutions on recent GPUs), CUDA only.
     - ``max_steps_per_epoch``: cap on optimizer steps per epoch (quick runs); ``None``: all.
+    - ``partial_labels``: label values beyond the classes that stand for "one of these
+      classes" (e.g. ``{4: [0, 3]}``: background or class 3, for a mask source that never drew
+      class 3). The loss gives such a pixel the summed probability of its classes and leaves
+      it out of those classes' soft Dice (:func:`segmentation_loss`); validation Dice does
+      the same (:func:`per_image_dice`).
     """
 
     epochs: int = setting(10, "number of epochs")
@@ -121,8 +126,11 @@ class SegTrainConfig:
     amp: bool = setting(True, "with --precision fp32: float16 autocast and gradient scaling on CUDA")
     channels_last: bool = setting(True, "NHWC memory layout (CUDA only)")
     max_steps_per_epoch: int | None = setting(None, "cap on steps per epoch (quick runs)")
+    partial_labels: dict[int, list[int]] = setting(
+        factory=dict, help="label values that mean 'one of these classes', e.g. {4: [0, 3]}")
 
     def __post_init__(self) -> None:
+        self.partial_labels = check_partial_labels(self.partial_labels, self.num_classes)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.schedule not in ("cosine", "step"):
@@ -177,39 +185,102 @@ class SegTrainResult:
 # --------------------------------------------------------------------------- loss and metric
 
 
+def check_partial_labels(partial_labels: Mapping[Any, Sequence[int]] | None,
+                         num_classes: int) -> dict[int, list[int]]:
+    """``partial_labels`` with int keys (JSON gives strings) and sorted class lists, checked:
+    each value is a label value >= ``num_classes`` standing for at least two classes in
+    ``0..num_classes-1``."""
+    checked: dict[int, list[int]] = {}
+    for value, classes in (partial_labels or {}).items():
+        value, classes = int(value), sorted({int(c) for c in classes})
+        if value < num_classes:
+            raise ValueError(f"partial label {value} is a class of its own (classes 0..{num_classes - 1}); "
+                             f"use a value >= {num_classes}")
+        if len(classes) < 2 or classes[0] < 0 or classes[-1] >= num_classes:
+            raise ValueError(f"partial label {value} must stand for two or more of the classes "
+                             f"0..{num_classes - 1}, got {classes}")
+        checked[value] = classes
+    return checked
+
+
+def allowed_classes(labels: torch.Tensor, num_classes: int,
+                    partial_labels: Mapping[int, Sequence[int]] | None = None) -> torch.Tensor:
+    """``(N, C, H, W)`` bool: the classes each pixel of ``labels`` ``(N, H, W)`` may belong to
+    (one for a class label, several for a partial label). Unknown label values are refused."""
+    partial = check_partial_labels(partial_labels, num_classes)
+    exact = labels < num_classes
+    allowed = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).bool()
+    allowed &= exact.unsqueeze(1)
+    covered = exact.clone()
+    for value, classes in partial.items():
+        where = labels == value
+        covered |= where
+        for c in classes:
+            allowed[:, c] |= where
+    if not bool(covered.all()) or bool((labels < 0).any()):
+        bad = sorted(set(labels[~covered | (labels < 0)].unique().tolist()))
+        raise ValueError(f"label values {bad[:5]} are neither classes 0..{num_classes - 1} "
+                         f"nor partial labels {sorted(partial)}")
+    return allowed
+
+
 def segmentation_loss(
     logits: torch.Tensor, labels: torch.Tensor, *, dice_weight: float = 1.0,
     ce_weight: float = 1.0, smooth: float = 1.0,
+    partial_labels: Mapping[int, Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy plus soft Dice loss over the foreground classes.
 
-    ``logits`` ``(N, C, H, W)`` float, ``labels`` ``(N, H, W)`` int64 in ``0..C-1``.
+    ``logits`` ``(N, C, H, W)`` float, ``labels`` ``(N, H, W)`` int64 in ``0..C-1``, or a
+    value of ``partial_labels`` (``{value: [classes]}``: the pixel is one of those classes,
+    the source does not say which). A partial pixel's cross-entropy is ``-log`` of the summed
+    probability of its classes (the likelihood of what is known), and it is left out of the
+    soft Dice of those classes (for every other class it is a negative).
     Soft Dice per foreground class is computed over the whole batch (stable when a class
     is absent from one image), ``smooth`` avoids 0/0. Returns ``(loss, parts)`` with the
     detached ``"ce"`` and ``"dice_loss"`` terms.
     """
     logits = logits.float()  # the loss in float32 even under autocast
     num_classes = logits.shape[1]
-    ce = F.cross_entropy(logits, labels)
-    probs = logits.softmax(dim=1)
-    onehot = F.one_hot(labels, num_classes).permute(0, 3, 1, 2).to(probs.dtype)
     dims = (0, 2, 3)
-    intersection = (probs * onehot).sum(dims)[1:]
-    denominator = probs.sum(dims)[1:] + onehot.sum(dims)[1:]
+    if not partial_labels:
+        ce = F.cross_entropy(logits, labels)
+        probs = logits.softmax(dim=1)
+        onehot = F.one_hot(labels, num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+        intersection = (probs * onehot).sum(dims)[1:]
+        denominator = probs.sum(dims)[1:] + onehot.sum(dims)[1:]
+    else:
+        allowed = allowed_classes(labels, num_classes, partial_labels)
+        log_probs = logits.log_softmax(dim=1)
+        ce = -torch.logsumexp(log_probs.masked_fill(~allowed, float("-inf")), dim=1).mean()
+        probs = log_probs.exp()
+        exact = (labels < num_classes).unsqueeze(1)
+        onehot = (allowed & exact).to(probs.dtype)
+        known = (exact | ~allowed).to(probs.dtype)  # is the pixel's membership of class c known?
+        intersection = (probs * onehot).sum(dims)[1:]
+        denominator = (probs * known).sum(dims)[1:] + onehot.sum(dims)[1:]
     dice_loss = 1.0 - ((2.0 * intersection + smooth) / (denominator + smooth)).mean()
     loss = ce_weight * ce + dice_weight * dice_loss
     return loss, {"ce": ce.detach(), "dice_loss": dice_loss.detach()}
 
 
-def per_image_dice(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def per_image_dice(pred: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                   partial_labels: Mapping[int, Sequence[int]] | None = None) -> torch.Tensor:
     """Dice of each foreground class in each image: ``(N, num_classes - 1)`` float64.
 
     ``pred``, ``labels``: ``(N, H, W)`` integer label maps. A class absent from both the
-    prediction and the truth scores 1 (nothing to find, nothing found).
+    prediction and the truth scores 1 (nothing to find, nothing found). A pixel with a
+    partial label (:func:`segmentation_loss`) is left out of the classes it may be.
     """
+    known = None
+    if partial_labels:
+        allowed = allowed_classes(labels, num_classes, partial_labels)
+        known = (labels < num_classes).unsqueeze(1) | ~allowed
     scores = []
     for value in range(1, num_classes):
         predicted, true = pred == value, labels == value
+        if known is not None:
+            predicted = predicted & known[:, value]
         intersection = (predicted & true).sum(dim=(1, 2)).double()
         total = (predicted.sum(dim=(1, 2)) + true.sum(dim=(1, 2))).double()
         scores.append(torch.where(total > 0, 2.0 * intersection / total.clamp(min=1), 1.0))
@@ -219,10 +290,12 @@ def per_image_dice(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -
 @torch.no_grad()
 def evaluate_dice(model: nn.Module, loader: DataLoader, ctx: DistContext, num_classes: int, *,
                   precision: str | Precision = "fp32", channels_last: bool = False,
-                  progress: bool = False) -> dict[str, float]:
+                  progress: bool = False,
+                  partial_labels: Mapping[int, Sequence[int]] | None = None) -> dict[str, float]:
     """Mean foreground Dice of argmax predictions over every sample of ``loader``.
 
-    ``precision``: the autocast of the forward passes (:func:`~cxrlib.train.engine.resolve_precision`).
+    ``precision``: the autocast of the forward passes (:func:`~cxrlib.train.engine.resolve_precision`);
+    ``partial_labels``: as in :func:`per_image_dice`.
 
     Each rank scores its shard; sums and counts are all-reduced, so every rank returns the
     same numbers. Returns ``{"val_dice": mean over images of the mean over classes,
@@ -239,7 +312,7 @@ def evaluate_dice(model: nn.Module, loader: DataLoader, ctx: DistContext, num_cl
         labels = labels.to(ctx.device, non_blocking=True)
         with precision.autocast():
             logits = net(images)
-        scores = per_image_dice(logits.argmax(dim=1), labels, num_classes)
+        scores = per_image_dice(logits.argmax(dim=1), labels, num_classes, partial_labels)
         totals[0] += scores.shape[0]
         totals[1:] += scores.sum(dim=0)
         mean_total += scores.mean(dim=1).sum()
@@ -383,7 +456,8 @@ def train_segmentation(
             scheduler.step()
             broadcast_buffers(model, ctx)  # every rank evaluates and keeps rank 0's weights
             val_stats = evaluate_dice(model, val_loader, ctx, config.num_classes, precision=precision,
-                                      channels_last=channels_last, progress=config.progress)
+                                      channels_last=channels_last, progress=config.progress,
+                                      partial_labels=config.partial_labels)
             improved = val_stats["val_dice"] > best_dice
             if improved:
                 best_dice, best_epoch = val_stats["val_dice"], epoch
@@ -430,7 +504,8 @@ def _train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.opti
         with precision.autocast():
             logits = model(images)
         # The loss in float32 (a no-op for fp32): soft Dice sums many small terms.
-        loss, parts = segmentation_loss(logits.float(), labels, dice_weight=config.dice_weight, ce_weight=config.ce_weight)
+        loss, parts = segmentation_loss(logits.float(), labels, dice_weight=config.dice_weight,
+                                        ce_weight=config.ce_weight, partial_labels=config.partial_labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -563,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--root is the old spelling)")
     add("--train-split", default="train", help="value of the split column used for training")
     add("--val-split", default="val", help="value of the split column used to choose the best epoch")
-    add_arguments(parser, SegTrainConfig, exclude=("unet",))
+    add_arguments(parser, SegTrainConfig, exclude=("unet", "partial_labels"))
     add_arguments(parser, UNetConfig, exclude=_CLI_UNET_EXCLUDED)
     add("--no-resume", action="store_true", help="start over even if --run-dir holds last.pt")
     return parser
