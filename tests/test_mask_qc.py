@@ -22,6 +22,8 @@ from cxrlib.evaluate.segmentation import (
     summarize_by_convention,
 )
 from cxrlib.stages.lung_segmentation import (
+    BACKGROUND_OR_RETROCARDIAC,
+    RETROCARDIAC_PARTIAL_LABELS,
     labels_by_convention,
     mask_qc_table,
     retrocardiac_training_labels,
@@ -139,6 +141,22 @@ def test_retrocardiac_labels_round_trip_to_both_conventions():
     three = np.eye(3, dtype=np.float32)[truth].transpose(2, 0, 1)
     same = labels_by_convention(three)
     np.testing.assert_array_equal(same["anatomical"], same["visible"])
+
+
+def test_a_visible_reference_leaves_the_lung_behind_the_heart_open():
+    truth = chest()
+    labels = retrocardiac_training_labels(truth, None)
+    np.testing.assert_array_equal(np.where(labels == BACKGROUND_OR_RETROCARDIAC, 0, labels), truth)
+    open_ = labels == BACKGROUND_OR_RETROCARDIAC
+    rows, cols = np.nonzero(truth)
+    between = np.zeros_like(open_)
+    between[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+    assert open_.any() and not (open_ & ~between).any()  # only between and around the lungs
+    assert open_[truth.shape[0] // 2, truth.shape[1] // 2]  # the mediastinum, between the lungs
+    assert (labels[0] == 0).all() and (labels[:, 0] == 0).all()  # beside and above the chest: background
+    assert (retrocardiac_training_labels(np.zeros_like(truth), None) == 0).all()
+    np.testing.assert_array_equal(retrocardiac_training_labels(truth, None, partial=False), truth)
+    assert RETROCARDIAC_PARTIAL_LABELS == {BACKGROUND_OR_RETROCARDIAC: [0, 3]}
 
 
 def test_lesion_burden_counts_the_union_inside_the_lung():

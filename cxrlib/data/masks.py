@@ -340,6 +340,21 @@ def convert_lung_convention(
 # ----------------------------------------------------------------------------- quality control
 
 
+#: Manifest columns of a segmented cohort's quality control (notebook 02): ``"True"`` /
+#: ``"False"`` per image, and the reason of a failure. Images that failed are kept out of the
+#: lung input modes (lungs only, lungs removed, lung crops, lung-centred patches), counted.
+LUNG_QC_COLUMN = "lung_qc_pass"
+LUNG_QC_REASON_COLUMN = "lung_qc_reason"
+
+
+def failed_lung_qc(manifest) -> np.ndarray:
+    """Boolean array: the rows whose predicted lung mask failed quality control (``False``
+    in :data:`LUNG_QC_COLUMN`; rows without a verdict, e.g. synthetic images, pass)."""
+    if LUNG_QC_COLUMN not in getattr(manifest, "columns", ()):
+        return np.zeros(len(manifest), dtype=bool)
+    return manifest[LUNG_QC_COLUMN].astype(str).str.strip().str.lower().isin(("false", "0")).to_numpy()
+
+
 @dataclass(frozen=True)
 class LungQCLimits:
     """Plausibility limits of :func:`lung_mask_qc` (fractions of the image or body box).

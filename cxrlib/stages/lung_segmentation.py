@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from cxrlib.data.io import read_image, write_png
 from cxrlib.data.masks import (
     BACKGROUND,
     LUNG_LEFT,
+    LUNG_QC_COLUMN,
+    LUNG_QC_REASON_COLUMN,
     LUNG_RIGHT,
     crop_to_lungs,
     lung_mask_from_labels,
@@ -242,6 +245,8 @@ def predict_label_maps(
     device: str | torch.device | None = None,
     postprocess: bool = True,
     amp: bool = True,
+    flips: bool = False,
+    convention: str | None = None,
 ) -> list[np.ndarray]:
     """Lung label maps of ``images``, each on its own output grid.
 
@@ -252,7 +257,22 @@ def predict_label_maps(
     up-sampling the label map. ``postprocess`` keeps the largest component of each lung and
     fills holes (:func:`cxrlib.data.masks.postprocess_labels`). ``amp``: float16 autocast
     on CUDA. Returns ``(h, w)`` uint8 label maps (0 background, 1 left lung, 2 right lung).
+
+    ``flips``: average with the mirror image (:func:`predict_probabilities`). ``convention``
+    (``"anatomical"`` / ``"visible"``): the lungs of that convention, read from a 4-class
+    segmenter of :func:`retrocardiac_training_labels` by :func:`labels_by_convention` (a
+    3-class segmenter gives its one map either way).
     """
+    if flips or convention is not None:
+        if convention not in (None, "anatomical", "visible"):
+            raise ValueError(f"convention must be 'anatomical', 'visible' or None, got {convention!r}")
+        probabilities = predict_probabilities(model, images, input_size=input_size, output_shapes=output_shapes,
+                                              flips=flips, batch_size=batch_size, device=device)
+        if convention is None:
+            maps = [p.argmax(axis=0).astype(np.uint8) for p in probabilities]
+            return [postprocess_labels(m) for m in maps] if postprocess else maps
+        return [labels_by_convention(p, postprocess=postprocess)[convention] for p in probabilities]
+
     def forward(net, target, tensor):
         with autocast_context(target, amp):
             return net(tensor).float()
@@ -278,8 +298,13 @@ def segment_manifest(
     crop_margin: float = 0.05,
     crop_size: int | None = None,
     progress: bool = False,
+    flips: bool = False,
+    convention: str | None = None,
 ) -> pd.DataFrame:
     """Segment every image of ``manifest``; write masks and image variants; return the new manifest.
+
+    ``flips`` and ``convention``: as in :func:`predict_label_maps` (a 4-class segmenter
+    needs a ``convention``: which lungs the masks and the lung images show).
 
     For each row (image at its own resolution, ``path`` absolute):
 
@@ -319,7 +344,8 @@ def segment_manifest(
             chunk = result.iloc[start:start + batch_size]
             images = [read_image(mf.resolve_path(None, path)) for path in chunk["path"]]
             label_maps = predict_label_maps(net, images, input_size=input_size, batch_size=batch_size,
-                                            device=target, postprocess=postprocess)
+                                            device=target, postprocess=postprocess, flips=flips,
+                                            convention=convention)
             for offset, (image, labels) in enumerate(zip(images, label_maps, strict=True)):
                 stem = stems[start + offset]
                 lungs = lung_mask_from_labels(labels)
@@ -442,8 +468,13 @@ def evaluate_segmentation(
     device: str | torch.device | None = None,
     seed: int = 0,
     n_boot: int = 2000,
+    flips: bool = False,
+    convention: str | None = None,
 ) -> SegmentationEvaluation:
     """Score the U-Net on the rows of ``split`` (``None``: every row) that have lung masks.
+
+    ``flips``, ``convention``: as in :func:`predict_label_maps` (``"visible"`` for a 4-class
+    segmenter scored against visible-convention masks).
 
     Ground truth is read at its own resolution (:func:`cxrlib.data.datasets.load_label_map`;
     e.g. 256x256 masks of 299x299 images), the prediction is made on that grid
@@ -462,7 +493,8 @@ def evaluate_segmentation(
         truth.append(labels)
         images.append(image)
     raw = predict_label_maps(model, images, input_size=input_size, output_shapes=[t.shape for t in truth],
-                             batch_size=batch_size, device=device, postprocess=False)
+                             batch_size=batch_size, device=device, postprocess=False, flips=flips,
+                             convention=convention)
     post = [postprocess_labels(labels) for labels in raw]
     shown = [resize_image(image, labels.shape) for image, labels in zip(images, truth, strict=True)]
     per_image, summary = {}, {}
@@ -485,16 +517,34 @@ def evaluate_cohorts(
     (``{name: manifest}``, :func:`cxrlib.data.external.read_external`; every row is a test
     row there). ``kwargs`` go to :func:`evaluate_segmentation` (``input_size`` is required).
     Returns ``({name: evaluation}, {name: why it was skipped})``: a cohort without lung
-    masks (most real collections) is skipped, never scored against nothing.
+    masks (most real collections) is skipped, never scored against nothing. A cohort whose
+    references draw the anatomical lungs with a cardiomediastinum (covid-segmentations) is
+    scored under both conventions (:func:`evaluate_by_convention`, a
+    :class:`ConventionEvaluation`; ``flips`` kept, ``convention`` dropped from ``kwargs``).
     """
-    scored: dict[str, SegmentationEvaluation] = {}
+    scored: dict[str, SegmentationEvaluation | ConventionEvaluation] = {}
     skipped: dict[str, str] = {}
     for name, cohort in cohorts.items():
-        if with_masks(cohort).empty:
+        rows = with_masks(cohort)
+        if rows.empty:
             skipped[name] = "no lung masks"
             continue
-        scored[name] = evaluate_segmentation(model, cohort, split=None, **kwargs)
+        if has_anatomical_references(rows):
+            options = {k: v for k, v in kwargs.items() if k != "convention"}
+            scored[name] = evaluate_by_convention(model, rows, split=None, **options)
+        else:
+            scored[name] = evaluate_segmentation(model, rows, split=None, **kwargs)
     return scored, skipped
+
+
+def has_anatomical_references(rows: pd.DataFrame) -> bool:
+    """Whether any row's reference draws the anatomical lungs with a cardiomediastinum mask
+    (so it can be scored under both conventions)."""
+    from cxrlib.data.datasets import has_path
+    from cxrlib.data.masks import lung_convention_of
+
+    return any(lung_convention_of(row) == "anatomical" and has_path(row, CARDIOMEDIASTINUM_COLUMN)
+               for row in rows.to_dict("records"))
 
 
 # ----------------------------------------------------------------------------- error maps
@@ -603,18 +653,39 @@ def labels_by_convention(probabilities: np.ndarray, *, postprocess: bool = True)
     return {"anatomical": anatomical, "visible": visible}
 
 
-def retrocardiac_training_labels(labels: np.ndarray, cardiomediastinum: np.ndarray | None) -> np.ndarray:
+#: Training label of a visible-convention source's background: background *or* the lung behind
+#: the heart, which such a source never draws (a partial label, see
+#: :func:`cxrlib.train.segmentation.segmentation_loss`).
+BACKGROUND_OR_RETROCARDIAC = 4
+#: ``SegTrainConfig.partial_labels`` of the 4-class retrocardiac labels.
+RETROCARDIAC_PARTIAL_LABELS: dict[int, list[int]] = {BACKGROUND_OR_RETROCARDIAC: [BACKGROUND, 3]}
+
+
+def retrocardiac_training_labels(labels: np.ndarray, cardiomediastinum: np.ndarray | None, *,
+                                 partial: bool = True) -> np.ndarray:
     """Training labels that hold both conventions: 0 background, 1 / 2 the visible left /
     right lung, 3 the lung behind the cardiomediastinum (anatomical minus visible).
 
     ``labels``: anatomical lung label map ``(H, W)`` (0..2); ``cardiomediastinum``: ``(H, W)``
-    bool, or ``None`` for a visible-convention reference (returned unchanged: no label 3).
-    Train with ``include_heart=True`` (4 classes); :func:`labels_by_convention` reads the
-    predictions back.
+    bool, or ``None`` for a visible-convention reference. Such a source never drew the lung
+    behind the heart, so its background inside the convex hull of the two lungs (where the
+    heart, the mediastinum and the recesses below the diaphragm domes lie) is "background or
+    label 3": :data:`BACKGROUND_OR_RETROCARDIAC`; outside the hull it stays background, so
+    the network still learns that no lung lies beside the chest or above the shoulders.
+    With ``partial=False`` all of it stays 0, which teaches the network that the lung
+    behind the heart is background, contradicting the anatomical sources. Train with
+    ``include_heart=True`` (4 classes) and ``partial_labels=RETROCARDIAC_PARTIAL_LABELS``;
+    :func:`labels_by_convention` reads the predictions back.
     """
     labels = np.asarray(labels, dtype=np.uint8)
     if cardiomediastinum is None:
-        return labels.copy()
+        out = labels.copy()
+        lungs = np.isin(labels, (LUNG_LEFT, LUNG_RIGHT))
+        if partial and lungs.any():
+            from skimage.morphology import convex_hull_image
+
+            out[convex_hull_image(lungs) & (labels == BACKGROUND)] = BACKGROUND_OR_RETROCARDIAC
+        return out
     behind = np.asarray(cardiomediastinum, dtype=bool) & np.isin(labels, (LUNG_LEFT, LUNG_RIGHT))
     out = labels.copy()
     out[behind] = 3
@@ -689,6 +760,10 @@ class ConventionEvaluation:
     pred: dict[str, list[np.ndarray]] = field(repr=False)
     cardiomediastinum: list[np.ndarray | None] = field(repr=False)
     flips: bool = False
+
+    @property
+    def n_images(self) -> int:
+        return int(self.per_image["image_id"].nunique())
 
     def metrics(self) -> dict:
         """For ``metrics.json``: ``{convention: {dice_mean, dice_ci95, dice_left_mean, ...,
@@ -844,6 +919,73 @@ def qc_manifest(manifest: pd.DataFrame, limits=None, *, column: str = PRED_MASK_
     return table
 
 
+def add_lung_qc(segmented: pd.DataFrame, qc: pd.DataFrame) -> pd.DataFrame:
+    """``segmented`` with :data:`LUNG_QC_COLUMN` and :data:`LUNG_QC_REASON_COLUMN` from the
+    :func:`qc_manifest` table ``qc`` (matched by ``image_id``; every row must have a verdict).
+    Notebook 04 keeps failed images out of the lung input modes (counted)."""
+    verdicts = qc.set_index("image_id")
+    missing = sorted(set(segmented["image_id"]) - set(verdicts.index))
+    if missing:
+        raise ValueError(f"{len(missing)} segmented images have no quality-control verdict: {missing[:5]}")
+    out = segmented.copy()
+    out[LUNG_QC_COLUMN] = ["True" if bool(v) else "False" for v in verdicts.loc[out["image_id"], "qc_pass"]]
+    out[LUNG_QC_REASON_COLUMN] = verdicts.loc[out["image_id"], "qc_reason"].fillna("").astype(str).to_numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------- cohorts with reference masks
+
+
+def load_mask_cohort(folder: str | os.PathLike, *, cache_dir: str | os.PathLike) -> pd.DataFrame:
+    """The images with reference lung masks of a folder in a known layout, all in ``test``.
+
+    ``covid-segmentations`` (a ``structure.csv``: expert masks pasted into ``cache_dir``,
+    anatomical lungs with the cardiomediastinum) or the COVID-19 Radiography Database
+    (``<Class>/images`` + ``<Class>/masks``, visible lungs). Anything else, or a folder with
+    no usable mask, is refused with one line naming the folder.
+    """
+    from cxrlib.data.sources import Covid19RadiographyDatabase, CovidSegmentations
+    from cxrlib.errors import CxrInputError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CxrInputError(f"{folder}: no such folder (a cohort with lung masks)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            if (folder / "structure.csv").is_file():
+                manifest = CovidSegmentations(folder, cache_dir=cache_dir).manifest()
+            elif any((child / "masks").is_dir() for child in folder.iterdir() if child.is_dir()):
+                manifest = Covid19RadiographyDatabase(folder).manifest()
+            else:
+                raise CxrInputError(f"{folder}: neither the covid-segmentations layout (structure.csv) nor the "
+                                    "COVID-19 Radiography Database layout (<Class>/images + <Class>/masks)")
+        except CxrInputError:
+            raise
+        except (ValueError, OSError) as error:
+            raise CxrInputError(f"{folder}: {' '.join(str(error).split())}") from None
+    rows = with_masks(manifest).copy()
+    if rows.empty:
+        raise CxrInputError(f"{folder}: no image with a lung mask")
+    rows["split"] = "test"
+    rows.attrs["skipped"] = [str(w.message) for w in caught]
+    return rows.reset_index(drop=True)
+
+
+def without_training_patients(cohort: pd.DataFrame, training_rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(kept, dropped)``: the rows of ``cohort`` whose patient (or image) the segmenter
+    never learnt from (``training_rows``: its train and val rows), and the others with the
+    reason, so an external score is never made on a training patient."""
+    seen = training_rows[training_rows["split"].isin(("train", "val"))]
+    patients, images = set(seen["patient_id"]), set(seen["image_id"])
+    by_patient = cohort["patient_id"].isin(patients)
+    by_image = cohort["image_id"].isin(images)
+    dropped = cohort.loc[by_patient | by_image, ["image_id", "patient_id"]].copy()
+    dropped["reason"] = np.where(by_patient[by_patient | by_image], "patient in the segmenter's training data",
+                                 "image in the segmenter's training data")
+    return cohort[~(by_patient | by_image)].reset_index(drop=True), dropped.reset_index(drop=True)
+
+
 # ----------------------------------------------------------------------------- recipe: opacified lungs
 
 
@@ -889,7 +1031,9 @@ class DiseasedLungRecipe:
     are painted into training lungs (:class:`cxrlib.data.transforms.OpacityAugment`, with
     probability ``opacity_p``); the films of the expert-annotated source are repeated
     ``expert_repeats`` times per epoch so that diseased lungs weigh more; test-time
-    ``flips`` average the image and its mirror image.
+    ``flips`` average the image and its mirror image. With ``partial_labels`` the background
+    of a visible-convention source is "background or the lung behind the heart"
+    (:data:`BACKGROUND_OR_RETROCARDIAC`), so the two conventions never contradict each other.
     """
 
     image_size: int = 128
@@ -903,6 +1047,8 @@ class DiseasedLungRecipe:
     flips: bool = True
     seed: int = 0
     max_steps_per_epoch: int | None = None
+    partial_labels: bool = True
+    precision: str = "auto"
 
     def train_config(self, device: str = "auto"):
         from cxrlib.train.segmentation import SegTrainConfig
@@ -911,7 +1057,8 @@ class DiseasedLungRecipe:
                               image_size=self.image_size, include_heart=True,
                               unet={"base_channels": self.base_channels, "depth": self.depth},
                               seed=self.seed, device=device, progress=False,
-                              max_steps_per_epoch=self.max_steps_per_epoch)
+                              max_steps_per_epoch=self.max_steps_per_epoch, precision=self.precision,
+                              partial_labels=RETROCARDIAC_PARTIAL_LABELS if self.partial_labels else {})
 
 
 def diseased_lung_rows(
@@ -946,14 +1093,14 @@ def diseased_lung_rows(
     return rows
 
 
-def training_pairs(rows: pd.DataFrame, size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Images (uint8) and 4-class labels (:func:`retrocardiac_training_labels`) of ``rows``,
-    resized to ``size`` x ``size``."""
+def training_pairs(rows: pd.DataFrame, size: int, *, partial: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images (uint8) and 4-class labels (:func:`retrocardiac_training_labels`, ``partial``
+    as there) of ``rows``, resized to ``size`` x ``size``."""
     images, labels = [], []
     for row in rows.to_dict("records"):
         reference = reference_masks(row, size=size)
         heart = reference.cardiomediastinum if reference.convention == "anatomical" else None
-        labels.append(retrocardiac_training_labels(reference.labels, heart))
+        labels.append(retrocardiac_training_labels(reference.labels, heart, partial=partial))
         images.append(resize_image(read_image(mf.resolve_path(rows, row["path"])), size))
     return images, labels
 
@@ -982,8 +1129,9 @@ def train_diseased_lung_segmenter(
     train = pd.concat([train[~expert]] + [train[expert]] * max(1, recipe.expert_repeats), ignore_index=True)
     augment = PairedAugment(opacity=OpacityAugment(p=recipe.opacity_p, lung_labels=(LUNG_LEFT, LUNG_RIGHT, 3))
                             if recipe.opacity_p > 0 else None)
-    train_set = LabelMapPairs(*training_pairs(train, recipe.image_size), augment=augment, seed=recipe.seed)
-    val_set = LabelMapPairs(*training_pairs(val, recipe.image_size))
+    train_set = LabelMapPairs(*training_pairs(train, recipe.image_size, partial=recipe.partial_labels),
+                              augment=augment, seed=recipe.seed)
+    val_set = LabelMapPairs(*training_pairs(val, recipe.image_size, partial=recipe.partial_labels))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     from dataclasses import asdict

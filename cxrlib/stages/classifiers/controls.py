@@ -17,6 +17,7 @@ from cxrlib.stages.classifiers.training_sets import (
     evaluation_rows,
     leakage_checked,
     lung_masks_available,
+    passing_lung_qc,
     real_rows,
     training_rows,
 )
@@ -87,6 +88,9 @@ def lung_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig,
     ``run_dir/controls/lungs/<task>/<arch>/<mode>/seed<k>/``.
     """
     manifest = leakage_checked(as_frame(manifest))
+    # images whose lung mask failed quality control are left out of every mode (so that the
+    # modes are compared on the same images), and counted
+    manifest, left_out = passing_lung_qc(manifest, "lung_masked" if set(modes) - {"whole"} else "whole")
     arch = arch or config.archs[0]
     seed = config.seeds[0] if seed is None else int(seed)
     task_spec = TASKS[task]
@@ -103,7 +107,7 @@ def lung_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig,
                      train=train, val=evaluation_rows(manifest, task_spec, "val"),
                      test=evaluation_rows(manifest, task_spec, "test"),
                      train_config=config.classifier_config(arch, task_spec.classes, seed, input_mode=mode),
-                     positive=POSITIVE, info=dict(info))
+                     positive=POSITIVE, info={**info, "n_left_out_lung_qc": left_out})
         rows.append(run_cell(cell, n_boot=config.n_boot, boot_seed=config.boot_seed,
                               base=Path(run_dir), log=log))
     return tidy_results(pd.DataFrame(rows))

@@ -46,6 +46,7 @@ from cxrlib.stages.classifiers.training_sets import (
     evaluation_rows,
     generator_of,
     leakage_checked,
+    passing_lung_qc,
     task_problems,
     training_rows,
 )
@@ -364,6 +365,7 @@ def run_grid(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig | Ma
     """
     config = config if isinstance(config, GridConfig) else from_mapping(GridConfig, config, strict=False)
     manifest = leakage_checked(as_frame(manifest))
+    manifest, left_out = passing_lung_qc(manifest, config.input_mode)  # failed lung masks, counted
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(manifest, config)
@@ -402,6 +404,8 @@ def run_grid(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig | Ma
         row = run_cell(cell, n_boot=config.n_boot, boot_seed=config.boot_seed, base=run_dir,
                         log=cell_log)
         row.update(imbalance=key["imbalance"], ratio=key["ratio"])
+        if config.input_mode != "whole":
+            row["n_left_out_lung_qc"] = left_out
         rows.append(row)
     results = tidy_results(pd.DataFrame(rows))
     results.attrs["run_dir"] = str(run_dir)

@@ -17,6 +17,7 @@ from cxrlib.data.classification import (
     PRED_MASK_COLUMNS,
 )
 from cxrlib.data.datasets import mask_layout
+from cxrlib.data.masks import failed_lung_qc
 from cxrlib.stages.classifiers.design import (
     CONDITIONS,
     DEFAULT_CONDITIONS,
@@ -155,6 +156,17 @@ def training_rows(manifest: pd.DataFrame, task: Task | str, condition: Condition
     })
     info["n_train_covid"] = info["n_train_covid_real"] + info["n_synthetic"]
     return train, info
+
+
+def passing_lung_qc(manifest: pd.DataFrame, input_mode: str) -> tuple[pd.DataFrame, int]:
+    """``(rows, n_left_out)``: for a lung input mode, the manifest without the images whose
+    predicted lung mask failed notebook 02's quality control (``lung_qc_pass`` "False": an
+    arm taken for a lung, one lung missing, ...); their lungs-only or lungs-removed image
+    would show the wrong region. ``"whole"`` keeps every row."""
+    if input_mode == "whole":
+        return manifest, 0
+    failed = failed_lung_qc(manifest)
+    return manifest[~failed], int(failed.sum())
 
 
 def lung_masks_available(manifest: pd.DataFrame, input_mode: str = "lung_masked",
