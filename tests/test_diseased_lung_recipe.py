@@ -89,3 +89,43 @@ def test_quality_control_and_figures_on_a_segmented_manifest(tmp_path, one_threa
     evaluation = seg.evaluate_by_convention(model, expert, input_size=32, size=48, n_boot=10)
     segviz.dice_by_burden_figure(evaluation)
     segviz.convention_gallery(evaluation, k=2, convention="visible")
+
+
+def test_notebook_02_trains_the_recipe_scores_conventions_and_external_folders(tmp_path, monkeypatch):
+    """Notebook 02 with SEG_DATA + EXPERT_SEG_DATA: the 4-class recipe, scores under both lung
+    conventions and by burden, a SEG_EXTERNAL folder in the covid-segmentations layout (its
+    training patients left out), and the quality control of every segmented image."""
+    import json
+
+    from cxrlib import stages
+    from cxrlib.pipeline import run_pipeline
+
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "data"))
+    radiography = build_radiography(tmp_path / "db", {"Viral Pneumonia": 8})
+    expert_manifest(tmp_path)  # builds tmp_path / "covseg" with six patients
+    run_dir = tmp_path / "run"
+    result = run_pipeline(dataset="phantom", profile="quick", run_dir=run_dir, device="cpu", notebooks=["02"],
+                          progress=False, extra_params={
+                              "SEG_DATA": str(radiography), "EXPERT_SEG_DATA": str(tmp_path / "covseg"),
+                              "SEG_EXTERNAL": [str(tmp_path / "covseg")], "N_TRAIN_PATIENTS": 5,
+                              "N_TEST_PATIENTS": 2, "N_EXPERT_TEST_PATIENTS": 2, "EXPERT_REPEATS": 2,
+                              "IMAGE_SIZE": 32, "DEPTH": 2, "EPOCHS": 1, "FLIPS": True, "N_BOOT": 20})
+    assert result.ok
+    metrics = json.loads(stages.output_path(run_dir, "02", "metrics.json").read_text())
+    assert metrics["recipe"]["expert_repeats"] == 2 and metrics["test_time_flips"] is True
+    assert metrics["lung_convention"] == "visible"
+    assert {"anatomical", "visible"} <= set(metrics["by_convention"])
+    assert {row["convention"] for row in metrics["dice_by_burden"]} == {"anatomical", "visible"}
+    # the external folder: scored under both conventions on its test patients only
+    external = metrics["external"]["covseg"]
+    assert {"anatomical", "visible"} <= set(external) and external["anatomical"]["n_patients"] == 2
+    left_out = pd.read_csv(stages.output_path(run_dir, "02", "external_left_out.csv"), dtype=str)
+    assert len(left_out) and set(left_out["reason"]) == {"patient in the segmenter's training data"}
+    # every segmented image has a quality-control verdict, in the manifest and in lung_qc.csv
+    qc = pd.read_csv(stages.output_path(run_dir, "02", "lung_qc.csv"))
+    manifest = pd.read_csv(stages.output_path(run_dir, "02", "manifest.csv"), dtype=str)
+    assert len(qc) == len(manifest) == metrics["lung_qc"]["n_images"]
+    assert set(manifest["lung_qc_pass"]) <= {"True", "False"}
+    assert metrics["lung_qc"]["n_failed"] == int((manifest["lung_qc_pass"] == "False").sum())
+    for name in ("dice_by_burden.png", "best_worst_anatomical.png", "best_worst_visible.png"):
+        assert stages.output_path(run_dir, "02", name).is_file(), name
