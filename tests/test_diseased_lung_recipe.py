@@ -129,3 +129,51 @@ def test_notebook_02_trains_the_recipe_scores_conventions_and_external_folders(t
     assert metrics["lung_qc"]["n_failed"] == int((manifest["lung_qc_pass"] == "False").sum())
     for name in ("dice_by_burden.png", "best_worst_anatomical.png", "best_worst_visible.png"):
         assert stages.output_path(run_dir, "02", name).is_file(), name
+
+
+def test_mask_cohorts_are_read_by_layout_and_refused_with_the_folder_named(tmp_path):
+    from cxrlib.errors import CxrInputError
+
+    expert_manifest(tmp_path)
+    cohort = seg.load_mask_cohort(tmp_path / "covseg", cache_dir=tmp_path / "masks")
+    assert set(cohort["split"]) == {"test"} and seg.has_anatomical_references(cohort)
+    radiography = seg.load_mask_cohort(build_radiography(tmp_path / "db", {"Viral Pneumonia": 3}),
+                                       cache_dir=tmp_path / "unused")
+    assert len(radiography) == 3 and not seg.has_anatomical_references(radiography)
+    (tmp_path / "empty").mkdir()
+    for folder, message in ((tmp_path / "missing", "no such folder"), (tmp_path / "empty", "neither")):
+        with pytest.raises(CxrInputError, match=message) as raised:
+            seg.load_mask_cohort(folder, cache_dir=tmp_path / "masks")
+        assert str(folder) in str(raised.value)
+    training = cohort.assign(split=["train"] + ["test"] * (len(cohort) - 1))
+    kept, dropped = seg.without_training_patients(cohort, training)
+    trained_patient = cohort["patient_id"].iloc[0]
+    assert trained_patient not in set(kept["patient_id"]) and trained_patient in set(dropped["patient_id"])
+    assert len(kept) + len(dropped) == len(cohort)
+
+
+def test_a_four_class_segmenter_gives_the_lungs_of_the_convention_asked_for():
+    import torch
+
+    class Fixed(torch.nn.Module):  # background, visible left / right, lung behind the heart
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            logits = torch.full((x.shape[0], 4, *x.shape[-2:]), -5.0)
+            width = x.shape[-1]
+            logits[:, 0] = 5.0
+            logits[:, 2, 4:28, 2:12] = 10.0           # right lung, image left
+            logits[:, 1, 4:28, width - 12:width - 2] = 10.0
+            logits[:, 3, 16:28, 12:16] = 10.0         # behind the heart, next to the right lung
+            return logits
+
+    image = np.full((32, 32), 128, np.uint8)
+    visible = seg.predict_label_maps(Fixed(), [image], input_size=32, convention="visible")[0]
+    anatomical = seg.predict_label_maps(Fixed(), [image], input_size=32, convention="anatomical")[0]
+    assert (visible == 3).sum() == 0 and (anatomical == 3).sum() == 0
+    assert (anatomical == 2).sum() == (visible == 2).sum() + 12 * 4  # the retrocardiac part joins the right lung
+    assert ((anatomical == 1) == (visible == 1)).all()
+    with pytest.raises(ValueError, match="convention"):
+        seg.predict_label_maps(Fixed(), [image], input_size=32, convention="heart")

@@ -186,3 +186,32 @@ def test_metrics_by_burden_bins_images_per_convention():
     assert np.isnan(binned.loc[("visible", "25-50%"), "dice_lungs_mean"])
     with pytest.raises(ValueError, match="increasing"):
         metrics_by_burden(table, bins=[0.5, 0.1])
+
+
+def test_failed_lung_qc_reads_the_manifest_column_and_the_lung_modes_leave_them_out():
+    import pandas as pd
+
+    from cxrlib.data.masks import LUNG_QC_COLUMN, failed_lung_qc
+    from cxrlib.stages.classifiers import passing_lung_qc
+
+    manifest = pd.DataFrame({"image_id": list("abcd"), LUNG_QC_COLUMN: ["True", "False", "", "false"]})
+    assert failed_lung_qc(manifest).tolist() == [False, True, False, True]  # no verdict (synthetic): passes
+    kept, left_out = passing_lung_qc(manifest, "lung_masked")
+    assert kept["image_id"].tolist() == ["a", "c"] and left_out == 2
+    kept, left_out = passing_lung_qc(manifest, "whole")
+    assert len(kept) == 4 and left_out == 0
+    assert not failed_lung_qc(manifest.drop(columns=[LUNG_QC_COLUMN])).any()
+
+
+def test_add_lung_qc_needs_a_verdict_for_every_image():
+    import pandas as pd
+
+    from cxrlib.stages.lung_segmentation import add_lung_qc
+
+    segmented = pd.DataFrame({"image_id": ["a", "b"]})
+    qc = mask_qc_table([chest(), np.zeros((100, 100), np.uint8)], image_ids=["a", "b"])
+    out = add_lung_qc(segmented, qc)
+    assert out["lung_qc_pass"].tolist() == ["True", "False"]
+    assert out["lung_qc_reason"].tolist() == ["", "no left and no right lung"]
+    with pytest.raises(ValueError, match="no quality-control verdict"):
+        add_lung_qc(pd.DataFrame({"image_id": ["a", "z"]}), qc)
