@@ -5,7 +5,8 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 RUN_DIR     ?= runs/phantom-default
-# folder holding the realdata recipe's sources (covid-chestxray/, nih-cxr14-sample/, covid19-radiography/)
+# folder holding the realdata recipe's sources (covid-chestxray/, nih-cxr14-sample/, covid19-radiography/,
+# covid-segmentations/)
 DATA        ?= ../shared/realdata
 DATA_ROOT   ?= $(DATA)
 # Jupyter refuses to run as root without this flag (containers, CI machines).
@@ -38,7 +39,7 @@ quick: $(STAMP)
 	$(PY) -m cxrlib pipeline --dataset phantom --profile quick --run-dir runs/phantom-quick
 
 real: $(STAMP)
-	$(PY) -m cxrlib pipeline --dataset realdata --profile real-cpu --run-dir runs/realdata-real-cpu --param DATA_ROOT=$(DATA_ROOT) --param SEG_DATA=$(DATA_ROOT)/covid19-radiography --param EXTERNAL=cxnet_covid
+	$(PY) -m cxrlib pipeline --dataset realdata --profile real-cpu --run-dir runs/realdata-real-cpu --param DATA_ROOT=$(DATA_ROOT) --param SEG_DATA=$(DATA_ROOT)/covid19-radiography --param EXPERT_SEG_DATA=$(DATA_ROOT)/covid-segmentations --param EXTERNAL=cxnet_covid
 
 # design (a): realdata development, COVID-CXNet external; design (b): COVID-19 vs other pneumonias of one
 # collection (balanced 1:1, Pneumonia vs COVID-19 only), the same external COVID-19 cohort (sensitivity only)
