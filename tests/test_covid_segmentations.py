@@ -176,3 +176,23 @@ def test_expert_masks_are_linked_to_the_cohort_films(tmp_path):
     cohort.loc[cohort["image_id"] == "a.jpg", "patient_id"] = "ieee8023:99"
     with pytest.raises(ValueError, match="a.jpg"):
         link_expert_masks(cohort, expert)
+
+
+def test_expert_lesions_become_the_lesion_masks_of_the_films_they_annotate(tmp_path):
+    from cxrlib.data.io import read_image, read_mask
+    from cxrlib.stages.umap_gradcam import with_expert_lesions
+
+    root = build_layout(tmp_path / "covseg")
+    with pytest.warns(UserWarning):
+        expert = CovidSegmentations(root, cache_dir=tmp_path / "cache").manifest()
+        cohort = CovidChestXrayDataset(root).manifest()
+    other = cohort.iloc[[0]].assign(image_id="z.jpg", patient_id="ieee8023:7")  # a film nobody annotated
+    rows = pd.concat([cohort, other]).set_index("image_id", drop=False)
+    rows["mask_lesion"] = ""
+    out = with_expert_lesions(rows, expert, tmp_path / "lesions")
+    assert list(out.index) == list(rows.index)  # index and order kept
+    annotated = out.loc["a.jpg"]
+    lesion = read_mask(annotated["mask_lesion"])
+    assert lesion.shape == read_image(annotated["path"]).shape and lesion.any()
+    assert out.loc["b.png", "mask_lesion"] and not read_mask(out.loc["b.png", "mask_lesion"]).any()  # no lesion drawn
+    assert out.loc["z.jpg", "expert_image_id"] == "" and out.loc["z.jpg", "mask_lesion"] == ""  # no reference

@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -253,6 +255,47 @@ def saliency_images(choices: Sequence[ClassifierChoice], positive_label: str, *,
     return pd.Series(pool, dtype=str).sample(n=min(max_images, len(pool)), random_state=seed).tolist()
 
 
+def with_expert_lesions(rows: pd.DataFrame, expert: pd.DataFrame, out_dir: str | os.PathLike) -> pd.DataFrame:
+    """``rows`` with a ``mask_lesion`` column from expert annotations of the same films.
+
+    ``expert``: the covid-segmentations manifest; a row of ``rows`` (manifest rows, e.g. the
+    test images) showing an annotated film (:func:`cxrlib.stages.lung_segmentation.link_expert_masks`:
+    same film, same patient) gets the union of the experts' ground-glass and consolidation
+    masks on its own image grid, written to ``out_dir/<image id>.png``; an annotated film with
+    no lesion drawn gets an empty mask (a real "no lesion"); every other row keeps its own
+    ``mask_lesion`` (the phantom's) or ``""`` (no reference: no pointing game). The index and
+    the row order of ``rows`` are kept; ``expert_image_id`` names the annotation used.
+    """
+    from cxrlib.data.io import read_image, write_png
+    from cxrlib.stages.lung_segmentation import expert_lesion_mask, link_expert_masks
+
+    linked = link_expert_masks(rows.reset_index(drop=True), expert)
+    out_dir = Path(out_dir)
+    previous = rows["mask_lesion"].tolist() if "mask_lesion" in rows.columns else [""] * len(rows)
+    paths: list[str] = []
+    for row, before in zip(linked.to_dict("records"), previous, strict=True):
+        if not row["expert_image_id"]:
+            paths.append(before if _present(before) else "")
+            continue
+        shape = read_image(mf.resolve_path(None, str(row["path"]))).shape
+        lesion = expert_lesion_mask(row, shape)
+        if lesion is None:  # linked, but without lung masks: no reference
+            paths.append("")
+            continue
+        target = out_dir / f"{_safe_name(str(row['image_id']))}.png"
+        write_png(target, lesion.astype(np.uint8) * 255)
+        paths.append(str(target.resolve()))
+    out = rows.copy()
+    out["mask_lesion"] = paths
+    out["expert_image_id"] = linked["expert_image_id"].to_numpy()
+    return out
+
+
+def _safe_name(image_id: str) -> str:
+    stem = re.sub(r"[^\w.-]+", "_", image_id)[:80]
+    return f"{stem}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
+
+
 def saliency_over_seeds(choices: Sequence[ClassifierChoice], test_rows: pd.DataFrame, eval_ids: Sequence[str],
                         methods: Sequence[str], *, load: Any, only_correct: bool, positive_label: str,
                         lung_columns: Sequence[str], size: int, layer: str | None = None, tolerance: float = 0.0,
@@ -340,5 +383,5 @@ def external_saliency(choice: ClassifierChoice, cohorts: Mapping[str, pd.DataFra
 __all__ = [
     "ClassifierChoice", "ExplainedImages", "MASK_ALIGNED_MODES", "choose_classifier",
     "embedding_rows", "explain_rows", "external_saliency", "load_masks", "lung_mask_columns", "read_cell_predictions",
-    "read_grid_results", "saliency_images", "saliency_over_seeds", "seed_choices",
+    "read_grid_results", "saliency_images", "saliency_over_seeds", "seed_choices", "with_expert_lesions",
 ]
