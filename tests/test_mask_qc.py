@@ -104,11 +104,20 @@ def test_a_plausible_mask_passes_and_each_failure_names_its_reason():
     shifted = np.zeros((100, 100), dtype=np.uint8)
     shifted[2:40, 15:45], shifted[60:98, 55:83] = LUNG_RIGHT, LUNG_LEFT
     assert "heights" in lung_mask_qc(shifted).reason
-    # the arm case: the "right lung" is a strip along the body's side
+    # the arm case: the "right lung" is a strip along the body's side, inside the film
+    framed = np.zeros((100, 100), dtype=np.uint8)
+    framed[:, 6:100] = 120  # empty film at the image left: the body starts at column 6
     arm = chest()
     arm[arm == LUNG_RIGHT] = 0
-    arm[10:90, 0:22] = LUNG_RIGHT
-    assert "side of the body" in lung_mask_qc(arm).reason
+    arm[10:90, 6:28] = LUNG_RIGHT
+    result = lung_mask_qc(arm, framed)
+    assert "side of the body" in result.reason and result.measures["right_frame_contact"] == 0.0
+    # a lung cut by a tight crop also lies along the body's side, but it reaches the film's edge: it passes
+    cropped = chest()
+    cropped[20:80, 0:15] = LUNG_RIGHT  # the right lung reaches the frame
+    result = lung_mask_qc(cropped, np.full((100, 100), 120, dtype=np.uint8))
+    assert result.passed and result.measures["right_side_contact"] > 0.3
+    assert result.measures["right_frame_contact"] > 0.3
 
 
 def test_body_box_ignores_empty_film_at_the_borders():

@@ -366,7 +366,10 @@ class LungQCLimits:
     piece; both lungs overlap over at least ``min_row_overlap`` of the shorter lung's
     height; the lungs' centre lies in the middle of the body box (``centre_cols`` across,
     ``centre_rows`` down), and no lung runs along the body box's side (``max_side_contact``
-    of its height touching the outermost ``side_margin`` of the box).
+    of its height touching the outermost ``side_margin`` of the box) unless it reaches the
+    film's own edge over at least ``min_frame_contact`` of its height: a lung cut by a tight
+    crop (figures cut out of papers) lies along the body box's side as well, while an arm
+    taken for a lung lies inside the frame.
     """
 
     min_area_fraction: float = 0.08
@@ -379,6 +382,7 @@ class LungQCLimits:
     centre_rows: tuple[float, float] = (0.2, 0.75)
     side_margin: float = 0.02
     max_side_contact: float = 0.3
+    min_frame_contact: float = 0.05
 
 
 def body_box(image: np.ndarray | None, shape: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -427,7 +431,8 @@ def lung_mask_qc(
     fails is the reason): both lungs present; each lung mostly one component; left lung on
     the image right of the right lung; lung area as a share of the body box; left/right
     size ratio; both lungs at the same height; the lungs' centre within the body box;
-    no lung running along the side of the body box (an arm taken for a lung).
+    no lung running along the side of the body box (an arm taken for a lung), unless it
+    reaches the film's edge there (a lung cut by a tight crop).
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
@@ -482,9 +487,14 @@ def lung_mask_qc(
     margin = max(1, round(limits.side_margin * box_w))
     for side, cols in cols_of.items():
         rows = rows_of[side]
+        height = max(spans[side][1] - spans[side][0], 1)
         at_side = (cols < x0 + margin) | (cols >= x1 - margin)
-        contact = np.unique(rows[at_side]).size / max(spans[side][1] - spans[side][0], 1)
+        contact = np.unique(rows[at_side]).size / height
+        frame_margin = max(1, round(limits.side_margin * labels.shape[1]))
+        at_frame = (cols < frame_margin) | (cols >= labels.shape[1] - frame_margin)
+        frame = np.unique(rows[at_frame]).size / height
         measures[f"{side}_side_contact"] = float(contact)
-        if contact > limits.max_side_contact:
+        measures[f"{side}_frame_contact"] = float(frame)
+        if contact > limits.max_side_contact and frame < limits.min_frame_contact:
             return fail(f"{side} lung runs along the side of the body ({contact:.0%} of its height)")
     return LungQC(True, "", measures)
