@@ -253,6 +253,13 @@ def test_site_and_lung_controls(manifests, tmp_path):
     lungs = ex.lung_control(real, config, tmp_path, modes=("lung_masked", "lungs_removed"))
     assert list(lungs["input_mode"]) == ["lung_masked", "lungs_removed"]
     assert (lungs["n_train_covid_real"] == ((real["split"] == "train") & (real["label"] == "covid")).sum()).all()
+    assert (lungs["n_left_out_lung_qc"] == 0).all()
+    # images whose lung mask failed quality control are left out of every lung mode, and counted
+    failed = real[(real["split"] == "train") & (real["label"] == "covid")]["image_id"].iloc[:2].tolist()
+    checked = real.assign(lung_qc_pass=np.where(real["image_id"].isin(failed), "False", "True"))
+    kept = ex.lung_control(checked, config, tmp_path / "qc", modes=("lung_masked",))
+    assert kept["n_left_out_lung_qc"].tolist() == [2]
+    assert kept["n_train_covid_real"].tolist() == [lungs["n_train_covid_real"].iloc[0] - 2]
 
 
 def test_grid_config_from_params_is_the_notebook_mapping():
