@@ -173,6 +173,8 @@ def test_expert_masks_are_linked_to_the_cohort_films(tmp_path):
     lesions = expert_lesion_mask(linked.loc["a.jpg"].to_dict(), (20, 30))
     assert lesions.shape == (20, 30) and lesions.any()
     assert not expert_lesion_mask(linked.loc["b.png"].to_dict(), (20, 30)).any()  # drawn lungs, no lesion
+    recipe_ids = link_expert_masks(cohort.assign(image_id="covid-chestxray:" + cohort["image_id"]), expert)
+    assert recipe_ids.set_index("image_id").loc["covid-chestxray:a.jpg", "expert_image_id"] == "covseg-a.jpg"
     cohort.loc[cohort["image_id"] == "a.jpg", "patient_id"] = "ieee8023:99"
     with pytest.raises(ValueError, match="a.jpg"):
         link_expert_masks(cohort, expert)

@@ -1147,7 +1147,7 @@ def train_diseased_lung_segmenter(
 def link_expert_masks(cohort: pd.DataFrame, expert: pd.DataFrame) -> pd.DataFrame:
     """The expert mask columns of ``expert`` (covid-segmentations manifest) on the rows of
     ``cohort`` that show the same film (cohort ``image_id`` == expert ``ieee8023_image_id``,
-    same ``patient_id``).
+    or ``<source>:<ieee8023_image_id>`` as a recipe's cohort names it; same ``patient_id``).
 
     Returns a copy of ``cohort`` with every ``mask_*`` column of ``expert`` (except
     ``mask_path``) added, ``""`` on rows without expert masks, and ``expert_image_id``.
@@ -1160,8 +1160,11 @@ def link_expert_masks(cohort: pd.DataFrame, expert: pd.DataFrame) -> pd.DataFram
     for column in columns:
         linked[column] = ""
     for position, (image_id, patient) in enumerate(zip(cohort["image_id"], cohort["patient_id"], strict=True)):
+        image_id = str(image_id)
         if image_id not in experts.index:
-            continue
+            image_id = image_id.split(":", 1)[-1]  # a recipe's "<source>:<file>" id
+            if image_id not in experts.index:
+                continue
         match = experts.loc[image_id]
         if str(match["patient_id"]) != str(patient):
             raise ValueError(f"film {image_id}: patient {patient} in the cohort, {match['patient_id']} "
