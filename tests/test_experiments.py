@@ -260,6 +260,8 @@ def test_site_and_lung_controls(manifests, tmp_path):
     kept = ex.lung_control(checked, config, tmp_path / "qc", modes=("lung_masked",))
     assert kept["n_left_out_lung_qc"].tolist() == [2]
     assert kept["n_train_covid_real"].tolist() == [lungs["n_train_covid_real"].iloc[0] - 2]
+    with pytest.raises(ValueError, match=r"after leaving out \d+ image\(s\) whose lung mask failed"):
+        ex.lung_control(real.assign(lung_qc_pass="False"), config, tmp_path / "none", modes=("lung_masked",))
 
 
 def test_grid_config_from_params_is_the_notebook_mapping():

@@ -19,6 +19,7 @@ from cxrlib.stages.classifiers.training_sets import (
     lung_masks_available,
     passing_lung_qc,
     real_rows,
+    task_problems,
     training_rows,
 )
 
@@ -91,6 +92,10 @@ def lung_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig,
     # images whose lung mask failed quality control are left out of every mode (so that the
     # modes are compared on the same images), and counted
     manifest, left_out = passing_lung_qc(manifest, "lung_masked" if set(modes) - {"whole"} else "whole")
+    problem = task_problems(manifest, [task]).get(task)
+    if problem and left_out:
+        raise ValueError(f"lung control {task}: {problem}, after leaving out {left_out} image(s) whose lung "
+                         "mask failed quality control")
     arch = arch or config.archs[0]
     seed = config.seeds[0] if seed is None else int(seed)
     task_spec = TASKS[task]
