@@ -1039,11 +1039,11 @@ class DiseasedLungRecipe:
     image_size: int = 128
     base_channels: int = 8
     depth: int = 4
-    epochs: int = 12
+    epochs: int = 30
     batch_size: int = 8
     lr: float = 2e-3
     opacity_p: float = 0.5
-    expert_repeats: int = 4
+    expert_repeats: int = 16
     flips: bool = True
     seed: int = 0
     max_steps_per_epoch: int | None = None
