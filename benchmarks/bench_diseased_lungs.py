@@ -40,17 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cohort", default="", help="manifest to segment and quality-control")
     parser.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
     parser.add_argument("--n-expert-test-patients", type=int, default=12)
+    parser.add_argument("--expert-fold", type=int, default=None,
+                        help="cross-validation: test this fold of the expert patients (0-based)")
+    parser.add_argument("--expert-folds", type=int, default=4, help="folds of the expert patients")
+    parser.add_argument("--pool", nargs="+", default=None,
+                        help="pool the expert test tables of these fold outputs into OUT/cv_metrics.json")
     for item in fields(seg.DiseasedLungRecipe):
         kind = {bool: _yes, type(None): int}.get(type(item.default), type(item.default))
         parser.add_argument(f"--{item.name.replace('_', '-')}", type=kind, default=item.default)
     args = parser.parse_args(argv)
+    if args.pool:
+        return pool_folds([Path(folder) for folder in args.pool], Path(args.out), seed=args.seed)
     torch.set_num_threads(args.threads)
     recipe = seg.DiseasedLungRecipe(**{f.name: getattr(args, f.name) for f in fields(seg.DiseasedLungRecipe)})
     out = Path(args.out)
     visible = Covid19RadiographyDatabase(args.radiography).manifest()
     expert = CovidSegmentations(args.segmentations, cache_dir=out / "expert-masks").manifest()
     rows = seg.diseased_lung_rows(visible, expert, n_expert_test_patients=args.n_expert_test_patients,
-                                  seed=recipe.seed)
+                                  seed=recipe.seed, expert_fold=args.expert_fold, n_expert_folds=args.expert_folds)
     mf.write_manifest(rows, out / "rows.csv")
 
     def report(record):
@@ -97,6 +104,40 @@ def main(argv: list[str] | None = None) -> int:
         figures.save_figure(segviz.qc_failure_gallery(segmented, qc, max_images=30), out / "cohort_qc_failures.png")
     write_result(out / "metrics.json", metrics)
     return 0
+
+
+def pool_folds(folders: list[Path], out: Path, *, seed: int = 0) -> int:
+    """Pool the per-image expert test tables (with flips) of cross-validation folds: every expert
+    patient tested once; means, patient-level intervals and worst deciles per convention."""
+    import pandas as pd
+
+    from cxrlib.evaluate.segmentation import summarize_by_convention
+
+    tables = [pd.read_csv(folder / "covid_segmentations_test_flips_per_image.csv") for folder in folders]
+    pooled = pd.concat(tables, ignore_index=True)
+    if pooled.duplicated(["image_id", "convention"]).any():
+        raise SystemExit("the folds test some image twice: not folds of one split")
+    summary = summarize_by_convention(pooled.drop(columns=["label", "source", "lesion_burden"], errors="ignore"),
+                                      seed=seed, groups="patient_id")
+    metrics = {"folds": [str(folder) for folder in folders], "n_images": int(pooled["image_id"].nunique()),
+               "n_patients": int(pooled["patient_id"].nunique()),
+               "train_seconds": [json_number(folder) for folder in folders]}
+    for convention, values in summary.items():
+        metrics[convention] = {"dice_mean": values["dice_lungs_mean"], "dice_ci95": values["dice_lungs_ci95"],
+                               "dice_worst_decile": values["dice_lungs_worst_decile"],
+                               "hd95_mean": values["hd95_lungs_mean"]}
+        print(f"{convention}: Dice {values['dice_lungs_mean']:.3f} {values['dice_lungs_ci95']}, "
+              f"worst decile {values['dice_lungs_worst_decile']:.3f}")
+    out.mkdir(parents=True, exist_ok=True)
+    pooled.to_csv(out / "cv_per_image.csv", index=False)
+    write_result(out / "cv_metrics.json", metrics)
+    return 0
+
+
+def json_number(folder: Path) -> float:
+    import json
+
+    return float(json.loads((folder / "metrics.json").read_text())["train_seconds"])
 
 
 if __name__ == "__main__":

@@ -177,3 +177,22 @@ def test_a_four_class_segmenter_gives_the_lungs_of_the_convention_asked_for():
     assert ((anatomical == 1) == (visible == 1)).all()
     with pytest.raises(ValueError, match="convention"):
         seg.predict_label_maps(Fixed(), [image], input_size=32, convention="heart")
+
+
+def test_expert_folds_test_every_patient_once_and_keep_patients_whole(tmp_path):
+    expert = expert_manifest(tmp_path)
+    tested = []
+    for fold in range(3):
+        rows = seg.expert_fold_splits(expert, fold=fold, n_folds=3, seed=0)
+        assert (rows.groupby("patient_id")["split"].nunique() == 1).all()
+        assert set(rows["split"]) == {"train", "val", "test"}
+        tested += sorted(rows.loc[rows["split"] == "test", "patient_id"].unique())
+    assert sorted(tested) == sorted(expert["patient_id"].unique())  # each patient tested exactly once
+    with pytest.raises(ValueError, match="fold must be"):
+        seg.expert_fold_splits(expert, fold=3, n_folds=3)
+    visible = Covid19RadiographyDatabase(build_radiography(tmp_path / "db", {"Viral Pneumonia": 8})).manifest()
+    rows = seg.diseased_lung_rows(visible, expert, n_train_patients=5, n_test_patients=2, expert_fold=1,
+                                  n_expert_folds=3)
+    expected = seg.expert_fold_splits(expert, fold=1, n_folds=3)
+    expert_rows = rows[rows["source"] == "covid-segmentations"].set_index("image_id")["split"]
+    assert expert_rows.to_dict() == expected.set_index("image_id")["split"].to_dict()

@@ -1061,6 +1061,26 @@ class DiseasedLungRecipe:
                               partial_labels=RETROCARDIAC_PARTIAL_LABELS if self.partial_labels else {})
 
 
+def expert_fold_splits(expert_source: pd.DataFrame, *, fold: int, n_folds: int = 4, val_fraction: float = 0.15,
+                       seed: int = 0) -> pd.DataFrame:
+    """Patient-level cross-validation of a small expert-annotated source: the rows with masks,
+    split so that fold ``fold`` of ``n_folds`` (patient groups dealt round-robin after a seeded
+    shuffle) is ``test`` and a share ``val_fraction`` of the other groups is ``val``. Over the
+    folds every patient is tested exactly once."""
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"fold must be in 0..{n_folds - 1}, got {fold}")
+    rows = with_masks(expert_source).copy()
+    groups = mf.patient_groups(rows)
+    order = np.random.default_rng(seed).permutation(np.sort(groups.unique()))
+    if len(order) < n_folds:
+        raise ValueError(f"{len(order)} patient groups cannot make {n_folds} folds")
+    fold_of = {group: index % n_folds for index, group in enumerate(order)}
+    rest = [group for group in order if fold_of[group] != fold]
+    val = set(rest[:max(1, round(val_fraction * len(rest)))])
+    rows["split"] = np.where(groups.map(fold_of) == fold, "test", np.where(groups.isin(val), "val", "train"))
+    return rows
+
+
 def diseased_lung_rows(
     visible_source: pd.DataFrame,
     expert_source: pd.DataFrame,
@@ -1070,6 +1090,8 @@ def diseased_lung_rows(
     n_expert_test_patients: int = 12,
     val_fraction: float = 0.15,
     seed: int = 0,
+    expert_fold: int | None = None,
+    n_expert_folds: int = 4,
 ) -> pd.DataFrame:
     """Patient-level train / val / test rows of two mask sources, concatenated.
 
@@ -1079,12 +1101,17 @@ def diseased_lung_rows(
     manifest, whose ``n_expert_test_patients`` patients are held out whole. The two sources
     share no film (checked: :func:`cxrlib.data.manifest.check_leakage` on the result);
     their copies elsewhere (the ieee8023 films) share the patient ids, so a later split of
-    a cohort holding them can keep them apart.
+    a cohort holding them can keep them apart. With ``expert_fold`` the expert source is split
+    by :func:`expert_fold_splits` instead (fold ``expert_fold`` of ``n_expert_folds`` tested).
     """
     visible = segmentation_splits(visible_source, n_train_patients=n_train_patients,
                                   n_test_patients=n_test_patients, val_fraction=val_fraction, seed=seed)
-    expert = segmentation_splits(expert_source, n_test_patients=n_expert_test_patients,
-                                 val_fraction=val_fraction, seed=seed)
+    if expert_fold is None:
+        expert = segmentation_splits(expert_source, n_test_patients=n_expert_test_patients,
+                                     val_fraction=val_fraction, seed=seed)
+    else:
+        expert = expert_fold_splits(expert_source, fold=expert_fold, n_folds=n_expert_folds,
+                                    val_fraction=val_fraction, seed=seed)
     rows = pd.concat([visible, expert], ignore_index=True)
     overlap = set(visible["patient_id"]) & set(expert["patient_id"])
     if overlap:
