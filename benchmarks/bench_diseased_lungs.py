@@ -2,6 +2,8 @@
 
     python benchmarks/bench_diseased_lungs.py --radiography DATA/covid19-radiography \
         --segmentations DATA/covid-segmentations --out /tmp/diseased-lungs [--cohort MANIFEST.csv]
+        [--expert-fold K]          # patient-level cross-validation of the expert patients
+    python benchmarks/bench_diseased_lungs.py --out /tmp/cv --pool /tmp/cv0 /tmp/cv1 ...
 
 Trains :class:`cxrlib.stages.lung_segmentation.DiseasedLungRecipe` on covid19-radiography
 (visible lungs, notebook 02's split) and the covid-segmentations training patients
@@ -34,8 +36,8 @@ def _yes(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--radiography", required=True, help="covid19-radiography folder")
-    parser.add_argument("--segmentations", required=True, help="covid-segmentations folder")
+    parser.add_argument("--radiography", default="", help="covid19-radiography folder (not with --pool)")
+    parser.add_argument("--segmentations", default="", help="covid-segmentations folder (not with --pool)")
     parser.add_argument("--out", required=True, help="output folder (the U-Net resumes from it)")
     parser.add_argument("--cohort", default="", help="manifest to segment and quality-control")
     parser.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pool:
         return pool_folds([Path(folder) for folder in args.pool], Path(args.out), seed=args.seed)
+    if not (args.radiography and args.segmentations):
+        parser.error("--radiography and --segmentations are required (except with --pool)")
     torch.set_num_threads(args.threads)
     recipe = seg.DiseasedLungRecipe(**{f.name: getattr(args, f.name) for f in fields(seg.DiseasedLungRecipe)})
     out = Path(args.out)
