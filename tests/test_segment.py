@@ -88,8 +88,8 @@ def test_label_map_png_round_trip_and_reads_as_union_mask(tmp_path):
 
 
 def test_file_stems_are_safe_and_distinct():
-    assert segment._file_stem("Viral Pneumonia-12") == "Viral Pneumonia-12"
-    unsafe = [segment._file_stem(i) for i in ("a/b", "a:b", "a_b", "../x")]
+    assert segment.file_stem("Viral Pneumonia-12") == "Viral Pneumonia-12"
+    unsafe = [segment.file_stem(i) for i in ("a/b", "a:b", "a_b", "../x")]
     assert all("/" not in s and ":" not in s and not s.startswith(".") for s in unsafe)
     assert len(set(unsafe)) == len(unsafe)
 

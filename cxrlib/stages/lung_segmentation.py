@@ -95,7 +95,7 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
     return values[nearest]
 
 
-def _file_stem(image_id: str) -> str:
+def file_stem(image_id: str) -> str:
     """A file name for ``image_id``: the id itself when it is safe, else a cleaned id + hash."""
     image_id = str(image_id)
     if _SAFE_STEM.match(image_id) and not image_id.startswith("."):
@@ -324,7 +324,7 @@ def segment_manifest(
     """
     out_dir = Path(out_dir).resolve()
     result = manifest.reset_index(drop=True).copy()
-    stems = [_file_stem(image_id) for image_id in result["image_id"]]
+    stems = [file_stem(image_id) for image_id in result["image_id"]]
     if len(set(stems)) != len(stems):
         raise ValueError("image ids map to the same file name; make image_id unique")
     for folder in (MASK_FOLDER, CROP_FOLDER, MASKED_FOLDER):

@@ -13,9 +13,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -267,7 +265,7 @@ def with_expert_lesions(rows: pd.DataFrame, expert: pd.DataFrame, out_dir: str |
     the row order of ``rows`` are kept; ``expert_image_id`` names the annotation used.
     """
     from cxrlib.data.io import read_image, write_png
-    from cxrlib.stages.lung_segmentation import expert_lesion_mask, link_expert_masks
+    from cxrlib.stages.lung_segmentation import expert_lesion_mask, file_stem, link_expert_masks
 
     linked = link_expert_masks(rows.reset_index(drop=True), expert)
     out_dir = Path(out_dir)
@@ -282,18 +280,13 @@ def with_expert_lesions(rows: pd.DataFrame, expert: pd.DataFrame, out_dir: str |
         if lesion is None:  # linked, but without lung masks: no reference
             paths.append("")
             continue
-        target = out_dir / f"{_safe_name(str(row['image_id']))}.png"
+        target = out_dir / f"{file_stem(row['image_id'])}.png"
         write_png(target, lesion.astype(np.uint8) * 255)
         paths.append(str(target.resolve()))
     out = rows.copy()
     out["mask_lesion"] = paths
     out["expert_image_id"] = linked["expert_image_id"].to_numpy()
     return out
-
-
-def _safe_name(image_id: str) -> str:
-    stem = re.sub(r"[^\w.-]+", "_", image_id)[:80]
-    return f"{stem}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
 
 
 def saliency_over_seeds(choices: Sequence[ClassifierChoice], test_rows: pd.DataFrame, eval_ids: Sequence[str],
