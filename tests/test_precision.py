@@ -348,12 +348,21 @@ def test_trainer_resolves_the_config_precision_and_keeps_optimizer_state_float32
 # --------------------------------------------------------------------------- resize-convolution generators
 
 
+@pytest.mark.parametrize("upsample", ["resize_conv", "blurred_transpose"])
 @pytest.mark.parametrize("generator, extra", [("resnet", {"n_blocks": 2}), ("unet", {"unet_depth": 3})])
-def test_resize_conv_generators_build_keep_shapes_and_train(generator, extra):
-    cfg = CycleGANConfig(generator=generator, ngf=8, ndf=8, image_size=32, upsample="resize_conv", **extra)
+def test_checkerboard_free_generators_build_keep_shapes_and_train(generator, extra, upsample):
+    from cxrlib.models.cyclegan import BlurredConvTranspose2d
+
+    cfg = CycleGANConfig(generator=generator, ngf=8, ndf=8, image_size=32, upsample=upsample, **extra)
     net = build_generator(cfg)
-    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in net.modules())
-    assert sum(isinstance(m, torch.nn.Upsample) for m in net.modules()) == (2 if generator == "resnet" else 3)
+    n_up = 2 if generator == "resnet" else 3
+    if upsample == "resize_conv":
+        assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in net.modules())
+        assert sum(isinstance(m, torch.nn.Upsample) for m in net.modules()) == n_up
+    else:
+        ups = [m for m in net.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+        assert len(ups) == n_up and all(isinstance(m, BlurredConvTranspose2d) for m in ups)
+        assert all(m.weight.shape[-2:] == (3, 3) and m.blurred_weight().shape[-2:] == (4, 4) for m in ups)
     x = torch.rand(3, 1, 32, 32) * 2 - 1
     y = net(x)
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
@@ -377,12 +386,32 @@ def test_resize_conv_has_no_checkerboard_at_initialisation():
     from cxrlib.models.cyclegan import upsampling_layer
 
     x = torch.ones(1, 4, 8, 8)
-    for kind, checkerboard in (("transpose", True), ("resize_conv", False)):
+    for kind, checkerboard in (("transpose", True), ("resize_conv", False), ("blurred_transpose", False)):
         layer = upsampling_layer(kind, 4, 1, kernel_size=3, bias=False)
         torch.nn.init.constant_(next(layer.parameters()), 1.0)
         inner = layer(x)[0, 0, 2:-2, 2:-2]
         assert inner.shape == (12, 12)
         assert (inner.std() > 1e-3) == checkerboard
+
+
+def test_blurred_transpose_is_a_box_filtered_transposed_convolution_and_a_resize_convolution():
+    """Its output is the plain 3x3 layer's output filtered by the 2x2 box (whose response at the
+    Nyquist frequency is zero), and, away from the borders, a quarter of a nearest resize + 3x3
+    convolution with the flipped kernel."""
+    from cxrlib.models.cyclegan import upsampling_layer
+
+    torch.manual_seed(0)
+    layer = upsampling_layer("blurred_transpose", 4, 2, kernel_size=4, bias=False)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        y = layer(x)
+        assert y.shape == (2, 2, 16, 16)
+        full = torch.nn.functional.conv_transpose2d(x, layer.weight, stride=2)  # (N, out, 17, 17)
+        boxed = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(full, (1, 1, 1, 1)), 2, stride=1)
+        assert torch.allclose(boxed[..., 1:17, 1:17], y, atol=1e-6)
+        resized = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        conv = torch.nn.functional.conv2d(resized, layer.weight.flip(-1, -2).transpose(0, 1), padding=1) / 4
+        assert torch.allclose(conv[..., 1:-1, 1:-1], y[..., 1:-1, 1:-1], atol=1e-6)
 
 
 def test_default_generators_are_unchanged_by_the_option():
