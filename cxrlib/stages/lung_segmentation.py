@@ -1031,7 +1031,9 @@ class DiseasedLungRecipe:
     are painted into training lungs (:class:`cxrlib.data.transforms.OpacityAugment`, with
     probability ``opacity_p``); the films of the expert-annotated source are repeated
     ``expert_repeats`` times per epoch so that diseased lungs weigh more; test-time
-    ``flips`` average the image and its mirror image. With ``partial_labels`` the background
+    ``flips`` average the image and its mirror image; the geometric augmentation zooms by a
+    factor uniform in ``[0.9, scale_max]`` and shifts by up to ``translate`` of the side
+    (zooming in cuts the lungs at the frame, as tightly cropped films do). With ``partial_labels`` the background
     of a visible-convention source is "background or the lung behind the heart"
     (:data:`BACKGROUND_OR_RETROCARDIAC`), so the two conventions never contradict each other.
     """
@@ -1049,6 +1051,8 @@ class DiseasedLungRecipe:
     max_steps_per_epoch: int | None = None
     partial_labels: bool = True
     precision: str = "auto"
+    scale_max: float = 1.1
+    translate: float = 0.05
 
     def train_config(self, device: str = "auto"):
         from cxrlib.train.segmentation import SegTrainConfig
@@ -1154,7 +1158,8 @@ def train_diseased_lung_segmenter(
     train, val = rows[rows["split"] == "train"], rows[rows["split"] == "val"]
     expert = train["source"] == "covid-segmentations"
     train = pd.concat([train[~expert]] + [train[expert]] * max(1, recipe.expert_repeats), ignore_index=True)
-    augment = PairedAugment(opacity=OpacityAugment(p=recipe.opacity_p, lung_labels=(LUNG_LEFT, LUNG_RIGHT, 3))
+    augment = PairedAugment(scale=(0.9, recipe.scale_max), translate=recipe.translate,
+                            opacity=OpacityAugment(p=recipe.opacity_p, lung_labels=(LUNG_LEFT, LUNG_RIGHT, 3))
                             if recipe.opacity_p > 0 else None)
     train_set = LabelMapPairs(*training_pairs(train, recipe.image_size, partial=recipe.partial_labels),
                               augment=augment, seed=recipe.seed)
