@@ -262,6 +262,14 @@ def test_site_and_lung_controls(manifests, tmp_path):
     assert kept["n_train_covid_real"].tolist() == [lungs["n_train_covid_real"].iloc[0] - 2]
     with pytest.raises(ValueError, match=r"after leaving out \d+ image\(s\) whose lung mask failed"):
         ex.lung_control(real.assign(lung_qc_pass="False"), config, tmp_path / "none", modes=("lung_masked",))
+    # the notebook asks the same question before it trains anything
+    assert ex.lung_control_problem(real, "normal_vs_covid", ("lung_masked",), "ground_truth") == ""
+    assert ex.lung_control_problem(checked, "normal_vs_covid", ("lung_masked",), "ground_truth") == ""
+    everything_failed = ex.lung_control_problem(real.assign(lung_qc_pass="False"), "normal_vs_covid",
+                                                ("lung_masked",), "ground_truth")
+    assert everything_failed.endswith(f"after leaving out {len(real)} image(s) whose lung mask failed quality control")
+    assert "predicted lung masks" in ex.lung_control_problem(real, "normal_vs_covid", ("lungs_removed",))
+    assert ex.lung_control_problem(real, "no_such_task").startswith("unknown task 'no_such_task'")
 
 
 def test_grid_config_from_params_is_the_notebook_mapping():

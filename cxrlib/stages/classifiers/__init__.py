@@ -55,6 +55,7 @@ from cxrlib.stages.classifiers.comparisons import (
 )
 from cxrlib.stages.classifiers.controls import (
     lung_control,
+    lung_control_problem,
     site_control,
     site_target,
 )
@@ -119,6 +120,7 @@ __all__ = [
     "grid_config_from_params",
     "imbalance_name",
     "lung_control",
+    "lung_control_problem",
     "lung_masks_available",
     "passing_lung_qc",
     "predictions_frame",

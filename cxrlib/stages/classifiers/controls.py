@@ -76,6 +76,30 @@ def site_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig,
     return tidy_results(pd.DataFrame([row]))
 
 
+def _qc_mode(modes: Sequence[str]) -> str:
+    return "lung_masked" if set(modes) - {"whole"} else "whole"
+
+
+def lung_control_problem(manifest: pd.DataFrame, task: str,
+                         modes: Sequence[str] = ("whole", "lung_masked", "lungs_removed"),
+                         mask_column: str | None = None) -> str:
+    """Why :func:`lung_control` cannot run on ``manifest`` (``""`` when it can): an unknown task,
+    a mode without the lung masks it needs, or too few images for ``task`` once the images
+    whose lung mask failed quality control are left out (their number is named)."""
+    if task not in TASKS:
+        return f"unknown task {task!r}; one of {sorted(TASKS)}"
+    for mode in modes:
+        ok, why = lung_masks_available(manifest, mode, mask_column)
+        if not ok:
+            return why
+    rows, left_out = passing_lung_qc(manifest, _qc_mode(modes))
+    problem = task_problems(rows, [task]).get(task)
+    if problem:
+        return problem + (f", after leaving out {left_out} image(s) whose lung mask failed quality control"
+                          if left_out else "")
+    return ""
+
+
 def lung_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig, run_dir: str | os.PathLike, *,
                  task: str = "normal_vs_covid", modes: Sequence[str] = ("whole", "lung_masked", "lungs_removed"),
                  arch: str | None = None, seed: int | None = None) -> pd.DataFrame:
@@ -89,20 +113,15 @@ def lung_control(manifest: pd.DataFrame | str | os.PathLike, config: GridConfig,
     ``run_dir/controls/lungs/<task>/<arch>/<mode>/seed<k>/``.
     """
     manifest = leakage_checked(as_frame(manifest))
+    problem = lung_control_problem(manifest, task, modes, config.mask_column)
+    if problem:
+        raise ValueError(f"lung control {task}: {problem}")
     # images whose lung mask failed quality control are left out of every mode (so that the
     # modes are compared on the same images), and counted
-    manifest, left_out = passing_lung_qc(manifest, "lung_masked" if set(modes) - {"whole"} else "whole")
-    problem = task_problems(manifest, [task]).get(task)
-    if problem and left_out:
-        raise ValueError(f"lung control {task}: {problem}, after leaving out {left_out} image(s) whose lung "
-                         "mask failed quality control")
+    manifest, left_out = passing_lung_qc(manifest, _qc_mode(modes))
     arch = arch or config.archs[0]
     seed = config.seeds[0] if seed is None else int(seed)
     task_spec = TASKS[task]
-    for mode in modes:
-        ok, why = lung_masks_available(manifest, mode, config.mask_column)
-        if not ok:
-            raise ValueError(why)
     train, info = training_rows(manifest, task_spec, "real", None, seed)
     rows = []
     log = print if config.progress else None
