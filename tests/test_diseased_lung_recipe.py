@@ -150,6 +150,19 @@ def test_mask_cohorts_are_read_by_layout_and_refused_with_the_folder_named(tmp_p
     trained_patient = cohort["patient_id"].iloc[0]
     assert trained_patient not in set(kept["patient_id"]) and trained_patient in set(dropped["patient_id"])
     assert len(kept) + len(dropped) == len(cohort)
+    # several folders at once, as notebook 02's SEG_EXTERNAL reads them
+    cohorts, left_out = seg.external_mask_cohorts([tmp_path / "covseg", tmp_path / "db"], training,
+                                                  cache_dir=tmp_path / "external")
+    assert sorted(cohorts) == ["covseg", "db"] and len(cohorts["covseg"]) == len(kept)
+    assert left_out["cohort"].tolist() == ["covseg"] * len(dropped)
+    assert set(left_out["patient_id"]) == {trained_patient}
+    all_trained = seg.external_mask_cohorts([tmp_path / "covseg"], cohort.assign(split="train"),
+                                            cache_dir=tmp_path / "external")
+    assert all_trained[0] == {} and len(all_trained[1]) == len(cohort)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match="same name 'covseg'"):
+        seg.external_mask_cohorts([tmp_path / "covseg", tmp_path / "other" / "covseg"], training,
+                                  cache_dir=tmp_path / "external")
 
 
 def test_a_four_class_segmenter_gives_the_lungs_of_the_convention_asked_for():

@@ -986,6 +986,33 @@ def without_training_patients(cohort: pd.DataFrame, training_rows: pd.DataFrame)
     return cohort[~(by_patient | by_image)].reset_index(drop=True), dropped.reset_index(drop=True)
 
 
+def external_mask_cohorts(folders: Sequence[str | os.PathLike], training_rows: pd.DataFrame, *,
+                          cache_dir: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Notebook 02's ``SEG_EXTERNAL``: each folder read by :func:`load_mask_cohort` (masks cached
+    under ``cache_dir/<folder name>``), with the segmenter's training patients taken out
+    (:func:`without_training_patients`).
+
+    Returns ``({folder name: kept rows}, left_out)``: a folder with nothing left is absent from
+    the dict; ``left_out`` lists every row taken out, with its ``cohort`` and ``reason``. Two
+    folders with the same name are refused (their scores would be told apart by name only).
+    """
+    cohorts: dict[str, pd.DataFrame] = {}
+    left_out = [pd.DataFrame(columns=["image_id", "patient_id", "reason", "cohort"])]
+    names: dict[str, Path] = {}
+    for folder in folders:
+        folder = Path(folder)
+        if folder.name in names:
+            raise ValueError(f"external mask folders {names[folder.name]} and {folder} have the same name "
+                             f"{folder.name!r}; give each cohort its own folder name")
+        names[folder.name] = folder
+        cohort = load_mask_cohort(folder, cache_dir=Path(cache_dir) / folder.name)
+        kept, dropped = without_training_patients(cohort, training_rows)
+        left_out.append(dropped.assign(cohort=folder.name))
+        if len(kept):
+            cohorts[folder.name] = kept
+    return cohorts, pd.concat(left_out, ignore_index=True)
+
+
 # ----------------------------------------------------------------------------- recipe: opacified lungs
 
 
