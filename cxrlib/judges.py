@@ -166,6 +166,12 @@ def judge_generator(
       ``fid_inception_note`` says which (nothing is downloaded);
     - ``oracle_covid_rate_before`` (sources; ``None`` without) / ``_after`` with Wilson
       ``_ci95``, at ``oracle_threshold``;
+    - the texture check, at the same threshold: ``oracle_covid_rate_real`` (real COVID-19
+      test images), ``oracle_covid_rate_real_blurred`` (the same images through
+      :func:`cxrlib.evaluate.synthesis.binomial_blur`) and ``oracle_covid_rate_after_blurred``
+      (the synthetic images through it), each with ``_ci95``. Calls that vanish under a blur
+      that removes only the period-two texture rest on that texture (a source or compression
+      artefact, or a generator's checkerboard), not on the lungs;
     - ``detectability_auc`` (+ ``_ci95``): a linear probe telling real held-out COVID-19 from
       synthetic images, folds grouped by patient (``None`` with fewer than two groups a side).
     """
@@ -189,6 +195,16 @@ def judge_generator(
     report.update({key: rates[key] for key in (
         "oracle_covid_rate_before", "oracle_covid_rate_before_ci95", "oracle_covid_rate_after",
         "oracle_covid_rate_after_ci95")}, oracle_threshold=rates["threshold"])
+    # the texture check: the same calls once the finest texture (period two) is filtered away
+    real = synth.oracle_rates(covid_probability(oracle, real_covid_test),
+                              covid_probability(oracle, synth.binomial_blur(real_covid_test)), threshold)
+    blurred = synth.oracle_rates(None, covid_probability(oracle, synth.binomial_blur(synthetic_images)), threshold)
+    report.update(oracle_covid_rate_real=real["oracle_covid_rate_before"],
+                  oracle_covid_rate_real_ci95=real["oracle_covid_rate_before_ci95"],
+                  oracle_covid_rate_real_blurred=real["oracle_covid_rate_after"],
+                  oracle_covid_rate_real_blurred_ci95=real["oracle_covid_rate_after_ci95"],
+                  oracle_covid_rate_after_blurred=blurred["oracle_covid_rate_after"],
+                  oracle_covid_rate_after_blurred_ci95=blurred["oracle_covid_rate_after_ci95"])
     groups = ([str(g) for g in synthetic_groups] if synthetic_groups is not None
               else [f"sample{i}" for i in range(len(synthetic_images))])
     if len(groups) != len(synthetic_images):

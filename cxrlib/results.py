@@ -86,6 +86,18 @@ def _cyclegan(metrics: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
                             report.get("oracle_covid_rate_after"), *_interval(report.get("oracle_covid_rate_after_ci95"))))
         rows.append(_metric(f"{generator}: real vs synthetic detectability AUC", report.get("detectability_auc"),
                             *_interval(report.get("detectability_auc_ci95"))))
+        if report.get("oracle_covid_rate_after_blurred") is not None:
+            rows.append(_metric(f"{generator}: oracle calls the translated images COVID-19 once the period-two "
+                                "texture is blurred away", report.get("oracle_covid_rate_after_blurred"),
+                                *_interval(report.get("oracle_covid_rate_after_blurred_ci95"))))
+    first = next((metrics.get(g) for g in ("G_NC", "G_PC") if (metrics.get(g) or {}).get("oracle_covid_rate_real")
+                  is not None), None)
+    if first:
+        rows.append(_metric("real COVID-19 test images the oracle calls COVID-19", first.get("oracle_covid_rate_real"),
+                            *_interval(first.get("oracle_covid_rate_real_ci95"))))
+        rows.append(_metric("the same images once the period-two texture is blurred away",
+                            first.get("oracle_covid_rate_real_blurred"),
+                            *_interval(first.get("oracle_covid_rate_real_blurred_ci95"))))
     return rows, []
 
 

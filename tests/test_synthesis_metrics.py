@@ -271,3 +271,23 @@ def test_synthesis_table_shape():
     assert list(table.columns) == ["fd", "kid", "oracle_n", "oracle_covid_rate_after", "auc_ci95", "fd_reference"]
     assert table.loc["G_NC", "auc_ci95"] == (0.6, 0.7)
     assert np.isnan(table.loc["G_PC", "oracle_n"])
+
+
+def test_binomial_blur_removes_exactly_the_period_two_texture():
+    from cxrlib.evaluate.synthesis import binomial_blur
+
+    rows, cols = np.indices((16, 16))
+    checkerboard = np.where((rows + cols) % 2 == 0, 150, 50).astype(np.uint8)
+    stripes = np.where(cols % 2 == 0, 200, 0).astype(np.uint8)
+    assert np.all(binomial_blur(checkerboard) == 100) and np.all(binomial_blur(stripes) == 100)
+    flat = np.full((2, 8, 8), 77, np.uint8)
+    np.testing.assert_array_equal(binomial_blur(flat), flat)
+    # a slow ramp keeps its values (away from the mirrored borders), period four keeps half its amplitude
+    ramp = np.tile(np.arange(0, 160, 10, dtype=np.uint8), (16, 1))
+    np.testing.assert_array_equal(binomial_blur(ramp)[:, 1:-1], ramp[:, 1:-1])
+    period4 = np.tile(np.array([100, 140, 100, 60], np.uint8), (8, 4))
+    blurred = binomial_blur(period4)[:, 2:-2]
+    assert blurred.max() == 120 and blurred.min() == 80
+    assert binomial_blur(np.zeros((3, 4, 4), np.uint8)).shape == (3, 4, 4)
+    with pytest.raises(ValueError, match="uint8"):
+        binomial_blur(np.zeros((4, 4), np.float32))

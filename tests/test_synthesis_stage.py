@@ -138,6 +138,18 @@ def test_judges_and_evaluate_translator(cohort, generator, tmp_path, monkeypatch
     assert headline["n_generated"] == SPLITS["train"]
     assert headline["fd_cxr"] >= 0 and headline["fd_cxr_untranslated"] >= 0
     assert 0 <= headline["oracle_covid_rate_after"] <= 1 and 0 <= headline["detectability_auc"] <= 1
+    # the texture check: the oracle's calls on real COVID-19 test images and on the translations, blurred
+    real_test = syn.load_images(covid["test"], SIZE)
+    threshold = headline["oracle_threshold"]
+    from cxrlib.evaluate.synthesis import binomial_blur
+
+    expected_real = float(np.mean(syn.covid_probability(oracle, real_test) >= threshold))
+    expected_blurred = float(np.mean(syn.covid_probability(oracle, binomial_blur(syn.load_images(rows, SIZE)))
+                                     >= threshold))
+    assert headline["oracle_covid_rate_real"] == pytest.approx(expected_real)
+    assert headline["oracle_covid_rate_after_blurred"] == pytest.approx(expected_blurred)
+    low, high = headline["oracle_covid_rate_real_blurred_ci95"]
+    assert 0 <= low <= headline["oracle_covid_rate_real_blurred"] <= high <= 1
     assert headline["fid_inception"] is None or headline["fid_inception"] >= 0
     assert isinstance(headline["fid_inception_note"], str)
     # identical source and synthetic images: nothing added, anatomy untouched
@@ -167,6 +179,8 @@ def test_judges_and_evaluate_translator(cohort, generator, tmp_path, monkeypatch
     judged = syn.judge_generator(synthetic_images=mixed[conditioning == "covid"], **real)
     assert diffusion["fd_cxr"] == pytest.approx(judged["fd_cxr"]) and diffusion["kid"] == pytest.approx(judged["kid"])
     assert diffusion["oracle_covid_rate"] == judged["oracle_covid_rate_after"]
+    assert diffusion["oracle_covid_rate_blurred"] == judged["oracle_covid_rate_after_blurred"]
+    assert diffusion["oracle_covid_rate_real"] == judged["oracle_covid_rate_real"]
     assert diffusion["detectability_auc"] == pytest.approx(judged["detectability_auc"])
     assert diffusion["oracle_covid_rate_before"] is None and judged["fd_cxr_untranslated"] is None
     assert diffusion["n_generated"] == len(mixed) and diffusion["n_target"] == len(synthetic) + 1

@@ -157,7 +157,9 @@ HEADLINE_KEYS: tuple[str, ...] = (
     "n_generated", "fd_cxr", "fd_cxr_floor", "fd_cxr_untranslated", "kid", "kid_std", "fid_inception",
     "fid_inception_note",
     "oracle_covid_rate_before", "oracle_covid_rate_before_ci95", "oracle_covid_rate_after",
-    "oracle_covid_rate_after_ci95", "oracle_threshold", "detectability_auc", "detectability_auc_ci95",
+    "oracle_covid_rate_after_ci95", "oracle_threshold", "oracle_covid_rate_real", "oracle_covid_rate_real_ci95",
+    "oracle_covid_rate_real_blurred", "oracle_covid_rate_real_blurred_ci95", "oracle_covid_rate_after_blurred",
+    "oracle_covid_rate_after_blurred_ci95", "detectability_auc", "detectability_auc_ci95",
     "memorisation_possible_copy_fraction", "memorisation_median_distance_ratio",
     "memorisation_pixel_possible_copy_fraction",
 )
@@ -196,7 +198,9 @@ def evaluate_translator(
       at the synthetic set's size), ``fd_cxr_untranslated`` (source images vs real COVID
       test), ``kid`` / ``kid_std`` in the feature network's GAP space; ``fid_inception`` when
       local Inception weights exist (else ``None``; ``fid_inception_note`` says why);
-    - ``oracle_covid_rate_before`` / ``_after`` (with Wilson ``_ci95``) at ``oracle_threshold``;
+    - ``oracle_covid_rate_before`` / ``_after`` (with Wilson ``_ci95``) at ``oracle_threshold``,
+      and the texture check ``oracle_covid_rate_real`` / ``_real_blurred`` / ``_after_blurred``
+      (:func:`cxrlib.judges.judge_generator`);
     - ``detectability_auc`` (+ ``_ci95``): linear probe, real COVID held-out vs synthetic,
       folds grouped by patient;
     - ``memorisation_*``: near-copies of the real COVID training images in feature space and

@@ -181,6 +181,8 @@ def generator_report(
     report.update({key: value for key, value in judged.items() if key != "n_generated"})
     report["oracle_covid_rate"] = report.pop("oracle_covid_rate_after")
     report["oracle_covid_rate_ci95"] = report.pop("oracle_covid_rate_after_ci95")
+    report["oracle_covid_rate_blurred"] = report.pop("oracle_covid_rate_after_blurred")
+    report["oracle_covid_rate_blurred_ci95"] = report.pop("oracle_covid_rate_after_blurred_ci95")
     report.pop("oracle_covid_rate_before_ci95")
 
     threshold = report["oracle_threshold"]
