@@ -150,6 +150,11 @@ def test_judges_and_evaluate_translator(cohort, generator, tmp_path, monkeypatch
     assert headline["oracle_covid_rate_after_blurred"] == pytest.approx(expected_blurred)
     low, high = headline["oracle_covid_rate_real_blurred_ci95"]
     assert 0 <= low <= headline["oracle_covid_rate_real_blurred"] <= high <= 1
+    texture = syn.texture_check_table({"G_NC": report})
+    assert texture.shape == (4, 1) and texture.index.name == "oracle calls COVID-19"
+    assert texture.loc["real COVID-19 test images", "G_NC"] == (
+        f"{expected_real:.2f} ({headline['oracle_covid_rate_real_ci95'][0]:.2f}-"
+        f"{headline['oracle_covid_rate_real_ci95'][1]:.2f})")
     assert headline["fid_inception"] is None or headline["fid_inception"] >= 0
     assert isinstance(headline["fid_inception_note"], str)
     # identical source and synthetic images: nothing added, anatomy untouched

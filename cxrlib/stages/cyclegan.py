@@ -230,6 +230,32 @@ def evaluate_translator(
     return report
 
 
+#: The texture check's rows: (label, report key) - see :func:`cxrlib.judges.judge_generator`.
+TEXTURE_CHECK_ROWS: tuple[tuple[str, str], ...] = (
+    ("real COVID-19 test images", "oracle_covid_rate_real"),
+    ("the same, blurred", "oracle_covid_rate_real_blurred"),
+    ("translated images", "oracle_covid_rate_after"),
+    ("the same, blurred", "oracle_covid_rate_after_blurred"),
+)
+
+
+def texture_check_table(reports: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """The oracle's COVID-19 rate (``"0.77 (0.62-0.87)"``, Wilson 95% interval) of real COVID-19 test
+    images and of each translator's images, as they are and through
+    :func:`cxrlib.evaluate.synthesis.binomial_blur`: one column per translator in ``reports``
+    (:func:`evaluate_translator` outputs), one row per :data:`TEXTURE_CHECK_ROWS` entry."""
+    def cell(report: Mapping[str, Any], key: str) -> str:
+        rate, interval = report.get(key), report.get(f"{key}_ci95")
+        if rate is None:
+            return "n/a"
+        return f"{rate:.2f}" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval is not None else "")
+
+    columns = {name: [cell(report, key) for _, key in TEXTURE_CHECK_ROWS] for name, report in reports.items()}
+    table = pd.DataFrame(columns, index=[label for label, _ in TEXTURE_CHECK_ROWS])
+    table.index.name = "oracle calls COVID-19"
+    return table
+
+
 def headline_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     """The :data:`HEADLINE_KEYS` and :data:`PHANTOM_KEYS` present in a report (what metrics.json keeps)."""
     return {key: report[key] for key in (*HEADLINE_KEYS, *PHANTOM_KEYS) if key in report}
