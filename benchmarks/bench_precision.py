@@ -69,7 +69,7 @@ from cxrlib.train.engine import DistContext, Precision, cpu_has_native_bf16  # n
 from cxrlib.train.segmentation import segmentation_loss  # noqa: E402
 
 DEFAULT_CASES = ("segmentation", "cyclegan_demo", "cyclegan_resnet128", "classifier", "diffusion", "text_segmenter")
-EXTRA_CASES = ("cyclegan_demo96", "diffusion64", "classifier_resnet18")
+EXTRA_CASES = ("cyclegan_demo96", "cyclegan_real", "cyclegan_real_blurred", "diffusion64", "classifier_resnet18")
 
 Step = Callable[[], None]
 
@@ -192,6 +192,16 @@ CASES: dict[str, tuple[str, Callable[[Precision, bool], Step], dict[str, Any]]] 
         "the demo CycleGAN at 96 px, batch 4",
         lambda p, cl: _cyclegan_step({"generator": "unet", "ngf": 16, "ndf": 32, "unet_depth": 3}, 96, 4, p, cl),
         {"image_size": 96, "batch_size": 4}),
+    "cyclegan_real": (
+        "the real-cpu CycleGAN: U-Net generator ngf 16 depth 5, PatchGAN ndf 32, 128 px, batch 4, identity 0.5",
+        lambda p, cl: _cyclegan_step({"generator": "unet", "ngf": 16, "ndf": 32, "unet_depth": 5}, 128, 4, p, cl,
+                                     lambda_id=0.5),
+        {"image_size": 128, "batch_size": 4, "upsample": "transpose"}),
+    "cyclegan_real_blurred": (
+        "the real-cpu CycleGAN with upsample=blurred_transpose",
+        lambda p, cl: _cyclegan_step({"generator": "unet", "ngf": 16, "ndf": 32, "unet_depth": 5,
+                                      "upsample": "blurred_transpose"}, 128, 4, p, cl, lambda_id=0.5),
+        {"image_size": 128, "batch_size": 4, "upsample": "blurred_transpose"}),
     "cyclegan_resnet128": (
         "CycleGAN, ResNet generator 9 blocks ngf 64, 70x70 PatchGAN ndf 64, 128 px, 1 channel, batch 1, "
         "identity 0.5, pool 50 (the reference's resnet_9blocks setting)",
