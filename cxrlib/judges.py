@@ -171,7 +171,9 @@ def judge_generator(
       :func:`cxrlib.evaluate.synthesis.binomial_blur`) and ``oracle_covid_rate_after_blurred``
       (the synthetic images through it), each with ``_ci95``. Calls that vanish under a blur
       that removes only the period-two texture rest on that texture (a source or compression
-      artefact, or a generator's checkerboard), not on the lungs;
+      artefact, or a generator's checkerboard), not on the lungs; ``fd_cxr_blurred``,
+      ``fd_cxr_blurred_floor`` and ``fd_cxr_blurred_untranslated``: the three FDs with every set
+      so blurred (``None`` where the FDs are);
     - ``detectability_auc`` (+ ``_ci95``): a linear probe telling real held-out COVID-19 from
       synthetic images, folds grouped by patient (``None`` with fewer than two groups a side).
     """
@@ -185,8 +187,17 @@ def judge_generator(
         fd = synth.fd_report(synthetic_feats, test_feats, train_feats, reference=source_feats, seed=seed)
         report.update(fd_cxr=fd["fd"], fd_cxr_floor=fd["fd_floor"], fd_cxr_untranslated=fd["fd_reference"],
                       kid=fd["kid"], kid_std=fd["kid_std"])
+        # the same with the period-two texture blurred away from every set: what is left to compare
+        blur = synth.binomial_blur
+        fd_blurred = synth.fd_report(
+            features(feature_net, blur(synthetic_images)), features(feature_net, blur(real_covid_test)),
+            features(feature_net, blur(real_covid_train)),
+            reference=features(feature_net, blur(source_images)) if source_images is not None else None, seed=seed)
+        report.update(fd_cxr_blurred=fd_blurred["fd"], fd_cxr_blurred_floor=fd_blurred["fd_floor"],
+                      fd_cxr_blurred_untranslated=fd_blurred["fd_reference"])
     else:
-        report.update(fd_cxr=None, fd_cxr_floor=None, fd_cxr_untranslated=None, kid=None, kid_std=None)
+        report.update(fd_cxr=None, fd_cxr_floor=None, fd_cxr_untranslated=None, kid=None, kid_std=None,
+                      fd_cxr_blurred=None, fd_cxr_blurred_floor=None, fd_cxr_blurred_untranslated=None)
     fid, fid_note = quiet_inception_fid(synthetic_images, real_covid_test) if inception else (None, "not asked for")
     report.update(fid_inception=fid, fid_inception_note=fid_note)
     threshold = oracle_threshold(oracle)

@@ -150,6 +150,8 @@ def test_judges_and_evaluate_translator(cohort, generator, tmp_path, monkeypatch
     assert headline["oracle_covid_rate_after_blurred"] == pytest.approx(expected_blurred)
     low, high = headline["oracle_covid_rate_real_blurred_ci95"]
     assert 0 <= low <= headline["oracle_covid_rate_real_blurred"] <= high <= 1
+    assert headline["fd_cxr_blurred"] >= 0 and headline["fd_cxr_blurred_floor"] >= 0
+    assert headline["fd_cxr_blurred"] != headline["fd_cxr"]
     texture = syn.texture_check_table({"G_NC": report})
     assert texture.shape == (4, 1) and texture.index.name == "oracle calls COVID-19"
     assert texture.loc["real COVID-19 test images", "G_NC"] == (
@@ -169,6 +171,7 @@ def test_judges_and_evaluate_translator(cohort, generator, tmp_path, monkeypatch
     assert untouched["lesion_added_inside_lungs"] == 0 and not untouched["anatomy_l1"] > 0
     assert untouched["oracle_covid_rate_before"] == untouched["oracle_covid_rate_after"]
     assert untouched["fd_cxr"] == pytest.approx(untouched["fd_cxr_untranslated"])
+    assert untouched["fd_cxr_blurred"] == pytest.approx(untouched["fd_cxr_blurred_untranslated"])
 
     # notebook 06's report: the same judge on the covid-conditioned samples, memorisation over every sample
     from cxrlib.stages import diffusion_reader_study as ds

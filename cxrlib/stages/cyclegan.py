@@ -154,7 +154,8 @@ def source_rows(manifest: pd.DataFrame, synthetic: pd.DataFrame) -> pd.DataFrame
 
 #: Keys of metrics.json per translator (the phantom adds :data:`PHANTOM_KEYS`).
 HEADLINE_KEYS: tuple[str, ...] = (
-    "n_generated", "fd_cxr", "fd_cxr_floor", "fd_cxr_untranslated", "kid", "kid_std", "fid_inception",
+    "n_generated", "fd_cxr", "fd_cxr_floor", "fd_cxr_untranslated", "kid", "kid_std", "fd_cxr_blurred",
+    "fd_cxr_blurred_floor", "fd_cxr_blurred_untranslated", "fid_inception",
     "fid_inception_note",
     "oracle_covid_rate_before", "oracle_covid_rate_before_ci95", "oracle_covid_rate_after",
     "oracle_covid_rate_after_ci95", "oracle_threshold", "oracle_covid_rate_real", "oracle_covid_rate_real_ci95",
