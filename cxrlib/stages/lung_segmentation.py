@@ -1078,8 +1078,8 @@ class DiseasedLungRecipe:
     max_steps_per_epoch: int | None = None
     partial_labels: bool = True
     precision: str = "auto"
-    scale_max: float = 1.1
-    translate: float = 0.05
+    scale_max: float = 1.3
+    translate: float = 0.1
 
     def train_config(self, device: str = "auto"):
         from cxrlib.train.segmentation import SegTrainConfig
