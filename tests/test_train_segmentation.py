@@ -107,6 +107,37 @@ def test_per_image_dice_counts_absent_classes_as_perfect():
     assert scores[0, 1].item() == 1.0 and scores[1].tolist() == [1.0, 1.0]
 
 
+def test_validation_dice_leaves_out_classes_the_reference_lacks():
+    """An image without class 2 in its reference does not score class 2 at all: a network that
+    predicts nothing of it is not rewarded with a perfect score (the model selection's trap)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cxrlib.train.engine import DistContext
+
+    truth = torch.zeros(3, 4, 4, dtype=torch.long)
+    truth[:, :2] = 1                 # class 1 in every image
+    truth[2, 2:, :2] = 2             # class 2 only in image 2
+    pred = truth.clone()
+    pred[0, 0] = 0                   # image 0: half of class 1 missed (Dice 2/3)
+    pred[2, 2:, :2] = 0              # image 2: class 2 missed (Dice 0)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            index = x[:, 0, 0, 0].long()
+            return torch.nn.functional.one_hot(pred[index], 3).permute(0, 3, 1, 2).float() * 10
+
+    loader = DataLoader(TensorDataset(torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 4, 4).clone(), truth),
+                        batch_size=2)
+    metrics = seg.evaluate_dice(Fixed(), loader, DistContext(), 3)
+    # per image, over the classes present: 2/3, 1, mean(1, 0) = 0.5
+    assert metrics["val_dice"] == pytest.approx((2 / 3 + 1 + 0.5) / 3)
+    assert metrics["val_dice_lung_left"] == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert metrics["val_dice_lung_right"] == 0.0  # only image 2 holds class 2, and it was missed
+    empty = DataLoader(TensorDataset(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)))
+    nothing = seg.evaluate_dice(Fixed(), empty, DistContext(), 3)
+    assert nothing["val_dice"] == 0.0 and np.isnan(nothing["val_dice_lung_left"])
+
+
 PARTIAL = {4: [0, 3]}  # "background or class 3"
 
 

@@ -297,31 +297,43 @@ def evaluate_dice(model: nn.Module, loader: DataLoader, ctx: DistContext, num_cl
     ``precision``: the autocast of the forward passes (:func:`~cxrlib.train.engine.resolve_precision`);
     ``partial_labels``: as in :func:`per_image_dice`.
 
+    A class is scored on the images whose reference holds it (a reference without the class is
+    left out, as ``ignore_empty`` does in MONAI's ``DiceMetric``): otherwise a class that most
+    images lack (the lung behind the heart, absent from a visible-convention source) scores 1 on
+    each of them while the network predicts nothing, and an untrained network looks best.
+
     Each rank scores its shard; sums and counts are all-reduced, so every rank returns the
-    same numbers. Returns ``{"val_dice": mean over images of the mean over classes,
-    "val_dice_<class>": mean over images, ...}``.
+    same numbers. Returns ``{"val_dice": mean over images of the mean over the classes their
+    reference holds, "val_dice_<class>": mean over the images that hold it (NaN for none), ...}``.
     """
     net = unwrap(model)  # no DDP hooks: shards may differ in length, no collective inside
     precision = as_precision(precision, ctx.device)
     was_training = net.training
     net.eval()
-    totals = torch.zeros(num_classes, dtype=torch.float64, device=ctx.device)  # [count, per class...]
-    mean_total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    n_fg = num_classes - 1
+    # [per-class score sums, per-class counts, sum of image means, images with a class]
+    totals = torch.zeros(2 * n_fg + 2, dtype=torch.float64, device=ctx.device)
     for images, labels in progress_bar(loader, ctx=ctx, enabled=progress, desc="val", leave=False):
         images = _to_device(images, ctx.device, channels_last)
         labels = labels.to(ctx.device, non_blocking=True)
         with precision.autocast():
             logits = net(images)
         scores = per_image_dice(logits.argmax(dim=1), labels, num_classes, partial_labels)
-        totals[0] += scores.shape[0]
-        totals[1:] += scores.sum(dim=0)
-        mean_total += scores.mean(dim=1).sum()
+        present = torch.stack([(labels == value).flatten(1).any(dim=1) for value in range(1, num_classes)],
+                              dim=1).to(scores.dtype)
+        n_present = present.sum(dim=1)
+        totals[:n_fg] += (scores * present).sum(dim=0)
+        totals[n_fg:2 * n_fg] += present.sum(dim=0)
+        has_any = n_present > 0
+        totals[-2] += ((scores * present).sum(dim=1)[has_any] / n_present[has_any]).sum()
+        totals[-1] += has_any.sum()
     net.train(was_training)
-    reduced = all_reduce_sum(torch.cat([totals, mean_total.view(1)]), ctx).cpu()
-    count = max(float(reduced[0]), 1.0)
-    metrics = {"val_dice": float(reduced[-1]) / count}
+    reduced = all_reduce_sum(totals, ctx).cpu()
+    metrics = {"val_dice": float(reduced[-2]) / max(float(reduced[-1]), 1.0)}
     for value in range(1, num_classes):
-        metrics[f"val_dice_{CLASS_NAMES.get(value, value)}"] = float(reduced[value]) / count
+        count = float(reduced[n_fg + value - 1])
+        metrics[f"val_dice_{CLASS_NAMES.get(value, value)}"] = (float(reduced[value - 1]) / count if count
+                                                                 else float("nan"))
     return metrics
 
 
