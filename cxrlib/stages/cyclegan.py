@@ -234,9 +234,9 @@ def evaluate_translator(
 #: The texture check's rows: (label, report key) - see :func:`cxrlib.judges.judge_generator`.
 TEXTURE_CHECK_ROWS: tuple[tuple[str, str], ...] = (
     ("real COVID-19 test images", "oracle_covid_rate_real"),
-    ("the same, blurred", "oracle_covid_rate_real_blurred"),
+    ("real COVID-19 test images, blurred", "oracle_covid_rate_real_blurred"),
     ("translated images", "oracle_covid_rate_after"),
-    ("the same, blurred", "oracle_covid_rate_after_blurred"),
+    ("translated images, blurred", "oracle_covid_rate_after_blurred"),
 )
 
 
