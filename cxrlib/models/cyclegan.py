@@ -105,8 +105,8 @@ class CycleGANConfig:
     - ``image_size``: side of the square training images; checked against the networks.
     - ``upsample``: ``"transpose"`` (transposed convolutions, as in the reference),
       ``"resize_conv"`` (nearest 2x resize, then a 3x3 convolution: no checkerboard texture) or
-      ``"blurred_transpose"`` (transposed convolutions with box-filtered kernels: nothing of
-      period two in their output, at 25/16 of the multiply-adds of a 4x4 kernel).
+      ``"blurred_transpose"`` (transposed convolutions with box-filtered 3x3 kernels: nothing of
+      period two in their output, at the multiply-adds of a 4x4 transposed convolution).
     """
 
     generator: GeneratorKind = setting("unet", "generator architecture")
