@@ -125,7 +125,7 @@ def pool_folds(folders: list[Path], out: Path, *, seed: int = 0) -> int:
                                       seed=seed, groups="patient_id")
     metrics = {"folds": [str(folder) for folder in folders], "n_images": int(pooled["image_id"].nunique()),
                "n_patients": int(pooled["patient_id"].nunique()),
-               "train_seconds": [json_number(folder) for folder in folders]}
+               "train_seconds": [train_seconds_of(folder) for folder in folders]}
     for convention, values in summary.items():
         metrics[convention] = {"dice_mean": values["dice_lungs_mean"], "dice_ci95": values["dice_lungs_ci95"],
                                "dice_worst_decile": values["dice_lungs_worst_decile"],
@@ -138,10 +138,11 @@ def pool_folds(folders: list[Path], out: Path, *, seed: int = 0) -> int:
     return 0
 
 
-def json_number(folder: Path) -> float:
+def train_seconds_of(fold: Path) -> float:
+    """The training time a fold run wrote to its ``metrics.json``."""
     import json
 
-    return float(json.loads((folder / "metrics.json").read_text())["train_seconds"])
+    return float(json.loads((fold / "metrics.json").read_text())["train_seconds"])
 
 
 if __name__ == "__main__":

@@ -182,17 +182,19 @@ def judge_generator(
     test_feats = features(feature_net, real_covid_test)
     source_feats = features(feature_net, source_images) if source_images is not None else None
     report: dict[str, Any] = {"n_generated": int(len(synthetic_images))}
+    # the texture check's inputs, blurred once for its FDs and its oracle rates
+    blurred_synthetic, blurred_test = synth.binomial_blur(synthetic_images), synth.binomial_blur(real_covid_test)
     # tiny cohorts (the smoke-test profile) may lack the two images per set a covariance needs
     if min(len(synthetic_feats), len(train_feats), len(test_feats)) >= 2:
         fd = synth.fd_report(synthetic_feats, test_feats, train_feats, reference=source_feats, seed=seed)
         report.update(fd_cxr=fd["fd"], fd_cxr_floor=fd["fd_floor"], fd_cxr_untranslated=fd["fd_reference"],
                       kid=fd["kid"], kid_std=fd["kid_std"])
         # the same with the period-two texture blurred away from every set: what is left to compare
-        blur = synth.binomial_blur
         fd_blurred = synth.fd_report(
-            features(feature_net, blur(synthetic_images)), features(feature_net, blur(real_covid_test)),
-            features(feature_net, blur(real_covid_train)),
-            reference=features(feature_net, blur(source_images)) if source_images is not None else None, seed=seed)
+            features(feature_net, blurred_synthetic), features(feature_net, blurred_test),
+            features(feature_net, synth.binomial_blur(real_covid_train)),
+            reference=(features(feature_net, synth.binomial_blur(source_images)) if source_images is not None
+                       else None), seed=seed)
         report.update(fd_cxr_blurred=fd_blurred["fd"], fd_cxr_blurred_floor=fd_blurred["fd_floor"],
                       fd_cxr_blurred_untranslated=fd_blurred["fd_reference"])
     else:
@@ -207,9 +209,9 @@ def judge_generator(
         "oracle_covid_rate_before", "oracle_covid_rate_before_ci95", "oracle_covid_rate_after",
         "oracle_covid_rate_after_ci95")}, oracle_threshold=rates["threshold"])
     # the texture check: the same calls once the finest texture (period two) is filtered away
-    real = synth.oracle_rates(covid_probability(oracle, real_covid_test),
-                              covid_probability(oracle, synth.binomial_blur(real_covid_test)), threshold)
-    blurred = synth.oracle_rates(None, covid_probability(oracle, synth.binomial_blur(synthetic_images)), threshold)
+    real = synth.oracle_rates(covid_probability(oracle, real_covid_test), covid_probability(oracle, blurred_test),
+                              threshold)
+    blurred = synth.oracle_rates(None, covid_probability(oracle, blurred_synthetic), threshold)
     report.update(oracle_covid_rate_real=real["oracle_covid_rate_before"],
                   oracle_covid_rate_real_ci95=real["oracle_covid_rate_before_ci95"],
                   oracle_covid_rate_real_blurred=real["oracle_covid_rate_after"],
