@@ -34,6 +34,11 @@ def _yes(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes")
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """``a,b,c`` -> ``("a", "b", "c")`` (e.g. ``--opacity-kinds``)."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--radiography", default="", help="covid19-radiography folder (not with --pool)")
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", nargs="+", default=None,
                         help="pool the expert test tables of these fold outputs into OUT/cv_metrics.json")
     for item in fields(seg.DiseasedLungRecipe):
-        kind = {bool: _yes, type(None): int}.get(type(item.default), type(item.default))
+        kind = {bool: _yes, type(None): int, tuple: _names}.get(type(item.default), type(item.default))
         parser.add_argument(f"--{item.name.replace('_', '-')}", type=kind, default=item.default)
     args = parser.parse_args(argv)
     if args.pool:

@@ -227,8 +227,12 @@ class PairedAugment:
 
 # ----------------------------------------------------------------------------- opacities
 
-#: Kinds of opacity :class:`OpacityAugment` paints.
-OPACITY_KINDS: tuple[str, ...] = ("ground_glass", "consolidation", "white_out", "effusion")
+#: Kinds of opacity :class:`OpacityAugment` can paint.
+OPACITY_KINDS: tuple[str, ...] = ("ground_glass", "consolidation", "white_out", "effusion", "basal_white_out")
+#: The kinds it paints unless told otherwise: those that stay inside the lung. ``basal_white_out``
+#: is an option; in the diseased-lung cross-validation it made no measurable difference
+#: (``docs/segmentation.md``).
+DEFAULT_OPACITY_KINDS: tuple[str, ...] = ("ground_glass", "consolidation", "white_out", "effusion")
 
 
 def _smooth_field(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -247,7 +251,8 @@ class OpacityAugment:
     Models trained on clear lungs leave dense consolidation and white-out out of the lung;
     painting such opacities into training images, with the lung label unchanged, teaches
     that an opaque lung is still lung. With probability ``p`` an image gets one kind,
-    drawn uniformly from ``kinds`` (:data:`OPACITY_KINDS`), in one or both lungs:
+    drawn uniformly from ``kinds`` (:data:`DEFAULT_OPACITY_KINDS`; all: :data:`OPACITY_KINDS`), in
+    one or both lungs:
 
     - ``ground_glass``: patchy, soft-edged haze (blobs of smoothed noise) that raises the
       grey level by ``ground_glass_strength`` of the way to white and keeps the texture;
@@ -255,7 +260,13 @@ class OpacityAugment:
       soft-tissue grey level (the image's 90th percentile inside the body);
     - ``white_out``: the whole lung, denser towards the base;
     - ``effusion``: the lung below a level with a meniscus rising to the side wall, nearly
-      as dense as the soft tissue.
+      as dense as the soft tissue;
+    - ``basal_white_out``: the lung below a ragged level as dense as the soft tissue right up
+      to its border (ribs and vessels kept faintly), and the soft tissue next to it alike, so the diaphragm and the lateral
+      border vanish (the silhouette sign of ARDS and dense basal consolidation). The only kind
+      that also paints outside the lung: within ``silhouette_margin`` of the side of the lung
+      below the level, and only where the image is at least as bright as the lung's median
+      (soft tissue, never the air beside the body).
 
     ``lung_labels``: label values that are lung (1, 2; add 3 when it stands for lung, e.g.
     the retrocardiac lung). ``image``: ``(H, W)`` float32 in [0, 1]; ``labels`` ``(H, W)``
@@ -263,11 +274,12 @@ class OpacityAugment:
     """
 
     p: float = 0.5
-    kinds: tuple[str, ...] = OPACITY_KINDS
+    kinds: tuple[str, ...] = DEFAULT_OPACITY_KINDS
     lung_labels: tuple[int, ...] = (1, 2)
     ground_glass_strength: tuple[float, float] = (0.15, 0.4)
     consolidation_strength: tuple[float, float] = (0.6, 0.95)
     blob_sigma: tuple[float, float] = (0.03, 0.08)
+    silhouette_margin: tuple[float, float] = (0.03, 0.06)
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(OPACITY_KINDS)
@@ -325,6 +337,30 @@ class OpacityAugment:
             strength = float(rng.uniform(*self.consolidation_strength))
             weight = soft * (0.6 + 0.4 * ramp.astype(np.float32))
             painted = image + strength * weight * (np.maximum(tissue, image) - image)
+        elif kind == "basal_white_out":
+            lung_rows = np.flatnonzero(region.any(axis=1))
+            top, bottom = lung_rows[0], lung_rows[-1] + 1
+            span = max(bottom - top, 1)
+            level = top + float(rng.uniform(0.35, 0.8)) * span
+            # a ragged upper edge: the level moves by up to a tenth of the lung's height
+            ragged = (_smooth_field(image.shape, 0.05 * width, rng) - 0.5) * 0.2 * span
+            below = np.clip((np.arange(height)[:, None] - level + ragged) / max(0.05 * span, 1.0) + 0.5, 0, 1)
+            margin = max(1, int(round(float(rng.uniform(*self.silhouette_margin)) * width)))
+            reach = ndimage.binary_dilation(region, iterations=margin)
+            reach &= np.arange(height)[:, None] >= top
+            reach &= region | (image >= float(np.median(image[region])))
+            # full weight at the lung border, so that no edge is left there
+            spread = ndimage.gaussian_filter(reach.astype(np.float32), max(1.0, 0.01 * width))
+            weight = np.where(reach, np.maximum(spread, region), 0.0) * below
+            strength = float(rng.uniform(0.7, 0.95))
+            # ribs and vessels stay faintly visible through the opacity: half of the fine
+            # detail that the blend takes away is given back. The detail is measured against
+            # a local mean of lung pixels only, so that the lung's own border is no detail
+            blur = max(1.0, 0.008 * width)
+            inside = region.astype(np.float32)
+            local = ndimage.gaussian_filter(image * inside, blur) / np.maximum(ndimage.gaussian_filter(inside, blur), 1e-6)
+            detail = np.where(region, image - local, 0.0)
+            painted = image + strength * weight * (np.maximum(tissue, image) - image + 0.5 * detail)
         else:  # effusion
             lung_rows = np.flatnonzero(region.any(axis=1))
             top, bottom = lung_rows[0], lung_rows[-1] + 1

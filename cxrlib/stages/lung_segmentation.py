@@ -51,7 +51,7 @@ from cxrlib.data.masks import (
     mask_lungs,
     postprocess_labels,
 )
-from cxrlib.data.transforms import resize_image
+from cxrlib.data.transforms import DEFAULT_OPACITY_KINDS, resize_image
 from cxrlib.evaluate.segmentation import per_image_metrics, summarize_metrics
 from cxrlib.train.engine import autocast_context, unwrap
 
@@ -1056,7 +1056,7 @@ class DiseasedLungRecipe:
     A 4-class U-Net (background, visible left / right lung, lung behind the heart:
     :func:`retrocardiac_training_labels`) learns from several mask sources at once; lesions
     are painted into training lungs (:class:`cxrlib.data.transforms.OpacityAugment`, with
-    probability ``opacity_p``); the films of the expert-annotated source are repeated
+    probability ``opacity_p``, one of ``opacity_kinds``); the films of the expert-annotated source are repeated
     ``expert_repeats`` times per epoch so that diseased lungs weigh more; test-time
     ``flips`` average the image and its mirror image; the geometric augmentation zooms by a
     factor uniform in ``[0.9, scale_max]`` and shifts by up to ``translate`` of the side
@@ -1080,6 +1080,7 @@ class DiseasedLungRecipe:
     precision: str = "auto"
     scale_max: float = 1.3
     translate: float = 0.1
+    opacity_kinds: tuple[str, ...] = DEFAULT_OPACITY_KINDS
 
     def train_config(self, device: str = "auto"):
         from cxrlib.train.segmentation import SegTrainConfig
@@ -1186,7 +1187,8 @@ def train_diseased_lung_segmenter(
     expert = train["source"] == "covid-segmentations"
     train = pd.concat([train[~expert]] + [train[expert]] * max(1, recipe.expert_repeats), ignore_index=True)
     augment = PairedAugment(scale=(0.9, recipe.scale_max), translate=recipe.translate,
-                            opacity=OpacityAugment(p=recipe.opacity_p, lung_labels=(LUNG_LEFT, LUNG_RIGHT, 3))
+                            opacity=OpacityAugment(p=recipe.opacity_p, kinds=tuple(recipe.opacity_kinds),
+                                                   lung_labels=(LUNG_LEFT, LUNG_RIGHT, 3))
                             if recipe.opacity_p > 0 else None)
     train_set = LabelMapPairs(*training_pairs(train, recipe.image_size, partial=recipe.partial_labels),
                               augment=augment, seed=recipe.seed)
