@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ from test_covid_segmentations import build_layout
 from test_sources import build_radiography
 
 from cxrlib.data.sources import Covid19RadiographyDatabase, CovidSegmentations
+from cxrlib.runs import read_json
 from cxrlib.stages import lung_segmentation as seg
 
 
@@ -45,6 +47,16 @@ def test_rows_keep_patients_apart_and_the_recipe_trains_and_scores(tmp_path, one
                                     expert_repeats=2, opacity_p=1.0)
     result = seg.train_diseased_lung_segmenter(rows, tmp_path / "unet", recipe, device="cpu")
     assert (tmp_path / "unet" / "recipe.json").is_file() and result.checkpoint_path.is_file()
+    assert read_json(tmp_path / "unet" / "recipe.json")["opacity_kinds"] == list(recipe.opacity_kinds)
+    # the same recipe resumes quietly; a changed one is named (the training config does not hold it)
+    assert seg.resumed_recipe_changes(tmp_path / "unet", recipe) == {}
+    assert seg.resumed_recipe_changes(tmp_path / "elsewhere", recipe) == {}
+    other = dataclasses.replace(recipe, opacity_kinds=("white_out",), scale_max=1.1)
+    assert seg.resumed_recipe_changes(tmp_path / "unet", other) == {
+        "opacity_kinds": [list(recipe.opacity_kinds), ["white_out"]], "scale_max": [1.3, 1.1]}
+    with pytest.warns(UserWarning, match="other recipe settings.*opacity_kinds"):
+        seg.train_diseased_lung_segmenter(rows, tmp_path / "unet", other, device="cpu")
+    assert read_json(tmp_path / "unet" / "recipe.json")["resumed_with_changes"]["scale_max"] == [1.3, 1.1]
     test = rows[rows["split"] == "test"]
     evaluation = seg.evaluate_by_convention(result.model, test, input_size=32, flips=True, size=64, n_boot=20)
     per_image = evaluation.per_image

@@ -1164,6 +1164,24 @@ def training_pairs(rows: pd.DataFrame, size: int, *, partial: bool = True) -> tu
     return images, labels
 
 
+def resumed_recipe_changes(run_dir: str | os.PathLike, recipe: DiseasedLungRecipe) -> dict[str, list[Any]]:
+    """The recipe settings that differ from those saved in ``run_dir/recipe.json``, as
+    ``{name: [saved, now]}``, when ``run_dir`` holds a checkpoint that training would resume
+    (``last.pt``); ``{}`` otherwise. The augmentation and data settings are not part of the
+    training configuration that :func:`cxrlib.train.segmentation.train_segmentation` checks, so a
+    changed recipe would otherwise resume an old network without a word."""
+    from dataclasses import asdict
+
+    from cxrlib.runs import read_json, to_plain
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "last.pt").is_file() or not (run_dir / "recipe.json").is_file():
+        return {}
+    saved = read_json(run_dir / "recipe.json")
+    current = to_plain(asdict(recipe))
+    return {name: [saved.get(name), value] for name, value in current.items() if saved.get(name) != value}
+
+
 def train_diseased_lung_segmenter(
     rows: pd.DataFrame,
     run_dir: str | os.PathLike,
@@ -1183,6 +1201,10 @@ def train_diseased_lung_segmenter(
     from cxrlib.train.segmentation import train_segmentation
 
     recipe = recipe or DiseasedLungRecipe()
+    changed = resumed_recipe_changes(run_dir, recipe)
+    if changed:
+        warnings.warn(f"resuming {Path(run_dir) / 'last.pt'}, trained with other recipe settings "
+                      f"(saved, now): {changed}; the earlier epochs keep theirs", stacklevel=2)
     train, val = rows[rows["split"] == "train"], rows[rows["split"] == "val"]
     expert = train["source"] == "covid-segmentations"
     train = pd.concat([train[~expert]] + [train[expert]] * max(1, recipe.expert_repeats), ignore_index=True)
@@ -1198,7 +1220,8 @@ def train_diseased_lung_segmenter(
     from dataclasses import asdict
 
     write_json(run_dir / "recipe.json", {**asdict(recipe), "n_train_items": len(train_set),
-                                         "n_val": len(val_set)})
+                                         "n_val": len(val_set),
+                                         **({"resumed_with_changes": changed} if changed else {})})
     return train_segmentation(train_set, val_set, run_dir, recipe.train_config(device), on_epoch_end=on_epoch_end)
 
 
