@@ -262,11 +262,11 @@ class OpacityAugment:
     - ``effusion``: the lung below a level with a meniscus rising to the side wall, nearly
       as dense as the soft tissue;
     - ``basal_white_out``: the lung below a ragged level as dense as the soft tissue right up
-      to its border (ribs and vessels kept faintly), and the soft tissue next to it alike, so the diaphragm and the lateral
-      border vanish (the silhouette sign of ARDS and dense basal consolidation). The only kind
-      that also paints outside the lung: within ``silhouette_margin`` of the side of the lung
-      below the level, and only where the image is at least as bright as the lung's median
-      (soft tissue, never the air beside the body).
+      to its border (ribs and vessels kept faintly), and the soft tissue next to it alike, so
+      that the diaphragm and the lateral border vanish (the silhouette sign of ARDS and dense
+      basal consolidation). The only kind that also paints outside the lung: within
+      ``silhouette_margin`` of the side of the lung below the level, and only where the image
+      is at least as bright as the lung's median (soft tissue, never the air beside the body).
 
     ``lung_labels``: label values that are lung (1, 2; add 3 when it stands for lung, e.g.
     the retrocardiac lung). ``image``: ``(H, W)`` float32 in [0, 1]; ``labels`` ``(H, W)``

@@ -1054,15 +1054,16 @@ class DiseasedLungRecipe:
     """Settings of :func:`train_diseased_lung_segmenter` (saved with the run).
 
     A 4-class U-Net (background, visible left / right lung, lung behind the heart:
-    :func:`retrocardiac_training_labels`) learns from several mask sources at once; lesions
-    are painted into training lungs (:class:`cxrlib.data.transforms.OpacityAugment`, with
-    probability ``opacity_p``, one of ``opacity_kinds``); the films of the expert-annotated source are repeated
-    ``expert_repeats`` times per epoch so that diseased lungs weigh more; test-time
-    ``flips`` average the image and its mirror image; the geometric augmentation zooms by a
-    factor uniform in ``[0.9, scale_max]`` and shifts by up to ``translate`` of the side
-    (zooming in cuts the lungs at the frame, as tightly cropped films do). With ``partial_labels`` the background
-    of a visible-convention source is "background or the lung behind the heart"
-    (:data:`BACKGROUND_OR_RETROCARDIAC`), so the two conventions never contradict each other.
+    :func:`retrocardiac_training_labels`) learns from several mask sources at once; lesions are
+    painted into training lungs (:class:`cxrlib.data.transforms.OpacityAugment`, with
+    probability ``opacity_p``, one of ``opacity_kinds``); the films of the expert-annotated
+    source are repeated ``expert_repeats`` times per epoch so that diseased lungs weigh more;
+    test-time ``flips`` average the image and its mirror image; the geometric augmentation zooms
+    by a factor uniform in ``[0.9, scale_max]`` and shifts by up to ``translate`` of the side
+    (zooming in cuts the lungs at the frame, as tightly cropped films do). With
+    ``partial_labels`` the background of a visible-convention source is "background or the lung
+    behind the heart" (:data:`BACKGROUND_OR_RETROCARDIAC`), so the two conventions never
+    contradict each other.
     """
 
     image_size: int = 128
