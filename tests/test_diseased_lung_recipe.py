@@ -12,7 +12,7 @@ from test_covid_segmentations import build_layout
 from test_sources import build_radiography
 
 from cxrlib.data.sources import Covid19RadiographyDatabase, CovidSegmentations
-from cxrlib.runs import read_json
+from cxrlib.runs import read_json, write_json
 from cxrlib.stages import lung_segmentation as seg
 
 
@@ -54,6 +54,12 @@ def test_rows_keep_patients_apart_and_the_recipe_trains_and_scores(tmp_path, one
     other = dataclasses.replace(recipe, opacity_kinds=("white_out",), scale_max=1.1)
     assert seg.resumed_recipe_changes(tmp_path / "unet", other) == {
         "opacity_kinds": [list(recipe.opacity_kinds), ["white_out"]], "scale_max": [1.3, 1.1]}
+    # a recipe.json written before a setting existed: that setting is not compared
+    saved = read_json(tmp_path / "unet" / "recipe.json")
+    (tmp_path / "older").mkdir()
+    shutil.copy(tmp_path / "unet" / "last.pt", tmp_path / "older" / "last.pt")
+    write_json(tmp_path / "older" / "recipe.json", {k: v for k, v in saved.items() if k != "opacity_kinds"})
+    assert seg.resumed_recipe_changes(tmp_path / "older", other) == {"scale_max": [1.3, 1.1]}
     with pytest.warns(UserWarning, match="other recipe settings.*opacity_kinds"):
         seg.train_diseased_lung_segmenter(rows, tmp_path / "unet", other, device="cpu")
     assert read_json(tmp_path / "unet" / "recipe.json")["resumed_with_changes"]["scale_max"] == [1.3, 1.1]

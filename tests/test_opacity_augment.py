@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrlib.data.transforms import DEFAULT_OPACITY_KINDS, OPACITY_KINDS, OpacityAugment, PairedAugment
+from cxrlib.data.transforms import (
+    DEFAULT_OPACITY_KINDS,
+    OPACITY_KINDS,
+    OpacityAugment,
+    PairedAugment,
+)
 
 
 def pair(size: int = 96) -> tuple[np.ndarray, np.ndarray]:

@@ -1170,7 +1170,8 @@ def resumed_recipe_changes(run_dir: str | os.PathLike, recipe: DiseasedLungRecip
     ``{name: [saved, now]}``, when ``run_dir`` holds a checkpoint that training would resume
     (``last.pt``); ``{}`` otherwise. The augmentation and data settings are not part of the
     training configuration that :func:`cxrlib.train.segmentation.train_segmentation` checks, so a
-    changed recipe would otherwise resume an old network without a word."""
+    changed recipe would otherwise resume an old network without a word. A setting missing from
+    the saved file (written before the setting existed) is not compared."""
     from dataclasses import asdict
 
     from cxrlib.runs import read_json, to_plain
@@ -1180,7 +1181,7 @@ def resumed_recipe_changes(run_dir: str | os.PathLike, recipe: DiseasedLungRecip
         return {}
     saved = read_json(run_dir / "recipe.json")
     current = to_plain(asdict(recipe))
-    return {name: [saved.get(name), value] for name, value in current.items() if saved.get(name) != value}
+    return {name: [saved[name], value] for name, value in current.items() if name in saved and saved[name] != value}
 
 
 def train_diseased_lung_segmenter(
