@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -1172,8 +1172,6 @@ def resumed_recipe_changes(run_dir: str | os.PathLike, recipe: DiseasedLungRecip
     training configuration that :func:`cxrlib.train.segmentation.train_segmentation` checks, so a
     changed recipe would otherwise resume an old network without a word. A setting missing from
     the saved file (written before the setting existed) is not compared."""
-    from dataclasses import asdict
-
     from cxrlib.runs import read_json, to_plain
 
     run_dir = Path(run_dir)
@@ -1219,8 +1217,6 @@ def train_diseased_lung_segmenter(
     val_set = LabelMapPairs(*training_pairs(val, recipe.image_size, partial=recipe.partial_labels))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from dataclasses import asdict
-
     write_json(run_dir / "recipe.json", {**asdict(recipe), "n_train_items": len(train_set),
                                          "n_val": len(val_set),
                                          **({"resumed_with_changes": changed} if changed else {})})
