@@ -8,7 +8,8 @@
 Trains :class:`cxrlib.stages.lung_segmentation.DiseasedLungRecipe` on covid19-radiography
 (visible lungs, notebook 02's split) and the covid-segmentations training patients
 (anatomical lungs, held-out patients kept out), then writes ``metrics.json`` with Dice / HD95
-under each lung convention on both test sets (with and without test-time flips), the
+under each lung convention on both test sets (without test-time augmentation, and with the
+recipe's: flips and ``--zooms``; the ``*_flips`` keys and tables), the
 per-image tables, Dice against lesion burden, and, with ``--cohort`` (a manifest such as
 notebook 01's), the mask quality control of the cohort's segmentation with its gallery.
 """
@@ -39,6 +40,11 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def _factors(text: str) -> tuple[float, ...]:
+    """``1,1.15,1.3`` -> ``(1.0, 1.15, 1.3)`` (e.g. ``--zooms``)."""
+    return tuple(float(value) for value in _names(text))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--radiography", default="", help="covid19-radiography folder (not with --pool)")
@@ -54,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="pool the expert test tables of these fold outputs into OUT/cv_metrics.json")
     for item in fields(seg.DiseasedLungRecipe):
         kind = {bool: _yes, type(None): int, tuple: _names}.get(type(item.default), type(item.default))
+        if isinstance(item.default, tuple) and all(isinstance(value, float) for value in item.default):
+            kind = _factors
         parser.add_argument(f"--{item.name.replace('_', '-')}", type=kind, default=item.default)
     args = parser.parse_args(argv)
     if args.pool:
@@ -84,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         test = rows[(rows["split"] == "test") & (rows["source"] == source)]
         for flips in (False, True):
             evaluation = seg.evaluate_by_convention(result.model, test, input_size=recipe.image_size,
-                                                    flips=flips, device="cpu", seed=recipe.seed)
+                                                    flips=flips, zooms=recipe.zooms if flips else (1.0,),
+                                                    device="cpu", seed=recipe.seed)
             key = f"{name}{'_flips' if flips else ''}"
             metrics[key] = evaluation.metrics()
             evaluation.per_image.to_csv(out / f"{key}_per_image.csv", index=False)

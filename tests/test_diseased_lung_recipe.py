@@ -51,7 +51,9 @@ def test_rows_keep_patients_apart_and_the_recipe_trains_and_scores(tmp_path, one
     # the same recipe resumes quietly; a changed one is named (the training config does not hold it)
     assert seg.resumed_recipe_changes(tmp_path / "unet", recipe) == {}
     assert seg.resumed_recipe_changes(tmp_path / "elsewhere", recipe) == {}
-    other = dataclasses.replace(recipe, opacity_kinds=("white_out",), scale_max=1.1)
+    # prediction-time settings (test-time flips and zooms) do not make it another network
+    assert seg.resumed_recipe_changes(tmp_path / "unet", dataclasses.replace(recipe, flips=False, zooms=(1.0,))) == {}
+    other = dataclasses.replace(recipe, opacity_kinds=("white_out",), scale_max=1.1, zooms=(1.0,))
     assert seg.resumed_recipe_changes(tmp_path / "unet", other) == {
         "opacity_kinds": [list(recipe.opacity_kinds), ["white_out"]], "scale_max": [1.3, 1.1]}
     # a recipe.json written before a setting existed: that setting is not compared
@@ -64,7 +66,8 @@ def test_rows_keep_patients_apart_and_the_recipe_trains_and_scores(tmp_path, one
         seg.train_diseased_lung_segmenter(rows, tmp_path / "unet", other, device="cpu")
     assert read_json(tmp_path / "unet" / "recipe.json")["resumed_with_changes"]["scale_max"] == [1.3, 1.1]
     test = rows[rows["split"] == "test"]
-    evaluation = seg.evaluate_by_convention(result.model, test, input_size=32, flips=True, size=64, n_boot=20)
+    evaluation = seg.evaluate_by_convention(result.model, test, input_size=32, flips=True, zooms=recipe.zooms,
+                                            size=64, n_boot=20)
     per_image = evaluation.per_image
     expert_ids = set(test.loc[test["source"] == "covid-segmentations", "image_id"])
     conventions = per_image.groupby("image_id")["convention"].apply(set)
@@ -74,6 +77,7 @@ def test_rows_keep_patients_apart_and_the_recipe_trains_and_scores(tmp_path, one
     assert per_image.loc[~per_image["image_id"].isin(expert_ids), "lesion_burden"].isna().all()
     metrics = evaluation.metrics()
     assert metrics["test_time_flips"] is True and {"anatomical", "visible"} <= set(metrics)
+    assert metrics["test_time_zooms"] == [1.0, 1.15, 1.3]
     assert 0.0 <= metrics["visible"]["dice_mean"] <= 1.0
     assert set(evaluation.by_burden(n_boot=20)["convention"]) == {"anatomical", "visible"}
 
@@ -127,10 +131,12 @@ def test_notebook_02_trains_the_recipe_scores_conventions_and_external_folders(t
                               "SEG_DATA": str(radiography), "EXPERT_SEG_DATA": str(tmp_path / "covseg"),
                               "SEG_EXTERNAL": [str(tmp_path / "covseg")], "N_TRAIN_PATIENTS": 5,
                               "N_TEST_PATIENTS": 2, "N_EXPERT_TEST_PATIENTS": 2, "EXPERT_REPEATS": 2,
-                              "IMAGE_SIZE": 32, "DEPTH": 2, "EPOCHS": 1, "FLIPS": True, "N_BOOT": 20})
+                              "IMAGE_SIZE": 32, "DEPTH": 2, "EPOCHS": 1, "FLIPS": True, "ZOOMS": [1.0, 1.3],
+                              "N_BOOT": 20})
     assert result.ok
     metrics = json.loads(stages.output_path(run_dir, "02", "metrics.json").read_text())
     assert metrics["recipe"]["expert_repeats"] == 2 and metrics["test_time_flips"] is True
+    assert metrics["test_time_zooms"] == metrics["recipe"]["zooms"] == [1.0, 1.3]
     assert metrics["lung_convention"] == "visible"
     assert {"anatomical", "visible"} <= set(metrics["by_convention"])
     assert {row["convention"] for row in metrics["dice_by_burden"]} == {"anatomical", "visible"}

@@ -247,6 +247,7 @@ def predict_label_maps(
     amp: bool = True,
     flips: bool = False,
     convention: str | None = None,
+    zooms: Sequence[float] = (1.0,),
 ) -> list[np.ndarray]:
     """Lung label maps of ``images``, each on its own output grid.
 
@@ -258,16 +259,16 @@ def predict_label_maps(
     fills holes (:func:`cxrlib.data.masks.postprocess_labels`). ``amp``: float16 autocast
     on CUDA. Returns ``(h, w)`` uint8 label maps (0 background, 1 left lung, 2 right lung).
 
-    ``flips``: average with the mirror image (:func:`predict_probabilities`). ``convention``
+    ``flips``, ``zooms``: test-time augmentation (:func:`predict_probabilities`). ``convention``
     (``"anatomical"`` / ``"visible"``): the lungs of that convention, read from a 4-class
     segmenter of :func:`retrocardiac_training_labels` by :func:`labels_by_convention` (a
     3-class segmenter gives its one map either way).
     """
-    if flips or convention is not None:
+    if flips or convention is not None or tuple(check_zooms(zooms)) != (1.0,):
         if convention not in (None, "anatomical", "visible"):
             raise ValueError(f"convention must be 'anatomical', 'visible' or None, got {convention!r}")
         probabilities = predict_probabilities(model, images, input_size=input_size, output_shapes=output_shapes,
-                                              flips=flips, batch_size=batch_size, device=device)
+                                              flips=flips, zooms=zooms, batch_size=batch_size, device=device)
         if convention is None:
             maps = [p.argmax(axis=0).astype(np.uint8) for p in probabilities]
             return [postprocess_labels(m) for m in maps] if postprocess else maps
@@ -300,10 +301,11 @@ def segment_manifest(
     progress: bool = False,
     flips: bool = False,
     convention: str | None = None,
+    zooms: Sequence[float] = (1.0,),
 ) -> pd.DataFrame:
     """Segment every image of ``manifest``; write masks and image variants; return the new manifest.
 
-    ``flips`` and ``convention``: as in :func:`predict_label_maps` (a 4-class segmenter
+    ``flips``, ``zooms`` and ``convention``: as in :func:`predict_label_maps` (a 4-class segmenter
     needs a ``convention``: which lungs the masks and the lung images show).
 
     For each row (image at its own resolution, ``path`` absolute):
@@ -345,7 +347,7 @@ def segment_manifest(
             images = [read_image(mf.resolve_path(None, path)) for path in chunk["path"]]
             label_maps = predict_label_maps(net, images, input_size=input_size, batch_size=batch_size,
                                             device=target, postprocess=postprocess, flips=flips,
-                                            convention=convention)
+                                            convention=convention, zooms=zooms)
             for offset, (image, labels) in enumerate(zip(images, label_maps, strict=True)):
                 stem = stems[start + offset]
                 lungs = lung_mask_from_labels(labels)
@@ -470,10 +472,11 @@ def evaluate_segmentation(
     n_boot: int = 2000,
     flips: bool = False,
     convention: str | None = None,
+    zooms: Sequence[float] = (1.0,),
 ) -> SegmentationEvaluation:
     """Score the U-Net on the rows of ``split`` (``None``: every row) that have lung masks.
 
-    ``flips``, ``convention``: as in :func:`predict_label_maps` (``"visible"`` for a 4-class
+    ``flips``, ``zooms``, ``convention``: as in :func:`predict_label_maps` (``"visible"`` for a 4-class
     segmenter scored against visible-convention masks).
 
     Ground truth is read at its own resolution (:func:`cxrlib.data.datasets.load_label_map`;
@@ -494,7 +497,7 @@ def evaluate_segmentation(
         images.append(image)
     raw = predict_label_maps(model, images, input_size=input_size, output_shapes=[t.shape for t in truth],
                              batch_size=batch_size, device=device, postprocess=False, flips=flips,
-                             convention=convention)
+                             convention=convention, zooms=zooms)
     post = [postprocess_labels(labels) for labels in raw]
     shown = [resize_image(image, labels.shape) for image, labels in zip(images, truth, strict=True)]
     per_image, summary = {}, {}
@@ -520,7 +523,7 @@ def evaluate_cohorts(
     masks (most real collections) is skipped, never scored against nothing. A cohort whose
     references draw the anatomical lungs with a cardiomediastinum (covid-segmentations) is
     scored under both conventions (:func:`evaluate_by_convention`, a
-    :class:`ConventionEvaluation`; ``flips`` kept, ``convention`` dropped from ``kwargs``).
+    :class:`ConventionEvaluation`; ``flips`` and ``zooms`` kept, ``convention`` dropped from ``kwargs``).
     """
     scored: dict[str, SegmentationEvaluation | ConventionEvaluation] = {}
     skipped: dict[str, str] = {}
@@ -591,6 +594,44 @@ def _flip_lr(logits: torch.Tensor) -> torch.Tensor:
     return flipped[:, order]
 
 
+def check_zooms(zooms: Sequence[float]) -> tuple[float, ...]:
+    """``zooms`` as a tuple of floats, or ``ValueError``: test-time zoom factors, each finite and
+    positive, at least one of them at most 1 (a zoom above 1 sees only the centre of the image,
+    so without one at most 1 the border would get no prediction)."""
+    values = tuple(float(z) for z in zooms)
+    if not values or not all(np.isfinite(z) and z > 0 for z in values):
+        raise ValueError(f"zooms must be positive finite factors, got {list(zooms)!r}")
+    if min(values) > 1.0:
+        raise ValueError(f"zooms {list(values)!r}: one of them must be at most 1 so that the whole image is seen")
+    return values
+
+
+def _zoomed_probabilities(net: nn.Module, tensor: torch.Tensor, zoom: float, flips: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of ``net`` on ``tensor`` (``(B, 1, s, s)``) zoomed by ``zoom`` about its centre
+    (with ``flips``: averaged with the mirror image's), mapped back onto the unzoomed grid, and
+    the share of each output pixel the zoomed view covers (``(B, 1, s, s)``; 1 for ``zoom <= 1``)."""
+    def softmax(batch):
+        probabilities = torch.softmax(net(batch).float(), dim=1)
+        if flips:
+            mirrored = torch.softmax(net(torch.flip(batch, dims=[-1])).float(), dim=1)
+            probabilities = (probabilities + _flip_lr(mirrored)) / 2
+        return probabilities
+
+    if zoom == 1.0:
+        probabilities = softmax(tensor)
+        return probabilities, torch.ones_like(probabilities[:, :1])
+    count = tensor.shape[0]
+    forward = torch.tensor([[1 / zoom, 0.0, 0.0], [0.0, 1 / zoom, 0.0]], dtype=tensor.dtype, device=tensor.device)
+    grid = F.affine_grid(forward.expand(count, 2, 3), list(tensor.shape), align_corners=False)
+    probabilities = softmax(F.grid_sample(tensor, grid, mode="bilinear", padding_mode="border", align_corners=False))
+    back = torch.tensor([[zoom, 0.0, 0.0], [0.0, zoom, 0.0]], dtype=probabilities.dtype, device=tensor.device)
+    grid = F.affine_grid(back.expand(count, 2, 3), list(probabilities.shape), align_corners=False)
+    mapped = F.grid_sample(probabilities, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    covered = F.grid_sample(torch.ones_like(probabilities[:, :1]), grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)
+    return mapped, covered
+
+
 @torch.no_grad()
 def predict_probabilities(
     model: nn.Module,
@@ -599,21 +640,31 @@ def predict_probabilities(
     input_size: int,
     output_shapes: Sequence[tuple[int, int]] | None = None,
     flips: bool = False,
+    zooms: Sequence[float] = (1.0,),
     batch_size: int = 16,
     device: str | torch.device | None = None,
 ) -> list[np.ndarray]:
     """Class probabilities ``(C, h, w)`` float32 per image, on each image's output grid.
 
     As :func:`predict_label_maps` (logits resized bilinearly to ``output_shapes[i]``, default
-    the image's shape), with ``flips``: the softmax of the image and of its mirror image
-    (mapped back, lungs exchanged) are averaged (test-time augmentation).
+    the image's shape), with test-time augmentation:
+
+    - ``flips``: the softmax of the image and of its mirror image (mapped back, lungs
+      exchanged) are averaged;
+    - ``zooms``: the image (at ``input_size``) is also seen zoomed about its centre by each
+      factor (e.g. ``(1.0, 1.15, 1.3)``: the zooms a segmenter trained with zoom augmentation
+      has seen), each softmax is mapped back, and every pixel averages the views that cover it
+      (a zoom above 1 covers the centre only). The default ``(1.0,)`` is the image as it is.
     """
+    zooms = check_zooms(zooms)
+
     def forward(net, target, tensor):
-        probabilities = torch.softmax(net(tensor).float(), dim=1)
-        if flips:
-            mirrored = torch.softmax(net(torch.flip(tensor, dims=[-1])).float(), dim=1)
-            probabilities = (probabilities + _flip_lr(mirrored)) / 2
-        return probabilities
+        total = weight = None
+        for zoom in zooms:
+            probabilities, covered = _zoomed_probabilities(net, tensor, zoom, flips)
+            total = probabilities if total is None else total + probabilities
+            weight = covered if weight is None else weight + covered
+        return total / weight if len(zooms) > 1 else total
 
     return [item[0].cpu().numpy() for _, item in _network_outputs(
         model, images, input_size=input_size, output_shapes=output_shapes, batch_size=batch_size, device=device,
@@ -760,6 +811,7 @@ class ConventionEvaluation:
     pred: dict[str, list[np.ndarray]] = field(repr=False)
     cardiomediastinum: list[np.ndarray | None] = field(repr=False)
     flips: bool = False
+    zooms: tuple[float, ...] = (1.0,)
 
     @property
     def n_images(self) -> int:
@@ -767,8 +819,8 @@ class ConventionEvaluation:
 
     def metrics(self) -> dict:
         """For ``metrics.json``: ``{convention: {dice_mean, dice_ci95, dice_left_mean, ...,
-        dice_worst_decile, n_images, n_patients}}`` plus ``test_time_flips``."""
-        out: dict[str, object] = {"test_time_flips": bool(self.flips)}
+        dice_worst_decile, n_images, n_patients}}`` plus ``test_time_flips`` and ``test_time_zooms``."""
+        out: dict[str, object] = {"test_time_flips": bool(self.flips), "test_time_zooms": list(self.zooms)}
         for convention, summary in self.summary.items():
             rows = self.per_image[self.per_image["convention"] == convention]
             flat: dict[str, object] = {"n_images": int(len(rows)), "n_patients": int(rows["patient_id"].nunique()),
@@ -822,13 +874,14 @@ def evaluate_by_convention(
     device: str | torch.device | None = None,
     seed: int = 0,
     n_boot: int = 2000,
+    zooms: Sequence[float] = (1.0,),
 ) -> ConventionEvaluation:
     """Score a segmenter on the rows of ``split`` (``None``: all) under every convention the
     references allow: anatomical and visible (cardiomediastinum removed from both) for
     covid-segmentations rows, visible for covid19-radiography rows (and other visible sources).
 
     References are read on their own grid (``size=None``) or resized to ``size``; the
-    prediction is made on that grid with or without test-time ``flips``
+    prediction is made on that grid with or without test-time ``flips`` and ``zooms``
     (:func:`predict_probabilities`) and post-processed. A 4-class segmenter
     (:func:`retrocardiac_training_labels`) is scored with its anatomical output against
     anatomical references and its visible output against visible ones. Intervals resample
@@ -851,7 +904,7 @@ def evaluate_by_convention(
         images.append(resize_image(image, reference.labels.shape))
     probabilities = predict_probabilities(model, images, input_size=input_size,
                                           output_shapes=[r.labels.shape for r in references],
-                                          flips=flips, batch_size=batch_size, device=device)
+                                          flips=flips, zooms=zooms, batch_size=batch_size, device=device)
     predictions = [labels_by_convention(p) for p in probabilities]
     tables = []
     for index, reference in enumerate(references):
@@ -872,7 +925,8 @@ def evaluate_by_convention(
     pred = {name: [p[name] for p in predictions] for name in ("anatomical", "visible")}
     return ConventionEvaluation(per_image=per_image, summary=summary, images=images,
                                 truth=[r.labels for r in references], pred=pred,
-                                cardiomediastinum=[r.cardiomediastinum for r in references], flips=flips)
+                                cardiomediastinum=[r.cardiomediastinum for r in references], flips=flips,
+                                zooms=check_zooms(zooms))
 
 
 def mask_qc_table(
@@ -1058,9 +1112,11 @@ class DiseasedLungRecipe:
     painted into training lungs (:class:`cxrlib.data.transforms.OpacityAugment`, with
     probability ``opacity_p``, one of ``opacity_kinds``); the films of the expert-annotated
     source are repeated ``expert_repeats`` times per epoch so that diseased lungs weigh more;
-    test-time ``flips`` average the image and its mirror image; the geometric augmentation zooms
+    test-time ``flips`` average the image and its mirror image and test-time ``zooms`` its views
+    zoomed about the centre (:func:`predict_probabilities`); the geometric augmentation zooms
     by a factor uniform in ``[0.9, scale_max]`` and shifts by up to ``translate`` of the side
-    (zooming in cuts the lungs at the frame, as tightly cropped films do). With
+    (zooming in cuts the lungs at the frame, as tightly cropped films do), so test-time zooms
+    up to ``scale_max`` show the network what it has seen in training. With
     ``partial_labels`` the background of a visible-convention source is "background or the lung
     behind the heart" (:data:`BACKGROUND_OR_RETROCARDIAC`), so the two conventions never
     contradict each other.
@@ -1082,6 +1138,10 @@ class DiseasedLungRecipe:
     scale_max: float = 1.3
     translate: float = 0.1
     opacity_kinds: tuple[str, ...] = DEFAULT_OPACITY_KINDS
+    zooms: tuple[float, ...] = (1.0, 1.15, 1.3)
+
+    def __post_init__(self):
+        self.zooms = check_zooms(self.zooms)
 
     def train_config(self, device: str = "auto"):
         from cxrlib.train.segmentation import SegTrainConfig
@@ -1165,13 +1225,19 @@ def training_pairs(rows: pd.DataFrame, size: int, *, partial: bool = True) -> tu
     return images, labels
 
 
+#: :class:`DiseasedLungRecipe` settings used at prediction time only: changing them does not make a
+#: resumed network another network, so :func:`resumed_recipe_changes` does not report them.
+INFERENCE_SETTINGS = ("flips", "zooms")
+
+
 def resumed_recipe_changes(run_dir: str | os.PathLike, recipe: DiseasedLungRecipe) -> dict[str, list[Any]]:
     """The recipe settings that differ from those saved in ``run_dir/recipe.json``, as
     ``{name: [saved, now]}``, when ``run_dir`` holds a checkpoint that training would resume
     (``last.pt``); ``{}`` otherwise. The augmentation and data settings are not part of the
     training configuration that :func:`cxrlib.train.segmentation.train_segmentation` checks, so a
     changed recipe would otherwise resume an old network without a word. A setting missing from
-    the saved file (written before the setting existed) is not compared."""
+    the saved file (written before the setting existed) is not compared, nor are the
+    :data:`INFERENCE_SETTINGS`."""
     from cxrlib.runs import read_json, to_plain
 
     run_dir = Path(run_dir)
@@ -1179,7 +1245,8 @@ def resumed_recipe_changes(run_dir: str | os.PathLike, recipe: DiseasedLungRecip
         return {}
     saved = read_json(run_dir / "recipe.json")
     current = to_plain(asdict(recipe))
-    return {name: [saved[name], value] for name, value in current.items() if name in saved and saved[name] != value}
+    return {name: [saved[name], value] for name, value in current.items()
+            if name in saved and name not in INFERENCE_SETTINGS and saved[name] != value}
 
 
 def train_diseased_lung_segmenter(
@@ -1194,7 +1261,7 @@ def train_diseased_lung_segmenter(
     (:func:`diseased_lung_rows`), choose the epoch on ``val``; resume from ``run_dir``.
 
     Returns :class:`cxrlib.train.segmentation.SegTrainResult`; score it with
-    :func:`evaluate_by_convention` (``flips=recipe.flips``) on each source's test rows.
+    :func:`evaluate_by_convention` (``flips=recipe.flips``, ``zooms=recipe.zooms``) on each source's test rows.
     """
     from cxrlib.data.transforms import OpacityAugment, PairedAugment
     from cxrlib.runs import write_json
