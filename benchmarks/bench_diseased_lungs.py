@@ -4,6 +4,7 @@
         --segmentations DATA/covid-segmentations --out /tmp/diseased-lungs [--cohort MANIFEST.csv]
         [--expert-fold K]          # patient-level cross-validation of the expert patients
     python benchmarks/bench_diseased_lungs.py --out /tmp/cv --pool /tmp/cv0 /tmp/cv1 ...
+    python benchmarks/bench_diseased_lungs.py --out /tmp/reruns --pool-runs /tmp/cv-seed0 /tmp/cv-seed1 ...
 
 Trains :class:`cxrlib.stages.lung_segmentation.DiseasedLungRecipe` on covid19-radiography
 (visible lungs, notebook 02's split) and the covid-segmentations training patients
@@ -12,6 +13,9 @@ under each lung convention on both test sets (without test-time augmentation, an
 recipe's: flips and ``--zooms``; the ``*_flips`` keys and tables), the
 per-image tables, Dice against lesion burden, and, with ``--cohort`` (a manifest such as
 notebook 01's), the mask quality control of the cohort's segmentation with its gallery.
+``--pool-runs`` takes pooled cross-validations of the same patients by several seeds and writes
+what holds over reruns: each statistic per seed, their mean, and the interval over seeds and
+patients (``reruns_metrics.json``).
 """
 
 from __future__ import annotations
@@ -58,12 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expert-folds", type=int, default=4, help="folds of the expert patients")
     parser.add_argument("--pool", nargs="+", default=None,
                         help="pool the expert test tables of these fold outputs into OUT/cv_metrics.json")
+    parser.add_argument("--pool-runs", nargs="+", default=None,
+                        help="pooled cross-validations (--pool outputs) of several seeds: OUT/reruns_metrics.json")
     for item in fields(seg.DiseasedLungRecipe):
         kind = {bool: _yes, type(None): int, tuple: _names}.get(type(item.default), type(item.default))
         if isinstance(item.default, tuple) and all(isinstance(value, float) for value in item.default):
             kind = _factors
         parser.add_argument(f"--{item.name.replace('_', '-')}", type=kind, default=item.default)
     args = parser.parse_args(argv)
+    if args.pool_runs:
+        return pool_runs([Path(folder) for folder in args.pool_runs], Path(args.out), seed=args.seed)
     if args.pool:
         return pool_folds([Path(folder) for folder in args.pool], Path(args.out), seed=args.seed)
     if not (args.radiography and args.segmentations):
@@ -149,6 +157,25 @@ def pool_folds(folders: list[Path], out: Path, *, seed: int = 0) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pooled.to_csv(out / "cv_per_image.csv", index=False)
     write_result(out / "cv_metrics.json", metrics)
+    return 0
+
+
+def pool_runs(folders: list[Path], out: Path, *, seed: int = 0) -> int:
+    """What holds over reruns: the pooled per-image tables of several seeds' cross-validations
+    (:func:`cxrlib.evaluate.segmentation.summarize_reruns`)."""
+    import pandas as pd
+
+    from cxrlib.evaluate.segmentation import summarize_reruns
+
+    tables = [pd.read_csv(folder / "cv_per_image.csv") for folder in folders]
+    summary = summarize_reruns(tables, seed=seed)
+    for convention, statistics in summary.items():
+        for name, values in statistics.items():
+            low, high = values["ci95"]
+            runs = ", ".join(f"{value:.3f}" for value in values["per_run"])
+            print(f"{convention:10s} {name:18s} {values['estimate']:.3f} [{low:.3f}, {high:.3f}]  runs: {runs}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_result(out / "reruns_metrics.json", {"runs": [str(folder) for folder in folders], **summary})
     return 0
 
 

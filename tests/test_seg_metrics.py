@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cxrlib.evaluate.segmentation import dice, hd95, iou, per_image_metrics, summarize_metrics
@@ -136,3 +137,49 @@ def test_grouped_bootstrap_resamples_whole_groups():
     assert (high_single - low_single) == pytest.approx(high - low, rel=0.25)
     with pytest.raises(ValueError, match="groups"):
         bootstrap_ci(values, groups=patients[:-1])
+
+
+def rerun_table(dice_values, patients=None, convention="anatomical"):
+    count = len(dice_values)
+    return pd.DataFrame({"image_id": [f"img{i:02d}" for i in range(count)], "convention": convention,
+                         "patient_id": patients if patients is not None else [f"p{i // 2}" for i in range(count)],
+                         "dice_lungs": dice_values, "dice_left": np.asarray(dice_values) - 0.01,
+                         "dice_right": np.asarray(dice_values) + 0.01})
+
+
+def test_worst_share_mean_is_the_mean_of_the_worst_tenth():
+    from cxrlib.evaluate.segmentation import worst_share_mean
+
+    values = np.linspace(0.5, 0.99, 48)
+    assert worst_share_mean(values) == pytest.approx(values[:5].mean())  # ceil(4.8) = 5 of 48
+    assert worst_share_mean([0.9, np.nan, 0.8], fraction=0.1) == pytest.approx(0.8)
+    assert np.isnan(worst_share_mean([np.nan]))
+
+
+def test_rerun_summary_pools_runs_and_patients():
+    from cxrlib.evaluate.segmentation import summarize_reruns
+
+    rng = np.random.default_rng(0)
+    base = np.clip(rng.normal(0.93, 0.03, 40), 0, 1)
+    # identical runs: the estimate is the one run's statistic, the interval the patients' alone
+    same = summarize_reruns([rerun_table(base)] * 3, n_boot=200)["anatomical"]
+    assert same["dice_mean"]["estimate"] == pytest.approx(base.mean())
+    assert same["dice_left_mean"]["estimate"] == pytest.approx(base.mean() - 0.01)
+    assert same["dice_p10"]["estimate"] == pytest.approx(np.percentile(base, 10))
+    assert same["dice_worst_decile"]["per_run"] == [pytest.approx(np.sort(base)[:4].mean())] * 3
+    low, high = same["dice_mean"]["ci95"]
+    assert low < base.mean() < high and high - low < 0.03
+    # runs that differ by a shift: their spread widens the interval (t interval over 3 runs)
+    shifted = summarize_reruns([rerun_table(base + shift) for shift in (-0.02, 0.0, 0.02)], n_boot=200)
+    worst = shifted["anatomical"]["dice_worst_decile"]
+    assert worst["per_run"] == pytest.approx([np.sort(base)[:4].mean() + s for s in (-0.02, 0.0, 0.02)])
+    assert worst["ci95"][0] < min(worst["per_run"]) and worst["ci95"][1] > max(worst["per_run"])
+
+
+def test_rerun_summary_refuses_runs_on_other_images():
+    from cxrlib.evaluate.segmentation import summarize_reruns
+
+    with pytest.raises(ValueError, match="run 1 scores other images"):
+        summarize_reruns([rerun_table([0.9, 0.8, 0.7]), rerun_table([0.9, 0.8])], n_boot=10)
+    with pytest.raises(ValueError, match="no per-image tables"):
+        summarize_reruns([], n_boot=10)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from cxrlib.evaluate.stats import bootstrap_ci
+from cxrlib.evaluate.stats import bootstrap_ci, seed_patient_resamples, widened
 
 DEFAULT_LUNG_LABELS: Mapping[str, int] = {"left": 1, "right": 2}
 
@@ -192,10 +192,73 @@ def summarize_by_convention(
     for convention, rows in table.groupby("convention", sort=True):
         rows = rows.drop(columns=["convention"])
         summary = summarize_metrics(rows, seed=seed, groups=groups, n_boot=n_boot)
-        dice_values = np.sort(rows["dice_lungs"].to_numpy(dtype=float))
-        worst = max(1, int(np.ceil(worst_fraction * len(dice_values))))
-        summary["dice_lungs_worst_decile"] = float(dice_values[:worst].mean())
+        summary["dice_lungs_worst_decile"] = worst_share_mean(rows["dice_lungs"].to_numpy(dtype=float),
+                                                              worst_fraction)
         summary["convention"] = str(convention)
+        summaries[str(convention)] = summary
+    return summaries
+
+
+def worst_share_mean(values: np.ndarray, fraction: float = 0.1) -> float:
+    """Mean of the worst (lowest) ``fraction`` of ``values``, at least one value; NaN dropped
+    (NaN when none is left). With 48 images and 0.1: the mean of the 5 worst."""
+    data = np.sort(np.asarray(values, dtype=float)[~np.isnan(np.asarray(values, dtype=float))])
+    if len(data) == 0:
+        return float("nan")
+    return float(data[:max(1, int(np.ceil(fraction * len(data))))].mean())
+
+
+#: What :func:`summarize_reruns` reports: ``name: (per-image column, statistic over the images)``.
+RERUN_STATISTICS = {
+    "dice_mean": ("dice_lungs", np.nanmean),
+    "dice_left_mean": ("dice_left", np.nanmean),
+    "dice_right_mean": ("dice_right", np.nanmean),
+    "dice_worst_decile": ("dice_lungs", worst_share_mean),
+    "dice_p10": ("dice_lungs", lambda values: float(np.nanpercentile(values, 10))),
+}
+
+
+def summarize_reruns(
+    tables: Sequence[pd.DataFrame], *, groups: str = "patient_id", n_boot: int = 2000, seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, dict[str, dict[str, object]]]:
+    """One test set scored by several training runs (seeds): what holds when the experiment is rerun.
+
+    ``tables``: one :func:`per_image_metrics_by_convention` table per run (columns
+    ``image_id, convention, <groups>, dice_lungs, dice_left, dice_right``), all holding the
+    same images and conventions. Returns ``{convention: {statistic: {"estimate", "ci95",
+    "per_run"}}}`` for the :data:`RERUN_STATISTICS` (mean Dice of both lungs and of each lung,
+    the worst decile as :func:`worst_share_mean`, the 10th percentile): ``per_run`` the
+    statistic of each run, ``estimate`` their mean, ``ci95`` the two-level interval over runs
+    and test patients (:func:`cxrlib.evaluate.stats.seed_patient_resamples`, whole
+    ``groups`` resampled) widened to the runs' small-sample t interval
+    (:func:`cxrlib.evaluate.stats.widened`).
+    """
+    if not tables:
+        raise ValueError("no per-image tables to summarize")
+    keys = ["convention", "image_id"]
+    ordered = [table.sort_values(keys).reset_index(drop=True) for table in tables]
+    first = ordered[0][keys + [groups]]
+    for index, table in enumerate(ordered[1:], start=1):
+        if not table[keys + [groups]].equals(first):
+            raise ValueError(f"run {index} scores other images (or patients) than run 0: "
+                             "rerun summaries need one test set")
+    if first.duplicated(keys).any():
+        raise ValueError("an image is scored twice under one convention")
+    summaries: dict[str, dict[str, dict[str, object]]] = {}
+    for convention in sorted(first["convention"].unique()):
+        rows = np.flatnonzero((first["convention"] == convention).to_numpy())
+        patients = first[groups].to_numpy()[rows]
+        summary: dict[str, dict[str, object]] = {}
+        for name, (column, statistic) in RERUN_STATISTICS.items():
+            values = np.stack([table[column].to_numpy(dtype=float)[rows] for table in ordered])
+            per_run = [float(statistic(run)) for run in values]
+            boot = np.array([np.mean([statistic(values[run, sample]) for run in draw])
+                             for draw, sample in seed_patient_resamples(len(ordered), len(rows), n_boot=n_boot,
+                                                                        seed=seed, groups=patients)])
+            low, high = np.nanpercentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+            summary[name] = {"estimate": float(np.mean(per_run)), "per_run": per_run,
+                             "ci95": list(widened((float(low), float(high)), per_run, alpha=alpha))}
         summaries[str(convention)] = summary
     return summaries
 
