@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cohort:
         cohort = mf.read_manifest(args.cohort)
         started = time.perf_counter()
+        # as notebook 02 hands the lungs on: the visible convention, with the recipe's test-time augmentation
         segmented = seg.segment_manifest(result.model, cohort, out / "cohort", input_size=recipe.image_size,
-                                         device="cpu")
+                                         device="cpu", flips=recipe.flips, zooms=recipe.zooms, convention="visible")
         qc = seg.qc_manifest(segmented)
         qc.to_csv(out / "cohort_qc.csv", index=False)
         metrics["cohort_qc"] = {"n_images": int(len(qc)), "n_failed": int((~qc["qc_pass"]).sum()),
