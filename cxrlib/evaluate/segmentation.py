@@ -202,7 +202,8 @@ def summarize_by_convention(
 def worst_share_mean(values: np.ndarray, fraction: float = 0.1) -> float:
     """Mean of the worst (lowest) ``fraction`` of ``values``, at least one value; NaN dropped
     (NaN when none is left). With 48 images and 0.1: the mean of the 5 worst."""
-    data = np.sort(np.asarray(values, dtype=float)[~np.isnan(np.asarray(values, dtype=float))])
+    data = np.asarray(values, dtype=float)
+    data = np.sort(data[~np.isnan(data)])
     if len(data) == 0:
         return float("nan")
     return float(data[:max(1, int(np.ceil(fraction * len(data))))].mean())
@@ -249,13 +250,13 @@ def summarize_reruns(
     for convention in sorted(first["convention"].unique()):
         rows = np.flatnonzero((first["convention"] == convention).to_numpy())
         patients = first[groups].to_numpy()[rows]
+        # one set of resamples for every statistic: their intervals share the draws
+        resamples = list(seed_patient_resamples(len(ordered), len(rows), n_boot=n_boot, seed=seed, groups=patients))
         summary: dict[str, dict[str, object]] = {}
         for name, (column, statistic) in RERUN_STATISTICS.items():
             values = np.stack([table[column].to_numpy(dtype=float)[rows] for table in ordered])
             per_run = [float(statistic(run)) for run in values]
-            boot = np.array([np.mean([statistic(values[run, sample]) for run in draw])
-                             for draw, sample in seed_patient_resamples(len(ordered), len(rows), n_boot=n_boot,
-                                                                        seed=seed, groups=patients)])
+            boot = np.array([np.mean([statistic(values[run, sample]) for run in draw]) for draw, sample in resamples])
             low, high = np.nanpercentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
             summary[name] = {"estimate": float(np.mean(per_run)), "per_run": per_run,
                              "ci95": list(widened((float(low), float(high)), per_run, alpha=alpha))}

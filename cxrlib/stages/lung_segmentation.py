@@ -264,7 +264,7 @@ def predict_label_maps(
     segmenter of :func:`retrocardiac_training_labels` by :func:`labels_by_convention` (a
     3-class segmenter gives its one map either way).
     """
-    if flips or convention is not None or tuple(check_zooms(zooms)) != (1.0,):
+    if flips or convention is not None or check_zooms(zooms) != (1.0,):
         if convention not in (None, "anatomical", "visible"):
             raise ValueError(f"convention must be 'anatomical', 'visible' or None, got {convention!r}")
         probabilities = predict_probabilities(model, images, input_size=input_size, output_shapes=output_shapes,
@@ -664,7 +664,7 @@ def predict_probabilities(
             probabilities, covered = _zoomed_probabilities(net, tensor, zoom, flips)
             total = probabilities if total is None else total + probabilities
             weight = covered if weight is None else weight + covered
-        return total / weight if len(zooms) > 1 else total
+        return total / weight
 
     return [item[0].cpu().numpy() for _, item in _network_outputs(
         model, images, input_size=input_size, output_shapes=output_shapes, batch_size=batch_size, device=device,
@@ -892,6 +892,7 @@ def evaluate_by_convention(
         summarize_by_convention,
     )
 
+    zooms = check_zooms(zooms)
     rows = manifest if split is None else manifest[manifest["split"] == split]
     rows = with_masks(rows)
     if rows.empty:
@@ -926,7 +927,7 @@ def evaluate_by_convention(
     return ConventionEvaluation(per_image=per_image, summary=summary, images=images,
                                 truth=[r.labels for r in references], pred=pred,
                                 cardiomediastinum=[r.cardiomediastinum for r in references], flips=flips,
-                                zooms=check_zooms(zooms))
+                                zooms=zooms)
 
 
 def mask_qc_table(
